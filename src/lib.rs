@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod event;
 pub mod signature;
 
 // Compile every code block of the README as a doc test.
