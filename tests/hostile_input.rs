@@ -112,9 +112,9 @@ fn wrong_types() {
             r#"{"id":"evt_1","type":"x","created":18446744073709551615,"data":{"object":{}}}"#,
             "out of range",
         ),
-        (r#"[]"#, "not a JSON object"),
+        ("[]", "not a JSON object"),
         (r#""evt""#, "not a JSON object"),
-        (r#"null"#, "not a JSON object"),
+        ("null", "not a JSON object"),
     ];
     for (body, needle) in cases {
         let err = parse(body).unwrap_err();
