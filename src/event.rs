@@ -506,6 +506,60 @@ impl Event {
         })
     }
 
+    /// The event as JSON again: the envelope fields this type reads, with
+    /// `data.object` and `data.previous_attributes` byte for byte. Parsing
+    /// the result gives an equal event (used to keep failed events for
+    /// replay when the original bytes are not at hand).
+    pub fn to_json(&self) -> String {
+        let mut out = serde_json::Map::new();
+        out.insert("id".into(), self.id.clone().into());
+        out.insert(
+            "object".into(),
+            if self.thin { "v2.core.event" } else { "event" }.into(),
+        );
+        let type_text = if self.thin && !matches!(self.event_type, EventType::Other(_)) {
+            format!("v1.{}", self.event_type.as_str())
+        } else {
+            self.event_type.as_str().to_owned()
+        };
+        out.insert("type".into(), type_text.into());
+        out.insert("created".into(), self.created.into());
+        out.insert("livemode".into(), self.livemode.into());
+        if let Some(v) = &self.api_version {
+            out.insert("api_version".into(), v.clone().into());
+        }
+        if let Some(a) = &self.account {
+            out.insert("account".into(), a.clone().into());
+        }
+        if let Some(r) = &self.request {
+            out.insert(
+                "request".into(),
+                serde_json::json!({"id": r.id, "idempotency_key": r.idempotency_key}),
+            );
+        }
+        if let Some(r) = &self.related_object {
+            out.insert(
+                "related_object".into(),
+                serde_json::json!({"id": r.id, "type": r.object_type, "url": r.url}),
+            );
+        }
+        let head = serde_json::Value::Object(out).to_string();
+        let Some(object) = &self.object else {
+            return head;
+        };
+        // Splice the raw object in without re-encoding it.
+        let mut text = head;
+        text.pop(); // the closing brace
+        text.push_str(r#","data":{"object":"#);
+        text.push_str(object.get());
+        if let Some(prev) = &self.previous_attributes {
+            text.push_str(r#","previous_attributes":"#);
+            text.push_str(prev.get());
+        }
+        text.push_str("}}");
+        text
+    }
+
     /// The event id (`evt_…`): the deduplication key.
     pub fn id(&self) -> &str {
         &self.id
@@ -1486,6 +1540,25 @@ mod tests {
             Some(r#"{"status":"past_due"}"#)
         );
         assert!(!e.is_thin());
+    }
+
+    #[test]
+    fn to_json_round_trips() {
+        for json in [
+            r#"{"id":"evt_1","object":"event","type":"customer.subscription.updated","created":1700000000,
+            "livemode":true,"api_version":"2025-03-31.basil","account":"acct_1",
+            "request":{"id":"req_1","idempotency_key":null},
+            "data":{"object":{"id":"sub_1","object":"subscription","status":"active"},
+                    "previous_attributes":{"status":"past_due"}}}"#,
+            r#"{"id":"evt_2","type":"charge.refunded","created":1,"data":{"object":{"a":[1,2]}}}"#,
+            r#"{"id":"evt_3","object":"v2.core.event","type":"v1.customer.subscription.updated",
+            "created":"2024-09-17T06:20:52Z","livemode":false,
+            "related_object":{"id":"sub_1","type":"subscription","url":"/v1/subscriptions/sub_1"}}"#,
+        ] {
+            let e = event(json).unwrap();
+            let again = event(&e.to_json()).unwrap();
+            assert_eq!(e, again, "{}", e.to_json());
+        }
     }
 
     #[test]

@@ -4,8 +4,15 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod access;
+pub mod client;
+pub mod clock;
 pub mod event;
+pub mod ledger;
+pub mod processor;
 pub mod signature;
+pub mod store;
+pub mod subscription;
 
 // Compile every code block of the README as a doc test.
 #[cfg(doctest)]

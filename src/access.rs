@@ -1,0 +1,711 @@
+//! "May this customer use the product now?" — a pure, clock-injected
+//! decision that never locks out someone who paid because a webhook was late
+//! or lost.
+//!
+//! [`AccessPolicy::decide`] maps a [`SubscriptionRecord`] and `now` to
+//! [`Access::Granted`], [`Access::Grace`] (allowed, but something is off:
+//! show a banner) or [`Access::Denied`], with a reason and the instant the
+//! answer stops holding. Every boundary is one comparison, `now < end` means
+//! before the end:
+//!
+//! | record | decision |
+//! |---|---|
+//! | `active` | granted while `now < current_period_end` |
+//! | `active`, `cancel_at_period_end` or `cancel_at` | granted until that end, then denied (scheduled; no grace) |
+//! | `active`, `pause_collection` set | granted until the period end, then denied (no renewal will be paid) |
+//! | `active`, period over | grace for [`AccessPolicy::renewal_grace`] (the renewal is usually on its way), then denied |
+//! | `trialing` | granted while `now < trial_end`, then as a period that ended |
+//! | `past_due` | grace for [`AccessPolicy::past_due_grace`] after the failed payment, then denied |
+//! | `unpaid`, `incomplete`, `incomplete_expired`, `canceled`, `paused` | denied, with the status as the reason |
+//! | an unknown status | denied, unless a paid invoice covers `now` (grace) |
+//! | no snapshot yet, but a payment seen | grace for [`AccessPolicy::pending_grace`] after the payment |
+//!
+//! **Stale data.** When a denial comes only from time passing (a period or a
+//! grace window ended) and the record was not verified with Stripe since that
+//! moment, the answer is grace for [`AccessPolicy::stale_grace`] more: the
+//! renewal or the recovering payment may have happened and its webhook been
+//! lost. The reconciler's sweep settles it. Scheduled cancellations and
+//! statuses Stripe reported are not stretched.
+//!
+//! For a fixed record, access never grows as `now` grows (property-tested).
+//! [`AccessPolicy::decide`] allocates nothing.
+
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::event::SubscriptionStatus;
+use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
+
+/// The answer, from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// No access.
+    Denied,
+    /// Access, but a payment or a confirmation is outstanding.
+    Grace,
+    /// Full access.
+    Granted,
+}
+
+impl Access {
+    /// `granted`, `grace` or `denied`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Granted => "granted",
+            Self::Grace => "grace",
+            Self::Denied => "denied",
+        }
+    }
+
+    /// Granted or in grace: let the customer in.
+    pub fn allows(self) -> bool {
+        self != Self::Denied
+    }
+}
+
+/// Why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AccessReason {
+    /// Active and paid for the current period.
+    Active,
+    /// In a trial.
+    Trialing,
+    /// Active until a scheduled cancellation.
+    CancelScheduled,
+    /// Active, collection paused: until the period end.
+    CollectionPaused,
+    /// The period ended; the renewal is expected.
+    RenewalPending,
+    /// A payment failed; Stripe is retrying.
+    PastDueGrace,
+    /// Our data may be stale: not verified with Stripe since it expired.
+    Unverified,
+    /// A payment was seen, the subscription's own event not yet.
+    AwaitingSubscription,
+    /// Canceled.
+    Canceled,
+    /// The first payment was never made (`incomplete_expired`).
+    Expired,
+    /// Retries exhausted (`unpaid`).
+    Unpaid,
+    /// First payment outstanding (`incomplete`).
+    Incomplete,
+    /// Paused (`paused` status).
+    Paused,
+    /// The paid period ended without a renewal.
+    PeriodEnded,
+    /// The past-due grace window ended.
+    PaymentFailed,
+    /// A status this crate does not know.
+    UnknownStatus,
+    /// No subscription on record.
+    NoSubscription,
+    /// The customer's entitlements include the feature.
+    Entitled,
+    /// The customer's entitlements do not include the feature.
+    NotEntitled,
+}
+
+impl AccessReason {
+    /// `snake_case` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Trialing => "trialing",
+            Self::CancelScheduled => "cancel_scheduled",
+            Self::CollectionPaused => "collection_paused",
+            Self::RenewalPending => "renewal_pending",
+            Self::PastDueGrace => "past_due_grace",
+            Self::Unverified => "unverified",
+            Self::AwaitingSubscription => "awaiting_subscription",
+            Self::Canceled => "canceled",
+            Self::Expired => "expired",
+            Self::Unpaid => "unpaid",
+            Self::Incomplete => "incomplete",
+            Self::Paused => "paused",
+            Self::PeriodEnded => "period_ended",
+            Self::PaymentFailed => "payment_failed",
+            Self::UnknownStatus => "unknown_status",
+            Self::NoSubscription => "no_subscription",
+            Self::Entitled => "entitled",
+            Self::NotEntitled => "not_entitled",
+        }
+    }
+}
+
+/// An access decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AccessDecision {
+    /// Granted, grace or denied.
+    pub access: Access,
+    /// Why.
+    pub reason: AccessReason,
+    /// Until when this answer holds (exclusive); `None` for denials and for
+    /// answers with no time limit.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub valid_until: Option<OffsetDateTime>,
+}
+
+impl AccessDecision {
+    fn new(access: Access, reason: AccessReason, until: Option<i64>) -> Self {
+        Self {
+            access,
+            reason,
+            valid_until: until.and_then(|u| OffsetDateTime::from_unix_timestamp(u).ok()),
+        }
+    }
+
+    fn denied(reason: AccessReason) -> Self {
+        Self {
+            access: Access::Denied,
+            reason,
+            valid_until: None,
+        }
+    }
+}
+
+/// The access rules; every window is configurable. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Grace after a failed payment while `past_due` (default 3 days).
+    pub past_due_grace: Duration,
+    /// Grace after an active period ends before the renewal is seen
+    /// (default 1 day; Stripe finalizes renewal invoices about an hour after
+    /// the period starts, and retries webhooks for days).
+    pub renewal_grace: Duration,
+    /// Extra grace when a time-based denial was never confirmed with Stripe
+    /// (default 3 days, Stripe's webhook retry window).
+    pub stale_grace: Duration,
+    /// Grace after a payment is seen for a subscription whose own event has
+    /// not arrived (default 1 day).
+    pub pending_grace: Duration,
+}
+
+impl Default for AccessPolicy {
+    fn default() -> Self {
+        Self {
+            past_due_grace: Duration::days(3),
+            renewal_grace: Duration::days(1),
+            stale_grace: Duration::days(3),
+            pending_grace: Duration::days(1),
+        }
+    }
+}
+
+/// What ends a time-limited grant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// A scheduled cancellation or paused collection: denied after, no grace.
+    Scheduled(AccessReason),
+    /// A renewal is expected: renewal grace, then (if unverified) stale grace.
+    Renewal,
+}
+
+impl AccessPolicy {
+    /// Decides access for one subscription at `now`.
+    ///
+    /// ```
+    /// use stripe_webhook_guard::access::{Access, AccessPolicy, AccessReason};
+    /// use stripe_webhook_guard::event::SubscriptionStatus;
+    /// use stripe_webhook_guard::subscription::SubscriptionRecord;
+    /// use time::OffsetDateTime;
+    ///
+    /// let mut record = SubscriptionRecord::new("sub_1");
+    /// record.status = SubscriptionStatus::PastDue;
+    /// record.last_payment_failed_at = Some(1_700_000_000);
+    /// let policy = AccessPolicy::default();
+    ///
+    /// let day_one = OffsetDateTime::from_unix_timestamp(1_700_000_000 + 86_400).unwrap();
+    /// let d = policy.decide(&record, day_one);
+    /// assert_eq!((d.access, d.reason), (Access::Grace, AccessReason::PastDueGrace));
+    /// assert_eq!(d.valid_until.unwrap().unix_timestamp(), 1_700_000_000 + 3 * 86_400);
+    /// ```
+    pub fn decide(&self, record: &SubscriptionRecord, now: OffsetDateTime) -> AccessDecision {
+        let t = now.unix_timestamp();
+        use SubscriptionStatus as S;
+        if !record.has_snapshot() {
+            return self.decide_without_snapshot(record, t);
+        }
+        match &record.status {
+            S::Canceled => AccessDecision::denied(AccessReason::Canceled),
+            S::IncompleteExpired => AccessDecision::denied(AccessReason::Expired),
+            S::Unpaid => AccessDecision::denied(AccessReason::Unpaid),
+            S::Incomplete => AccessDecision::denied(AccessReason::Incomplete),
+            S::Paused => AccessDecision::denied(AccessReason::Paused),
+            S::Unknown(_) => match record.paid_through {
+                Some(end) if t < end => {
+                    AccessDecision::new(Access::Grace, AccessReason::UnknownStatus, Some(end))
+                }
+                _ => AccessDecision::denied(AccessReason::UnknownStatus),
+            },
+            S::Active => {
+                let end = record.current_period_end.or(record.paid_through);
+                self.time_limited(record, t, end, AccessReason::Active)
+            }
+            S::Trialing => {
+                let end = record.trial_end.or(record.current_period_end);
+                self.time_limited(record, t, end, AccessReason::Trialing)
+            }
+            S::PastDue => {
+                let failed = record
+                    .last_payment_failed_at
+                    .filter(|f| record.last_paid_at.is_none_or(|p| *f > p));
+                let start = failed
+                    .or(record.watermark.as_ref().map(|w| w.created))
+                    .or(record.current_period_start);
+                let Some(start) = start else {
+                    return AccessDecision::denied(AccessReason::PaymentFailed);
+                };
+                let end = start.saturating_add(self.past_due_grace.whole_seconds());
+                if t < end {
+                    return AccessDecision::new(
+                        Access::Grace,
+                        AccessReason::PastDueGrace,
+                        Some(end),
+                    );
+                }
+                self.after_boundary(record, t, end, AccessReason::PaymentFailed)
+            }
+        }
+    }
+
+    fn decide_without_snapshot(&self, record: &SubscriptionRecord, t: i64) -> AccessDecision {
+        match record.last_paid_at {
+            Some(paid) => {
+                let end = paid.saturating_add(self.pending_grace.whole_seconds());
+                if t < end {
+                    AccessDecision::new(
+                        Access::Grace,
+                        AccessReason::AwaitingSubscription,
+                        Some(end),
+                    )
+                } else {
+                    AccessDecision::denied(AccessReason::AwaitingSubscription)
+                }
+            }
+            None => AccessDecision::denied(AccessReason::NoSubscription),
+        }
+    }
+
+    fn time_limited(
+        &self,
+        record: &SubscriptionRecord,
+        t: i64,
+        period_end: Option<i64>,
+        reason: AccessReason,
+    ) -> AccessDecision {
+        let scheduled = [
+            record
+                .cancel_at_period_end
+                .then_some(record.current_period_end)
+                .flatten(),
+            record.cancel_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let (end, ending) = match (scheduled, period_end) {
+            (Some(s), Some(p)) if s <= p => (Some(s), Ending::Scheduled(AccessReason::Canceled)),
+            (Some(s), None) => (Some(s), Ending::Scheduled(AccessReason::Canceled)),
+            (_, p) if record.pause_collection.is_some() => {
+                (p, Ending::Scheduled(AccessReason::PeriodEnded))
+            }
+            (_, p) => (p, Ending::Renewal),
+        };
+        let Some(end) = end else {
+            // Active without any period (should not happen): trust the status.
+            return AccessDecision::new(Access::Granted, reason, None);
+        };
+        if t < end {
+            let shown = match ending {
+                Ending::Scheduled(AccessReason::Canceled) => AccessReason::CancelScheduled,
+                Ending::Scheduled(_) => AccessReason::CollectionPaused,
+                Ending::Renewal => reason,
+            };
+            return AccessDecision::new(Access::Granted, shown, Some(end));
+        }
+        match ending {
+            Ending::Scheduled(after) => AccessDecision::denied(after),
+            Ending::Renewal => {
+                let renewal_end = end.saturating_add(self.renewal_grace.whole_seconds());
+                if t < renewal_end {
+                    return self.stretch(record, t, end, renewal_end).unwrap_or(
+                        AccessDecision::new(
+                            Access::Grace,
+                            AccessReason::RenewalPending,
+                            Some(renewal_end),
+                        ),
+                    );
+                }
+                self.after_boundary(record, t, end, AccessReason::PeriodEnded)
+            }
+        }
+    }
+
+    /// Stale-data grace: a time-based denial at `boundary` that was never
+    /// confirmed with Stripe lasts `stale_grace` longer.
+    fn after_boundary(
+        &self,
+        record: &SubscriptionRecord,
+        t: i64,
+        boundary: i64,
+        reason: AccessReason,
+    ) -> AccessDecision {
+        let stale_end = boundary.saturating_add(self.stale_grace.whole_seconds());
+        if !verified_since(record, boundary) && t < stale_end {
+            return AccessDecision::new(Access::Grace, AccessReason::Unverified, Some(stale_end));
+        }
+        AccessDecision::denied(reason)
+    }
+
+    /// When the stale window outlasts the renewal window, the grace shown is
+    /// the longer one.
+    fn stretch(
+        &self,
+        record: &SubscriptionRecord,
+        _t: i64,
+        boundary: i64,
+        renewal_end: i64,
+    ) -> Option<AccessDecision> {
+        let stale_end = boundary.saturating_add(self.stale_grace.whole_seconds());
+        (!verified_since(record, boundary) && stale_end > renewal_end).then(|| {
+            AccessDecision::new(Access::Grace, AccessReason::RenewalPending, Some(stale_end))
+        })
+    }
+
+    /// Decides for a customer over all their subscriptions: the best access
+    /// wins, then the latest `valid_until` (no limit beats any limit).
+    pub fn decide_customer<'a, I>(&self, records: I, now: OffsetDateTime) -> AccessDecision
+    where
+        I: IntoIterator<Item = &'a SubscriptionRecord>,
+    {
+        records
+            .into_iter()
+            .map(|r| self.decide(r, now))
+            .max_by_key(|d| {
+                (
+                    d.access,
+                    d.valid_until.is_none() && d.access.allows(),
+                    d.valid_until,
+                )
+            })
+            .unwrap_or(AccessDecision::denied(AccessReason::NoSubscription))
+    }
+
+    /// Decides for one feature (an entitlement `lookup_key`). Where Stripe
+    /// has reported the customer's entitlements, they decide: the key present
+    /// is granted, absent is denied. Without an entitlement summary, the
+    /// customer-level decision over their subscriptions applies.
+    pub fn decide_feature<'a, I>(
+        &self,
+        entitlements: Option<&CustomerEntitlements>,
+        records: I,
+        lookup_key: &str,
+        now: OffsetDateTime,
+    ) -> AccessDecision
+    where
+        I: IntoIterator<Item = &'a SubscriptionRecord>,
+    {
+        match entitlements {
+            Some(e) if e.has(lookup_key) => {
+                AccessDecision::new(Access::Granted, AccessReason::Entitled, None)
+            }
+            Some(_) => AccessDecision::denied(AccessReason::NotEntitled),
+            None => self.decide_customer(records, now),
+        }
+    }
+}
+
+/// `has_feature`: whether the customer's reported entitlements include
+/// `lookup_key` (false when none were reported).
+pub fn has_feature(entitlements: Option<&CustomerEntitlements>, lookup_key: &str) -> bool {
+    entitlements.is_some_and(|e| e.has(lookup_key))
+}
+
+fn verified_since(record: &SubscriptionRecord, boundary: i64) -> bool {
+    record
+        .last_verified_with_stripe
+        .is_some_and(|v| v.unix_timestamp() >= boundary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscription::{TieRank, Watermark, WatermarkSource};
+    use SubscriptionStatus as S;
+
+    const DAY: i64 = 86_400;
+    const T0: i64 = 1_700_000_000;
+
+    fn at(t: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(t).unwrap()
+    }
+
+    fn record(status: S) -> SubscriptionRecord {
+        let mut r = SubscriptionRecord::new("sub_1");
+        r.status = status;
+        r.current_period_start = Some(T0 - 30 * DAY);
+        r.current_period_end = Some(T0);
+        r.trial_end = Some(T0);
+        r.watermark = Some(Watermark {
+            created: T0 - 30 * DAY,
+            event_id: "evt_1".into(),
+            rank: TieRank {
+                terminal: status_terminal(&r.status),
+                period_end: T0,
+                phase: 1,
+            },
+            source: WatermarkSource::Event,
+        });
+        r
+    }
+
+    fn status_terminal(s: &S) -> bool {
+        s.is_terminal()
+    }
+
+    fn decide(r: &SubscriptionRecord, t: i64) -> (Access, AccessReason, Option<i64>) {
+        let d = AccessPolicy::default().decide(r, at(t));
+        (
+            d.access,
+            d.reason,
+            d.valid_until.map(OffsetDateTime::unix_timestamp),
+        )
+    }
+
+    #[test]
+    fn every_status_before_at_and_after_its_boundary() {
+        use Access::*;
+        use AccessReason as R;
+        // (record, [(now, expected)])
+        let verified_late = |mut r: SubscriptionRecord| {
+            r.last_verified_with_stripe = Some(at(T0 + 10 * DAY));
+            r
+        };
+        let cases: Vec<(
+            &str,
+            SubscriptionRecord,
+            Vec<(i64, (Access, R, Option<i64>))>,
+        )> = vec![
+            (
+                "active, unverified",
+                record(S::Active),
+                vec![
+                    (T0 - 1, (Granted, R::Active, Some(T0))),
+                    (T0, (Grace, R::RenewalPending, Some(T0 + 3 * DAY))),
+                    (T0 + 3 * DAY - 1, (Grace, R::Unverified, Some(T0 + 3 * DAY))),
+                    (T0 + 3 * DAY, (Denied, R::PeriodEnded, None)),
+                ],
+            ),
+            (
+                "active, verified after the period end",
+                verified_late(record(S::Active)),
+                vec![
+                    (T0 - 1, (Granted, R::Active, Some(T0))),
+                    (T0, (Grace, R::RenewalPending, Some(T0 + DAY))),
+                    (T0 + DAY - 1, (Grace, R::RenewalPending, Some(T0 + DAY))),
+                    (T0 + DAY, (Denied, R::PeriodEnded, None)),
+                ],
+            ),
+            (
+                "active, cancel at period end",
+                {
+                    let mut r = record(S::Active);
+                    r.cancel_at_period_end = true;
+                    r
+                },
+                vec![
+                    (T0 - 1, (Granted, R::CancelScheduled, Some(T0))),
+                    (T0, (Denied, R::Canceled, None)),
+                    (T0 + 1, (Denied, R::Canceled, None)),
+                ],
+            ),
+            (
+                "active, cancel_at before the period end",
+                {
+                    let mut r = record(S::Active);
+                    r.cancel_at = Some(T0 - DAY);
+                    r
+                },
+                vec![
+                    (T0 - DAY - 1, (Granted, R::CancelScheduled, Some(T0 - DAY))),
+                    (T0 - DAY, (Denied, R::Canceled, None)),
+                ],
+            ),
+            (
+                "active, collection paused",
+                {
+                    let mut r = record(S::Active);
+                    r.pause_collection = Some(crate::event::PauseCollection {
+                        behavior: Some("void".into()),
+                        resumes_at: None,
+                    });
+                    r
+                },
+                vec![
+                    (T0 - 1, (Granted, R::CollectionPaused, Some(T0))),
+                    (T0, (Denied, R::PeriodEnded, None)),
+                ],
+            ),
+            (
+                "trialing",
+                verified_late(record(S::Trialing)),
+                vec![
+                    (T0 - 1, (Granted, R::Trialing, Some(T0))),
+                    (T0, (Grace, R::RenewalPending, Some(T0 + DAY))),
+                    (T0 + DAY, (Denied, R::PeriodEnded, None)),
+                ],
+            ),
+            (
+                "past_due from the failure",
+                {
+                    let mut r = verified_late(record(S::PastDue));
+                    r.last_payment_failed_at = Some(T0);
+                    r
+                },
+                vec![
+                    (T0 - 1, (Grace, R::PastDueGrace, Some(T0 + 3 * DAY))),
+                    (T0, (Grace, R::PastDueGrace, Some(T0 + 3 * DAY))),
+                    (
+                        T0 + 3 * DAY - 1,
+                        (Grace, R::PastDueGrace, Some(T0 + 3 * DAY)),
+                    ),
+                    (T0 + 3 * DAY, (Denied, R::PaymentFailed, None)),
+                ],
+            ),
+            (
+                "past_due, unverified",
+                {
+                    let mut r = record(S::PastDue);
+                    r.last_payment_failed_at = Some(T0);
+                    r
+                },
+                vec![
+                    (T0 + 3 * DAY, (Grace, R::Unverified, Some(T0 + 6 * DAY))),
+                    (T0 + 6 * DAY, (Denied, R::PaymentFailed, None)),
+                ],
+            ),
+            (
+                "unpaid",
+                record(S::Unpaid),
+                vec![
+                    (T0 - 1, (Denied, R::Unpaid, None)),
+                    (T0, (Denied, R::Unpaid, None)),
+                ],
+            ),
+            (
+                "incomplete",
+                record(S::Incomplete),
+                vec![
+                    (T0 - 1, (Denied, R::Incomplete, None)),
+                    (T0 + 1, (Denied, R::Incomplete, None)),
+                ],
+            ),
+            (
+                "incomplete_expired",
+                record(S::IncompleteExpired),
+                vec![(T0, (Denied, R::Expired, None))],
+            ),
+            (
+                "canceled",
+                record(S::Canceled),
+                vec![
+                    (T0 - 1, (Denied, R::Canceled, None)),
+                    (T0, (Denied, R::Canceled, None)),
+                ],
+            ),
+            (
+                "paused",
+                record(S::Paused),
+                vec![
+                    (T0 - 1, (Denied, R::Paused, None)),
+                    (T0 + 1, (Denied, R::Paused, None)),
+                ],
+            ),
+            (
+                "unknown status with a paid invoice",
+                {
+                    let mut r = record(S::Unknown("frozen".into()));
+                    r.paid_through = Some(T0);
+                    r
+                },
+                vec![
+                    (T0 - 1, (Grace, R::UnknownStatus, Some(T0))),
+                    (T0, (Denied, R::UnknownStatus, None)),
+                ],
+            ),
+            (
+                "no snapshot, payment seen",
+                {
+                    let mut r = SubscriptionRecord::new("sub_1");
+                    r.last_paid_at = Some(T0);
+                    r
+                },
+                vec![
+                    (T0, (Grace, R::AwaitingSubscription, Some(T0 + DAY))),
+                    (
+                        T0 + DAY - 1,
+                        (Grace, R::AwaitingSubscription, Some(T0 + DAY)),
+                    ),
+                    (T0 + DAY, (Denied, R::AwaitingSubscription, None)),
+                ],
+            ),
+            (
+                "nothing known",
+                SubscriptionRecord::new("sub_1"),
+                vec![(T0, (Denied, R::NoSubscription, None))],
+            ),
+        ];
+        for (name, r, points) in cases {
+            for (t, want) in points {
+                assert_eq!(decide(&r, t), want, "{name} at T0{:+}", t - T0);
+            }
+        }
+    }
+
+    #[test]
+    fn customer_best_access_wins() {
+        let p = AccessPolicy::default();
+        let canceled = record(S::Canceled);
+        let active = record(S::Active);
+        let d = p.decide_customer([&canceled, &active], at(T0 - 1));
+        assert_eq!(d.access, Access::Granted);
+        let none: [&SubscriptionRecord; 0] = [];
+        assert_eq!(
+            p.decide_customer(none, at(T0)).reason,
+            AccessReason::NoSubscription
+        );
+    }
+
+    #[test]
+    fn features_follow_entitlements() {
+        let p = AccessPolicy::default();
+        let e = CustomerEntitlements {
+            customer: "cus_1".into(),
+            lookup_keys: vec!["pro".into()],
+            watermark: (1, "evt_1".into()),
+            version: 1,
+        };
+        let canceled = record(S::Canceled);
+        assert_eq!(
+            p.decide_feature(Some(&e), [&canceled], "pro", at(T0))
+                .access,
+            Access::Granted
+        );
+        assert_eq!(
+            p.decide_feature(Some(&e), [&canceled], "team", at(T0))
+                .access,
+            Access::Denied
+        );
+        let active = record(S::Active);
+        assert_eq!(
+            p.decide_feature(None, [&active], "team", at(T0 - 1)).access,
+            Access::Granted
+        );
+        assert!(has_feature(Some(&e), "pro"));
+        assert!(!has_feature(None, "pro"));
+    }
+}

@@ -1,0 +1,1 @@
+//! `HttpStripeClient`: the Stripe API over reqwest (feature `reqwest`).
