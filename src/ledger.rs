@@ -335,6 +335,23 @@ pub fn check_fence(entry: &LedgerEntry, lease: &Lease) -> Result<(), FenceError>
     Ok(())
 }
 
+/// Rule 3 for completion: like [`check_fence`], but a completion repeated by
+/// the same holder (its first answer was lost, or the application completed
+/// the event inside its own transaction) is accepted as already done.
+///
+/// Returns `Ok(true)` when the entry still has to be marked processed,
+/// `Ok(false)` when it already is, by this lease.
+///
+/// # Errors
+///
+/// [`FenceError`] when another claim holds the entry, or it is in another state.
+pub fn check_completion(entry: &LedgerEntry, lease: &Lease) -> Result<bool, FenceError> {
+    if entry.state == LedgerState::Processed && entry.lease_token == Some(lease.token) {
+        return Ok(false);
+    }
+    check_fence(entry, lease).map(|()| true)
+}
+
 /// Why a completion or failure was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -613,6 +630,13 @@ mod tests {
             check_fence(&done, &mine),
             Err(FenceError::NotProcessing(LedgerState::Processed))
         );
+        // Completing twice with the same token is idempotent; a zombie is not.
+        assert_eq!(check_completion(&done, &mine), Ok(false));
+        assert_eq!(
+            check_completion(&done, &stale),
+            Err(FenceError::NotProcessing(LedgerState::Processed))
+        );
+        assert_eq!(check_completion(&e, &mine), Ok(true));
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct HandlerContext {
     pub effect: Effect,
     /// The subscription record after the effect, when the event is about one.
     pub subscription: Option<SubscriptionRecord>,
+    /// The claim this worker holds. A store that supports it can complete
+    /// the event inside the application's own transaction with this lease
+    /// (the processor's own completion is then a no-op).
+    pub lease: Lease,
     clock: Arc<dyn Clock>,
 }
 
@@ -888,6 +892,7 @@ impl WebhookProcessor {
                 lease_expires_at: lease.expires_at,
                 effect: effect.clone(),
                 subscription: record,
+                lease: lease.clone(),
                 clock: self.inner.clock.clone(),
             };
             let result = CatchUnwind(Box::pin(handler.handle(event, &ctx))).await;

@@ -16,8 +16,8 @@ use super::{
 use crate::clock::{Clock, SystemClock};
 use crate::ledger::{
     ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest,
-    Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_fence, decide_claim,
-    lease_is_live, state_after_failure,
+    Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion, check_fence,
+    decide_claim, lease_is_live, state_after_failure,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
@@ -240,7 +240,15 @@ impl EventLedger for MemoryStore {
     async fn complete(&self, lease: &Lease) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();
-        let entry = Self::fenced(&mut inner, lease)?;
+        let entry = inner
+            .ledger
+            .get_mut(&lease.key)
+            .ok_or_else(|| StoreError::new(StoreErrorKind::NotFound, "no ledger entry"))?;
+        let pending = check_completion(entry, lease)
+            .map_err(|e| StoreError::new(StoreErrorKind::LeaseLost, e.to_string()))?;
+        if !pending {
+            return Ok(());
+        }
         entry.state = LedgerState::Processed;
         entry.lease_expires_at = None;
         entry.payload = None;

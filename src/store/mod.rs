@@ -25,6 +25,9 @@ use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 mod memory;
 pub use memory::MemoryStore;
 
+#[cfg(feature = "test-util")]
+pub mod conformance;
+
 /// What kind of storage failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -129,7 +132,8 @@ pub trait EventLedger: Send + Sync {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError>;
 
     /// Marks a claimed event processed (rule 3: fenced by the lease token;
-    /// drops any stored payload).
+    /// drops any stored payload). Completing again with the same lease is a
+    /// no-op success ([`crate::ledger::check_completion`]).
     ///
     /// # Errors
     ///
