@@ -667,26 +667,32 @@ pub async fn subscription_listing<S: SubscriptionStore + ?Sized>(store: &S) {
         f(&mut q);
         q
     };
-    let listed = ids(store.list(&q(&|_| {})).await.unwrap());
+    let listed = ids(store.list_subscriptions(&q(&|_| {})).await.unwrap());
     assert_eq!(
         listed,
         ["sub_conf_q1", "sub_conf_q2", "sub_conf_q3", "sub_conf_q4"]
     );
     let stale = ids(store
-        .list(&q(&|q| q.verified_before = at(250)))
+        .list_subscriptions(&q(&|q| q.verified_before = at(250)))
         .await
         .unwrap());
     assert_eq!(stale, ["sub_conf_q1", "sub_conf_q3", "sub_conf_q4"]);
     assert_eq!(
-        ids(store.list(&q(&|q| q.needs_review = true)).await.unwrap()),
+        ids(store
+            .list_subscriptions(&q(&|q| q.needs_review = true))
+            .await
+            .unwrap()),
         ["sub_conf_q2"]
     );
     assert_eq!(
-        ids(store.list(&q(&|q| q.needs_reconcile = true)).await.unwrap()),
+        ids(store
+            .list_subscriptions(&q(&|q| q.needs_reconcile = true))
+            .await
+            .unwrap()),
         ["sub_conf_q3"]
     );
     let page = ids(store
-        .list(&q(&|q| {
+        .list_subscriptions(&q(&|q| {
             q.after = Some("sub_conf_q1".into());
             q.limit = 2;
         }))

@@ -417,7 +417,10 @@ impl SubscriptionStore for MemoryStore {
             .collect())
     }
 
-    async fn list(&self, query: &SubscriptionQuery) -> Result<Vec<SubscriptionRecord>, StoreError> {
+    async fn list_subscriptions(
+        &self,
+        query: &SubscriptionQuery,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let inner = self.lock();
         Ok(inner
             .subscriptions

@@ -267,7 +267,10 @@ pub trait SubscriptionStore: Send + Sync {
     /// # Errors
     ///
     /// [`StoreError`] when the store fails.
-    async fn list(&self, query: &SubscriptionQuery) -> Result<Vec<SubscriptionRecord>, StoreError>;
+    async fn list_subscriptions(
+        &self,
+        query: &SubscriptionQuery,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError>;
 
     /// A customer's entitlements.
     ///
