@@ -11,6 +11,8 @@ pub mod event;
 pub mod ledger;
 pub mod processor;
 pub mod signature;
+#[cfg(feature = "test-util")]
+pub mod sim;
 pub mod store;
 pub mod subscription;
 

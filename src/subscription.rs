@@ -386,25 +386,37 @@ impl SubscriptionRecord {
         }
     }
 
-    /// Whether the subscription fields equal `state` (the customer is
-    /// compared only when both know it).
+    /// Whether the subscription fields equal `state`, independent of the API
+    /// shape either side was read from: the customer is compared when both
+    /// know it, items by id, price and quantity (and their own periods when
+    /// both sides have them), and the latest invoice is left out (invoice
+    /// events track it on their own clock).
     pub fn matches(&self, state: &SubscriptionState) -> bool {
-        let mine = self.state();
-        let customer_ok = match (&mine.customer, &state.customer) {
+        let customer_ok = match (&self.customer, &state.customer) {
             (Some(a), Some(b)) => a == b,
             _ => true,
         };
+        let same_option = |a: Option<i64>, b: Option<i64>| a.is_none() || b.is_none() || a == b;
+        let items_ok = self.items.len() == state.items.len()
+            && self.items.iter().zip(&state.items).all(|(a, b)| {
+                a.id == b.id
+                    && a.price_id == b.price_id
+                    && a.quantity == b.quantity
+                    && same_option(a.current_period_start, b.current_period_start)
+                    && same_option(a.current_period_end, b.current_period_end)
+            });
         customer_ok
-            && SubscriptionState {
-                customer: None,
-                latest_invoice: None,
-                ..mine
-            } == SubscriptionState {
-                customer: None,
-                latest_invoice: None,
-                ..state.clone()
-            }
-            && (state.latest_invoice.is_none() || self.latest_invoice == state.latest_invoice)
+            && items_ok
+            && self.status == state.status
+            && self.current_period_start == state.current_period_start
+            && self.current_period_end == state.current_period_end
+            && self.trial_start == state.trial_start
+            && self.trial_end == state.trial_end
+            && self.cancel_at_period_end == state.cancel_at_period_end
+            && self.cancel_at == state.cancel_at
+            && self.canceled_at == state.canceled_at
+            && self.ended_at == state.ended_at
+            && self.pause_collection == state.pause_collection
     }
 
     fn note(&mut self, now: i64, event_id: Option<&str>, kind: AnomalyKind, detail: String) {

@@ -116,3 +116,65 @@ impl EventHandler for CountingHandler {
         Ok(())
     }
 }
+
+#[cfg(feature = "test-util")]
+pub mod world {
+    use std::sync::Arc;
+
+    use stripe_webhook_guard::client::fake::{FakeConfig, FakeStripe};
+    use stripe_webhook_guard::clock::ManualClock;
+    use stripe_webhook_guard::processor::WebhookProcessor;
+    use stripe_webhook_guard::signature::Verifier;
+    use stripe_webhook_guard::sim::{SimConfig, Simulator};
+    use stripe_webhook_guard::store::MemoryStore;
+    use stripe_webhook_guard::subscription::{SubscriptionRecord, SubscriptionState};
+
+    pub const START: i64 = 1_767_225_600; // 2026-01-01
+
+    pub struct World {
+        pub clock: ManualClock,
+        pub fake: Arc<FakeStripe>,
+        pub store: Arc<MemoryStore>,
+        pub sim: Simulator,
+    }
+
+    impl World {
+        pub fn new(fake_config: FakeConfig, sim_config: SimConfig, with_client: bool) -> Self {
+            let clock = ManualClock::at_unix(START);
+            let fake = Arc::new(FakeStripe::new(clock.clone(), fake_config));
+            let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+            let mut builder = WebhookProcessor::builder(Verifier::new(super::secret()))
+                .store(store.clone())
+                .clock(Arc::new(clock.clone()));
+            if with_client {
+                builder = builder.client(fake.clone());
+            }
+            let processor = builder.build();
+            let sim = Simulator::new(processor, fake.clone(), super::secret(), sim_config);
+            Self {
+                clock,
+                fake,
+                store,
+                sim,
+            }
+        }
+
+        /// Subscriptions whose record differs from FakeStripe's truth.
+        pub fn mismatches(&self) -> Vec<(String, Option<SubscriptionRecord>, SubscriptionState)> {
+            let records = self.store.all_subscriptions();
+            self.fake
+                .truths()
+                .into_iter()
+                .filter_map(|truth| {
+                    let id = truth.id.clone().unwrap_or_default();
+                    let state = SubscriptionState::from_view(&truth);
+                    let record = records.iter().find(|r| r.id == id).cloned();
+                    match &record {
+                        Some(r) if r.matches(&state) => None,
+                        _ => Some((id, record, state)),
+                    }
+                })
+                .collect()
+        }
+    }
+}
