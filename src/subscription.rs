@@ -380,10 +380,6 @@ impl SubscriptionRecord {
         self.canceled_at = s.canceled_at;
         self.ended_at = s.ended_at;
         self.pause_collection = s.pause_collection;
-        if s.latest_invoice.is_some() && s.latest_invoice != self.latest_invoice {
-            self.latest_invoice = s.latest_invoice;
-            self.latest_invoice_paid = None;
-        }
     }
 
     /// Whether the subscription fields equal `state`, independent of the API
@@ -798,10 +794,22 @@ fn decide_tie(
     incoming: SubscriptionState,
     mark: Watermark,
 ) -> Decision {
-    if cur.matches(&incoming) {
-        return Decision::NoChange;
-    }
     let incoming_wins = mark.order_key() > wm.order_key();
+    if cur.matches(&incoming) {
+        if !incoming_wins {
+            return Decision::NoChange;
+        }
+        // An agreeing tie changes no state, but the watermark must move to
+        // the winner, or a third event of the same second could be judged
+        // against the wrong one (and the result depend on arrival order).
+        let mut record = cur.clone();
+        adopt(&mut record, incoming, mark);
+        return Decision::Apply(Applied {
+            record,
+            reason: ApplyReason::Snapshot,
+            status_change: None,
+        });
+    }
     let mut record = cur.clone();
     let before = record.status.clone();
     if incoming_wins {
@@ -820,7 +828,23 @@ fn decide_tie(
     }
 }
 
+/// Takes a snapshot's state and watermark. The latest invoice is a
+/// last-writer-wins field shared with invoice events, ordered by
+/// `(created, event id)` on its own watermark.
 fn adopt(record: &mut SubscriptionRecord, state: SubscriptionState, mark: Watermark) {
+    let invoice_mark = (mark.created, mark.event_id.clone());
+    if state.latest_invoice.is_some()
+        && record
+            .invoice_watermark
+            .as_ref()
+            .is_none_or(|w| invoice_mark > *w)
+    {
+        if state.latest_invoice != record.latest_invoice {
+            record.latest_invoice_paid = None;
+        }
+        record.latest_invoice.clone_from(&state.latest_invoice);
+        record.invoice_watermark = Some(invoice_mark);
+    }
     record.set_state(state);
     record.watermark = Some(mark);
 }
@@ -899,11 +923,23 @@ fn apply_invoice(
             record.paid_through = Some(record.paid_through.map_or(end, |p| p.max(end)));
         }
         record.last_paid_at = Some(record.last_paid_at.map_or(created, |p| p.max(created)));
-        // A payment newer than the snapshot that said past_due / unpaid.
+        // A payment newer than the snapshot that said past_due / unpaid, by
+        // the same total order as snapshots (a payment ranks below any
+        // subscription event of its second).
+        let mark = Watermark {
+            created,
+            event_id: event.id().to_owned(),
+            rank: TieRank {
+                terminal: false,
+                period_end: view.service_period_end.unwrap_or(i64::MIN),
+                phase: 0,
+            },
+            source: WatermarkSource::Payment,
+        };
         let newer = record
             .watermark
             .as_ref()
-            .is_some_and(|w| created >= w.created);
+            .is_some_and(|w| mark.order_key() > w.order_key());
         if newer
             && matches!(
                 record.status,
@@ -911,16 +947,7 @@ fn apply_invoice(
             )
         {
             record.status = SubscriptionStatus::Active;
-            record.watermark = Some(Watermark {
-                created,
-                event_id: event.id().to_owned(),
-                rank: TieRank {
-                    terminal: false,
-                    period_end: record.current_period_end.unwrap_or(i64::MIN),
-                    phase: 0,
-                },
-                source: WatermarkSource::Payment,
-            });
+            record.watermark = Some(mark);
             reason = ApplyReason::PaymentRestored;
         }
     }
@@ -1321,7 +1348,8 @@ mod tests {
             } => assert_eq!(f.record.status, S::Active),
             other => panic!("{other:?}"),
         }
-        // A tie that agrees changes nothing.
+        // A tie that agrees changes no state; a winning one moves the
+        // watermark so a third event is judged against the right one.
         let same = sub_event(
             "evt_c",
             "customer.subscription.updated",
@@ -1329,7 +1357,23 @@ mod tests {
             "active",
             1000,
         );
-        assert_eq!(apply(Some(&r), &same, now()).unwrap(), Decision::NoChange);
+        match apply(Some(&r), &same, now()).unwrap() {
+            Decision::Apply(a) => {
+                assert_eq!(a.record.status, S::Active);
+                assert!(!a.record.needs_reconcile);
+                assert_eq!(a.record.watermark.unwrap().event_id, "evt_c");
+                assert_eq!(a.status_change, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let losing = sub_event(
+            "evt_0",
+            "customer.subscription.updated",
+            100,
+            "active",
+            1000,
+        );
+        assert_eq!(apply(Some(&r), &losing, now()).unwrap(), Decision::NoChange);
     }
 
     #[test]
