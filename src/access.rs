@@ -209,23 +209,31 @@ impl AccessPolicy {
     ///
     /// ```
     /// use stripe_webhook_guard::access::{Access, AccessPolicy, AccessReason};
-    /// use stripe_webhook_guard::event::SubscriptionStatus;
-    /// use stripe_webhook_guard::subscription::SubscriptionRecord;
+    /// use stripe_webhook_guard::event::SubscriptionView;
+    /// use stripe_webhook_guard::subscription::from_stripe;
     /// use time::OffsetDateTime;
     ///
-    /// let mut record = SubscriptionRecord::new("sub_1");
-    /// record.status = SubscriptionStatus::PastDue;
+    /// let at = |t| OffsetDateTime::from_unix_timestamp(t).unwrap();
+    /// // Stripe's object after a failed renewal payment.
+    /// let stripe = SubscriptionView::from_json(r#"{"id":"sub_1","object":"subscription",
+    ///     "customer":"cus_1","status":"past_due","current_period_start":1700000000,
+    ///     "current_period_end":1702592000}"#).unwrap();
+    /// let mut record = from_stripe(None, &stripe, at(1_700_000_000), None).record;
     /// record.last_payment_failed_at = Some(1_700_000_000);
-    /// let policy = AccessPolicy::default();
     ///
-    /// let day_one = OffsetDateTime::from_unix_timestamp(1_700_000_000 + 86_400).unwrap();
-    /// let d = policy.decide(&record, day_one);
+    /// let policy = AccessPolicy::default();
+    /// let d = policy.decide(&record, at(1_700_000_000 + 86_400));
     /// assert_eq!((d.access, d.reason), (Access::Grace, AccessReason::PastDueGrace));
     /// assert_eq!(d.valid_until.unwrap().unix_timestamp(), 1_700_000_000 + 3 * 86_400);
+    ///
+    /// // Three days after the failure, and verified with Stripe since: denied.
+    /// record.last_verified_with_stripe = Some(at(1_700_000_000 + 3 * 86_400));
+    /// let d = policy.decide(&record, at(1_700_000_000 + 3 * 86_400));
+    /// assert_eq!((d.access, d.reason), (Access::Denied, AccessReason::PaymentFailed));
     /// ```
     pub fn decide(&self, record: &SubscriptionRecord, now: OffsetDateTime) -> AccessDecision {
-        let t = now.unix_timestamp();
         use SubscriptionStatus as S;
+        let t = now.unix_timestamp();
         if !record.has_snapshot() {
             return self.decide_without_snapshot(record, t);
         }
@@ -480,16 +488,13 @@ mod tests {
     fn every_status_before_at_and_after_its_boundary() {
         use Access::*;
         use AccessReason as R;
+        type Point = (i64, (Access, R, Option<i64>));
         // (record, [(now, expected)])
         let verified_late = |mut r: SubscriptionRecord| {
             r.last_verified_with_stripe = Some(at(T0 + 10 * DAY));
             r
         };
-        let cases: Vec<(
-            &str,
-            SubscriptionRecord,
-            Vec<(i64, (Access, R, Option<i64>))>,
-        )> = vec![
+        let cases: Vec<(&str, SubscriptionRecord, Vec<Point>)> = vec![
             (
                 "active, unverified",
                 record(S::Active),

@@ -1041,7 +1041,7 @@ impl WebhookProcessor {
                         current,
                     ));
                 }
-                Decision::Apply(applied) => (applied, None),
+                Decision::Apply(applied) => (*applied, None),
                 Decision::Refetch {
                     subscription_id,
                     customer,

@@ -542,7 +542,7 @@ pub struct Applied {
 #[non_exhaustive]
 pub enum Decision {
     /// Save this record.
-    Apply(Applied),
+    Apply(Box<Applied>),
     /// Older than the record's watermark: ignore.
     Stale {
         /// The watermark that is newer.
@@ -713,11 +713,11 @@ fn apply_snapshot(
         let mut record = cur.clone();
         let before = record.status.clone();
         adopt(&mut record, incoming, mark);
-        return Decision::Apply(Applied {
+        return Decision::Apply(Box::new(Applied {
             status_change: change(&before, &record.status),
             record,
             reason: ApplyReason::Created,
-        });
+        }));
     };
 
     if wm.event_id == event.id() {
@@ -781,11 +781,11 @@ fn apply_snapshot(
     }
     check_customer(&mut record, incoming.customer.as_deref(), now_s, event.id());
     adopt(&mut record, incoming, mark);
-    Decision::Apply(Applied {
+    Decision::Apply(Box::new(Applied {
         status_change: change(&before, &record.status),
         record,
         reason: ApplyReason::Snapshot,
-    })
+    }))
 }
 
 fn decide_tie(
@@ -804,11 +804,11 @@ fn decide_tie(
         // against the wrong one (and the result depend on arrival order).
         let mut record = cur.clone();
         adopt(&mut record, incoming, mark);
-        return Decision::Apply(Applied {
+        return Decision::Apply(Box::new(Applied {
             record,
             reason: ApplyReason::Snapshot,
             status_change: None,
-        });
+        }));
     }
     let mut record = cur.clone();
     let before = record.status.clone();
@@ -986,7 +986,7 @@ fn apply_invoice(
             fallback: Some(Box::new(fallback)),
         };
     }
-    Decision::Apply(applied)
+    Decision::Apply(Box::new(applied))
 }
 
 fn apply_checkout(
@@ -1035,7 +1035,7 @@ fn apply_checkout(
             fallback: Some(Box::new(applied)),
         };
     }
-    Decision::Apply(applied)
+    Decision::Apply(Box::new(applied))
 }
 
 /// Replaces the subscription fields of `current` (or a new record) with
@@ -1167,8 +1167,8 @@ mod tests {
 
     fn applied(d: Decision) -> SubscriptionRecord {
         match d {
-            Decision::Apply(a) => a.record,
-            Decision::Refetch {
+            Decision::Apply(a)
+            | Decision::Refetch {
                 fallback: Some(a), ..
             } => a.record,
             other => panic!("expected a record, got {other:?}"),
@@ -1461,6 +1461,9 @@ mod tests {
             r.note(i, None, AnomalyKind::Diverged, String::new());
         }
         assert_eq!(r.anomalies.len(), MAX_ANOMALIES);
-        assert_eq!(r.anomalies[0].at, 40 - MAX_ANOMALIES as i64);
+        assert_eq!(
+            r.anomalies[0].at,
+            40 - i64::try_from(MAX_ANOMALIES).unwrap()
+        );
     }
 }

@@ -34,18 +34,18 @@ async fn three_months(with_client: bool, seed: u64) -> World {
     let lapsing = f.create_customer();
     let leaving = f.create_customer();
     let pausing = f.create_customer();
-    let s_happy = f.subscribe(&happy, Subscribe::default());
+    let s_happy = f.subscribe(&happy, &Subscribe::default());
     let s_trial = f.subscribe(
         &trial,
-        Subscribe {
+        &Subscribe {
             trial_days: Some(14),
             ..Subscribe::default()
         },
     );
-    let s_recovering = f.subscribe(&recovering, Subscribe::default());
-    let s_lapsing = f.subscribe(&lapsing, Subscribe::default());
-    let s_leaving = f.subscribe(&leaving, Subscribe::default());
-    let s_pausing = f.subscribe(&pausing, Subscribe::default());
+    let s_recovering = f.subscribe(&recovering, &Subscribe::default());
+    let s_lapsing = f.subscribe(&lapsing, &Subscribe::default());
+    let s_leaving = f.subscribe(&leaving, &Subscribe::default());
+    let s_pausing = f.subscribe(&pausing, &Subscribe::default());
     w.sim.advance(Duration::days(10)).await;
     f.set_card(&recovering, Card::Declines);
     f.set_card(&lapsing, Card::Declines);
@@ -95,7 +95,7 @@ async fn cancel_after_retries_setting() {
         true,
     );
     let c = w.fake.create_customer();
-    let s = w.fake.subscribe(&c, Subscribe::default());
+    let s = w.fake.subscribe(&c, &Subscribe::default());
     w.fake.set_card(&c, Card::Declines);
     w.sim.advance(Duration::days(50)).await;
     w.sim.flush().await;

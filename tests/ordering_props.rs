@@ -68,7 +68,7 @@ fn history(
         FakeConfig {
             seed,
             shapes: ShapeMix::Mixed,
-            noise_events: seed % 3 == 0,
+            noise_events: seed.is_multiple_of(3),
             ..FakeConfig::default()
         },
     ));
@@ -83,7 +83,7 @@ fn history(
             client_reference_id: Some(format!("user_{i}")),
             ..Subscribe::default()
         };
-        ids.push((c.clone(), fake.subscribe(&c, opts)));
+        ids.push((c.clone(), fake.subscribe(&c, &opts)));
     }
     let budget = 28 * subs;
     for (n, mv) in plan.iter().enumerate() {
@@ -323,6 +323,7 @@ fn histories_have_enough_ties_and_events() {
 mod regressions {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
     fn check(
         with_client: bool,
         seed: u64,

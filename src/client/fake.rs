@@ -12,7 +12,7 @@
 //! let clock = ManualClock::at_unix(1_700_000_000);
 //! let stripe = FakeStripe::new(clock.clone(), FakeConfig::default());
 //! let customer = stripe.create_customer();
-//! let sub = stripe.subscribe(&customer, Subscribe::default());
+//! let sub = stripe.subscribe(&customer, &Subscribe::default());
 //! assert_eq!(stripe.truth(&sub).unwrap().status, SubscriptionStatus::Active);
 //! // Checkout: created (incomplete), invoice paid, updated (active), session completed…
 //! assert!(stripe.take_new_events().len() >= 4);
@@ -373,7 +373,7 @@ impl FakeStripe {
     /// Subscribes a customer. Payment follows the customer's card: works →
     /// active; declines → incomplete (expires after 23 hours); with a trial
     /// the card is charged at the trial's end.
-    pub fn subscribe(&self, customer: &str, opts: Subscribe) -> String {
+    pub fn subscribe(&self, customer: &str, opts: &Subscribe) -> String {
         let now = self.now();
         let mut inner = self.lock();
         let card = inner.customers.get(customer).copied().unwrap_or_default();
@@ -806,6 +806,7 @@ impl FakeStripe {
         true
     }
 
+    #[allow(clippy::unused_self)] // a method for symmetry with the other emitters
     fn schedule(&self, inner: &mut Inner, sub: &str, at: i64, action: Action) {
         let Some(s) = inner.subs.get_mut(sub) else {
             return;
@@ -909,7 +910,7 @@ impl FakeStripe {
                     self.sync_entitlements(inner, &customer);
                     return;
                 }
-                self.renew(inner, sub, before, card, period);
+                self.renew(inner, sub, &before, card, period);
             }
             Action::Renew => {
                 if !matches!(
@@ -923,7 +924,7 @@ impl FakeStripe {
                     return;
                 }
                 let before = sub.clone();
-                self.renew(inner, sub, before, card, period);
+                self.renew(inner, sub, &before, card, period);
             }
             Action::Retry => {
                 let Some((invoice, retries)) = sub.dunning.clone() else {
@@ -980,7 +981,7 @@ impl FakeStripe {
 
     /// A new period starts now (the renewal or the trial's end) and its
     /// invoice is charged (or not, with paused collection).
-    fn renew(&self, inner: &mut Inner, mut sub: Sub, before: Sub, card: Card, period: i64) {
+    fn renew(&self, inner: &mut Inner, mut sub: Sub, before: &Sub, card: Card, period: i64) {
         let now = self.now();
         let invoice = next_id(inner, "in");
         sub.period_start = now;
@@ -995,13 +996,13 @@ impl FakeStripe {
         if sub.pause_collection.is_some() {
             // No payment while collection is paused; the status stays.
             inner.subs.insert(sub.id.clone(), sub.clone());
-            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(&before));
+            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(before));
             self.schedule(inner, &sub.id, sub.period_end, Action::Renew);
             return;
         }
         if card == Card::Works {
             inner.subs.insert(sub.id.clone(), sub.clone());
-            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(&before));
+            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(before));
             if self.config.noise_events {
                 self.emit_noise(inner, "invoice.finalized", &sub, &invoice);
             }
@@ -1037,7 +1038,7 @@ impl FakeStripe {
                 "subscription_cycle",
                 (sub.period_start, sub.period_end),
             );
-            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(&before));
+            self.emit_sub(inner, "customer.subscription.updated", &sub, Some(before));
             self.schedule_retry(inner, &sub);
         }
         let customer = sub.customer.clone();
@@ -1048,7 +1049,7 @@ impl FakeStripe {
         match self.config.shapes {
             ShapeMix::Only(s) => s,
             ShapeMix::Mixed => {
-                if inner.rng.next_u64() % 2 == 0 {
+                if inner.rng.next_u64().is_multiple_of(2) {
                     ApiShape::PreBasil
                 } else {
                     ApiShape::Basil
@@ -1066,7 +1067,9 @@ impl FakeStripe {
         previous: Option<Value>,
     ) {
         let id = next_id(inner, "evt");
-        let mut data = json!({ "object": object });
+        let mut data = serde_json::Map::new();
+        data.insert("object".into(), object);
+        let mut data = Value::Object(data);
         if let Some(p) = previous.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())) {
             data["previous_attributes"] = p;
         }
@@ -1211,7 +1214,7 @@ impl FakeStripe {
     fn gate(&self) -> Result<(), ClientError> {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let every = self.lock().rate_limit_every;
-        if every > 0 && n % every == 0 {
+        if every > 0 && n.is_multiple_of(every) {
             self.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(
                 ClientError::new(ClientErrorKind::RateLimited, "rate limited (fake)")

@@ -151,7 +151,8 @@ impl HttpStripeClient {
     /// restricted `rk_…` key), [`DEFAULT_STRIPE_VERSION`],
     /// [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_RETRIES`] and
     /// [`DEFAULT_BASE_BACKOFF`]. Its own reqwest client follows no
-    /// redirects, so the key is only ever sent to the base URL.
+    /// redirects, so the key is only ever sent to the base URL. Surrounding
+    /// whitespace (a trailing newline from a secrets file) is ignored.
     ///
     /// # Errors
     ///

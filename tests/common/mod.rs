@@ -104,9 +104,7 @@ impl EventHandler for CountingHandler {
                 _ => false,
             }
         };
-        if panic_now {
-            panic!("handler bug");
-        }
+        assert!(!panic_now, "handler bug");
         *self
             .effects
             .lock()
