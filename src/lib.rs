@@ -10,6 +10,7 @@ pub mod clock;
 pub mod event;
 pub mod ledger;
 pub mod processor;
+pub mod reconcile;
 pub mod signature;
 #[cfg(feature = "test-util")]
 pub mod sim;
