@@ -231,7 +231,7 @@ async fn catch_up_racing_live_webhooks() {
             lookback: Duration::days(30),
             ..ReconcileConfig::default()
         });
-    let (_, report) = tokio::join!(sim.flush(), r.catch_up());
+    let ((), report) = tokio::join!(sim.flush(), r.catch_up());
     let report = report.unwrap();
     sim.flush().await;
     let events = fake.all_events();

@@ -25,6 +25,16 @@ use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 mod memory;
 pub use memory::MemoryStore;
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
 #[cfg(feature = "test-util")]
 pub mod conformance;
 
