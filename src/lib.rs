@@ -8,6 +8,8 @@ pub mod access;
 pub mod client;
 pub mod clock;
 pub mod event;
+pub mod inbox;
+pub mod integrations;
 pub mod ledger;
 pub mod processor;
 pub mod reconcile;

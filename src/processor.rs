@@ -765,6 +765,21 @@ impl WebhookProcessor {
         self.process(event, None).await
     }
 
+    /// The lease taken on claimed events.
+    pub fn lease_duration(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// Attempts before an event is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.inner.max_attempts
+    }
+
+    /// The filters of step 3: why `event` would be ignored, if it would.
+    pub fn filter_reason(&self, event: &Event) -> Option<IgnoreReason> {
+        self.filter(event)
+    }
+
     /// The filters of step 3.
     fn filter(&self, event: &Event) -> Option<IgnoreReason> {
         if self.inner.livemode.is_some_and(|l| l != event.livemode()) {

@@ -1,0 +1,141 @@
+//! Inbox mode on the in-memory store: 4 workers, 10,000 deliveries with
+//! duplicates, reordered histories and one poison event.
+#![cfg(feature = "test-util")]
+
+mod common;
+
+use std::sync::Arc;
+
+use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
+use stripe_webhook_guard::clock::{Clock, ManualClock};
+use stripe_webhook_guard::inbox::{Inbox, InboxConfig, Receipt};
+use stripe_webhook_guard::ledger::{EventKey, LedgerState};
+use stripe_webhook_guard::processor::WebhookProcessor;
+use stripe_webhook_guard::signature::{Verifier, test_header};
+use stripe_webhook_guard::sim::Rng;
+use stripe_webhook_guard::store::{EventLedger, MemoryStore, SubscriptionStore};
+use stripe_webhook_guard::subscription::SubscriptionState;
+use time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_workers_ten_thousand_deliveries() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let fake = Arc::new(FakeStripe::new(
+        clock.clone(),
+        FakeConfig {
+            seed: 77,
+            shapes: ShapeMix::Mixed,
+            ..FakeConfig::default()
+        },
+    ));
+    let mut rng = Rng::new(77);
+    for i in 0..150 {
+        let c = fake.create_customer();
+        let trial = (i % 3 == 0).then_some(14);
+        let s = fake.subscribe(
+            &c,
+            &Subscribe {
+                trial_days: trial,
+                ..Subscribe::default()
+            },
+        );
+        if i % 5 == 0 {
+            fake.set_card(&c, Card::Declines);
+        }
+        if i % 7 == 0 {
+            fake.cancel_at_period_end(&s, true);
+        }
+    }
+    fake.advance(Duration::days(75));
+    let events = fake.take_new_events();
+    let mut deliveries = Vec::new();
+    for fe in &events {
+        for _ in 0..=rng.below(3) {
+            deliveries.push(fe.body.clone());
+        }
+    }
+    rng.shuffle(&mut deliveries);
+    deliveries.truncate(10_000);
+    assert!(deliveries.len() >= 4_000, "{} deliveries", deliveries.len());
+    let poison = events[events.len() / 2].event.id().to_owned();
+
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let handler = common::CountingHandler::new();
+    handler.always_fail.lock().unwrap().push(poison.clone());
+    let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .client(fake.clone())
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .max_attempts(4)
+        .build();
+    let inbox = Inbox::new(processor, store.clone()).config(InboxConfig {
+        batch: 8,
+        ..InboxConfig::default()
+    });
+    let secret = common::secret();
+    let mut queued = 0;
+    for body in &deliveries {
+        let header = test_header(&secret, body.as_bytes(), clock.now());
+        match inbox.receive(body.as_bytes(), Some(&header)).await.unwrap() {
+            Receipt::Queued { .. } => queued += 1,
+            Receipt::Duplicate { .. } | Receipt::Ignored { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(inbox.backlog().await.unwrap() > 0);
+    // Four workers until the queue drains; retries need the clock to move.
+    for _round in 0..10 {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let worker = inbox.worker();
+            tasks.push(tokio::spawn(async move {
+                worker.run_until_idle().await.unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        if inbox.backlog().await.unwrap() == 0 {
+            break;
+        }
+        clock.advance(Duration::hours(2));
+    }
+    assert_eq!(inbox.backlog().await.unwrap(), 0, "the queue drains");
+    let poison_entry = store
+        .get(&EventKey::new(poison.as_str(), None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(poison_entry.state, LedgerState::Dead);
+    assert_eq!(poison_entry.attempts, 4);
+    // Every other event handled exactly once; the poison never.
+    let effects = handler.effects.lock().unwrap().clone();
+    assert_eq!(effects.get(&poison), None);
+    assert!(effects.values().all(|&n| n == 1), "each effect once");
+    let handled_types = events
+        .iter()
+        .filter(|fe| fe.event.id() != poison)
+        .filter(|fe| deliveries.iter().any(|d| d == &fe.body))
+        .count();
+    assert_eq!(effects.len(), handled_types);
+    assert_eq!(queued, handled_types + 1);
+    // Every subscription ends in Stripe's final state.
+    for truth in fake.truths() {
+        let id = truth.id.clone().unwrap();
+        let record = store
+            .load(&id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} missing"));
+        assert!(
+            record.matches(&SubscriptionState::from_view(&truth)),
+            "{id}"
+        );
+    }
+    println!(
+        "{} deliveries, {} events queued, 1 dead letter",
+        deliveries.len(),
+        queued
+    );
+}
