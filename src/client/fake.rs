@@ -19,7 +19,8 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -172,7 +173,7 @@ struct Sub {
     generation: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Action {
     Renew,
     TrialEnd,
@@ -182,7 +183,7 @@ enum Action {
     CancelAtPeriodEnd,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Scheduled {
     at: i64,
     seq: u64,
@@ -203,7 +204,8 @@ struct Inner {
     counter: u64,
     customers: BTreeMap<String, Card>,
     subs: BTreeMap<String, Sub>,
-    schedule: Vec<Scheduled>,
+    schedule: BinaryHeap<Reverse<Scheduled>>,
+    by_event: HashMap<String, usize>,
     log: Vec<Logged>,
     taken: usize,
     entitlements: HashMap<String, Vec<String>>,
@@ -239,7 +241,8 @@ impl FakeStripe {
                 counter: 0,
                 customers: BTreeMap::new(),
                 subs: BTreeMap::new(),
-                schedule: Vec::new(),
+                schedule: BinaryHeap::new(),
+                by_event: HashMap::new(),
                 log: Vec::new(),
                 taken: 0,
                 entitlements: HashMap::new(),
@@ -365,7 +368,9 @@ impl FakeStripe {
     /// `delivery_success` filter).
     pub fn mark_delivered(&self, event_id: &str) {
         let mut inner = self.lock();
-        if let Some(l) = inner.log.iter_mut().find(|l| l.event.id() == event_id) {
+        if let Some(&i) = inner.by_event.get(event_id)
+            && let Some(l) = inner.log.get_mut(i)
+        {
             l.delivered = true;
         }
     }
@@ -774,23 +779,18 @@ impl FakeStripe {
 
     /// The time of the next scheduled action, if any.
     pub fn next_action_at(&self) -> Option<i64> {
-        self.lock().schedule.iter().map(|s| s.at).min()
+        self.lock().schedule.peek().map(|Reverse(s)| s.at)
     }
 
     /// Runs the earliest action due at or before `until`. Returns whether one ran.
     pub fn run_next_due(&self, until: i64) -> bool {
         let mut inner = self.lock();
-        let Some(pos) = inner
-            .schedule
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.at <= until)
-            .min_by_key(|(_, s)| (s.at, s.seq))
-            .map(|(i, _)| i)
-        else {
+        if inner.schedule.peek().is_none_or(|Reverse(s)| s.at > until) {
+            return false;
+        }
+        let Some(Reverse(job)) = inner.schedule.pop() else {
             return false;
         };
-        let job = inner.schedule.swap_remove(pos);
         if self.clock.now().unix_timestamp() < job.at
             && let Ok(t) = OffsetDateTime::from_unix_timestamp(job.at)
         {
@@ -817,13 +817,13 @@ impl FakeStripe {
         let generation = s.generation;
         inner.counter += 1;
         let seq = inner.counter;
-        inner.schedule.push(Scheduled {
+        inner.schedule.push(Reverse(Scheduled {
             at,
             seq,
             sub: sub.to_owned(),
             generation,
             action,
-        });
+        }));
     }
 
     fn schedule_retry(&self, inner: &mut Inner, sub: &Sub) {
@@ -1087,6 +1087,8 @@ impl FakeStripe {
         .to_string();
         // The body is built here from valid JSON, so it always parses.
         if let Ok(event) = Event::parse_unverified_with_limit(body.as_bytes(), usize::MAX) {
+            let index = inner.log.len();
+            inner.by_event.insert(event.id().to_owned(), index);
             inner.log.push(Logged {
                 event,
                 body,
@@ -1431,10 +1433,12 @@ impl StripeClient for FakeStripe {
     async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
         self.gate()?;
         let now = self.now();
-        self.lock()
-            .log
-            .iter()
-            .find(|l| l.event.id() == id && l.event.created() >= now - 30 * DAY)
+        let inner = self.lock();
+        inner
+            .by_event
+            .get(id)
+            .and_then(|&i| inner.log.get(i))
+            .filter(|l| l.event.created() >= now - 30 * DAY)
             .map(|l| l.event.clone())
             .ok_or_else(|| {
                 ClientError::new(ClientErrorKind::NotFound, "no such event").with_status(404)

@@ -7,7 +7,8 @@
 //! It also holds the small deterministic random generator the fakes use (no
 //! `rand` dependency).
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
@@ -127,7 +128,7 @@ pub struct DeliveryRecord {
     pub result: DeliveryResult,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Delivery {
     at: i64,
     seq: u64,
@@ -147,7 +148,8 @@ pub struct Simulator {
     secret: WebhookSecret,
     rng: Rng,
     config: SimConfig,
-    queue: Vec<Delivery>,
+    queue: BinaryHeap<Reverse<Delivery>>,
+    busy: std::time::Duration,
     seq: u64,
     down: Vec<(i64, i64)>,
     log: Vec<DeliveryRecord>,
@@ -178,7 +180,8 @@ impl Simulator {
             secret,
             rng: Rng::new(config.seed),
             config,
-            queue: Vec::new(),
+            queue: BinaryHeap::new(),
+            busy: std::time::Duration::ZERO,
             seq: 0,
             down: Vec::new(),
             log: Vec::new(),
@@ -211,6 +214,12 @@ impl Simulator {
         &self.dropped
     }
 
+    /// Wall-clock time spent inside [`WebhookProcessor::handle`] (the
+    /// crate's own work, without the fake's).
+    pub fn processing_time(&self) -> std::time::Duration {
+        self.busy
+    }
+
     /// Deliveries still waiting.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -240,7 +249,7 @@ impl Simulator {
                 );
                 let at = fe.event.created() + i64::try_from(delay).unwrap_or(0);
                 self.seq += 1;
-                self.queue.push(Delivery {
+                self.queue.push(Reverse(Delivery {
                     at,
                     seq: self.rng.next_u64() ^ self.seq,
                     event_id: fe.event.id().to_owned(),
@@ -249,7 +258,7 @@ impl Simulator {
                     body: fe.body.clone(),
                     first_attempt_at: at,
                     attempt: 1,
-                });
+                }));
             }
         }
     }
@@ -260,7 +269,7 @@ impl Simulator {
         let until = until.unix_timestamp();
         self.collect();
         loop {
-            let next_delivery = self.queue.iter().map(|d| (d.at, d.seq)).min();
+            let next_delivery = self.queue.peek().map(|Reverse(d)| (d.at, d.seq));
             let next_action = self.fake.next_action_at();
             match (next_delivery, next_action) {
                 (Some((d, _)), a) if d <= until && a.is_none_or(|a| d < a) => {
@@ -290,27 +299,17 @@ impl Simulator {
     /// fake's actions that fall due meanwhile) until nothing is queued.
     pub async fn flush(&mut self) {
         self.collect();
-        while let Some(last) = self.queue.iter().map(|d| d.at).max() {
+        while let Some(last) = self.queue.iter().map(|Reverse(d)| d.at).max() {
             let t = OffsetDateTime::from_unix_timestamp(last.max(self.now()))
                 .unwrap_or_else(|_| self.clock.now());
             self.run_until(t).await;
-            if self.queue.iter().all(|d| d.at > self.now()) && self.queue.is_empty() {
-                break;
-            }
         }
     }
 
     async fn deliver_next(&mut self) {
-        let Some(pos) = self
-            .queue
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, d)| (d.at, d.seq))
-            .map(|(i, _)| i)
-        else {
+        let Some(Reverse(d)) = self.queue.pop() else {
             return;
         };
-        let d = self.queue.swap_remove(pos);
         if let Ok(t) = OffsetDateTime::from_unix_timestamp(d.at)
             && self.clock.now() < t
         {
@@ -322,11 +321,13 @@ impl Simulator {
             DeliveryResult::EndpointDown
         } else {
             let header = test_header(&self.secret, d.body.as_bytes(), self.clock.now());
-            match self
+            let started = std::time::Instant::now();
+            let result = self
                 .processor
                 .handle(d.body.as_bytes(), Some(&header))
-                .await
-            {
+                .await;
+            self.busy += started.elapsed();
+            match result {
                 Ok(outcome) => {
                     self.fake.mark_delivered(&d.event_id);
                     DeliveryResult::Acknowledged(outcome)
@@ -352,12 +353,12 @@ impl Simulator {
                 let at = now + delay.whole_seconds();
                 if at - d.first_attempt_at <= self.config.give_up_after.whole_seconds() {
                     self.seq += 1;
-                    self.queue.push(Delivery {
+                    self.queue.push(Reverse(Delivery {
                         at,
                         seq: self.rng.next_u64() ^ self.seq,
                         attempt: d.attempt + 1,
                         ..d
-                    });
+                    }));
                 }
             }
         }
