@@ -92,7 +92,7 @@ fn args() -> Result<Args, String> {
             "--seed" => {
                 out.seed = value("--seed")?
                     .parse()
-                    .map_err(|e| format!("--seed: {e}"))?
+                    .map_err(|e| format!("--seed: {e}"))?;
             }
             "--customers" => {
                 out.customers = value("--customers")?

@@ -1,7 +1,7 @@
-#![cfg(feature = "reqwest")]
 //! `HttpStripeClient` against a small HTTP/1.1 server started inside each
 //! test: the bundled Stripe fixtures in both API shapes, the query strings
 //! and headers sent, error mapping, retries and redaction of the key.
+#![cfg(feature = "reqwest")]
 
 use std::fmt::Write as _;
 use std::path::PathBuf;

@@ -1,0 +1,131 @@
+//! The webhook endpoint on plain hyper 1 — no framework, no crate feature.
+//!
+//! ```text
+//! STRIPE_WEBHOOK_SECRET=whsec_... cargo run --example hyper_server
+//! stripe listen --forward-to localhost:4242/webhooks/stripe
+//! ```
+//!
+//! All the processor needs from any HTTP stack is the raw body bytes and the
+//! `Stripe-Signature` header; it answers with the status to send back
+//! (DESIGN §9: 200 settled, 400 bad delivery, 413 too large, 5xx retry).
+//! In-memory store; `BIND` defaults to `127.0.0.1:4242`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use stripe_webhook_guard::processor::WebhookProcessor;
+use stripe_webhook_guard::signature::Verifier;
+use stripe_webhook_guard::store::MemoryStore;
+use tokio::net::TcpListener;
+
+async fn webhook(
+    processor: WebhookProcessor,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.method() != Method::POST || request.uri().path() != "/webhooks/stripe" {
+        return Ok(reply(404, &json!({ "error": "not_found" })));
+    }
+    // The header: absent or not UTF-8 counts as missing.
+    let signature = request
+        .headers()
+        .get("stripe-signature")
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .map(str::to_owned);
+    // The raw body, never more than the verifier will hash.
+    let limit = processor.verifier().body_limit();
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Ok(reply(
+                413,
+                &json!({ "error": "body_too_large", "retryable": false }),
+            ));
+        }
+        Err(_) => {
+            return Ok(reply(
+                400,
+                &json!({ "error": "unreadable_body", "retryable": true }),
+            ));
+        }
+    };
+
+    let (status, answer) = match processor.handle(&body, signature.as_deref()).await {
+        Ok(outcome) => {
+            println!(
+                "{} {} -> {}",
+                outcome.event_id(),
+                outcome.label(),
+                outcome.http_status()
+            );
+            (
+                outcome.http_status(),
+                json!({ "outcome": outcome.label(), "event_id": outcome.event_id() }),
+            )
+        }
+        Err(error) => {
+            // `Error` never contains the body, the header or a secret.
+            eprintln!("refused: {error} -> {}", error.http_status());
+            (
+                error.http_status(),
+                json!({ "error": error.label(), "retryable": error.is_retryable() }),
+            )
+        }
+    };
+    Ok(reply(status, &answer))
+}
+
+fn reply(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let secret = std::env::var("STRIPE_WEBHOOK_SECRET")
+        .map_err(|_| "set STRIPE_WEBHOOK_SECRET to the endpoint's whsec_… signing secret")?;
+    let bind: SocketAddr = std::env::var("BIND")
+        .unwrap_or_else(|_| "127.0.0.1:4242".to_owned())
+        .parse()?;
+
+    let processor = WebhookProcessor::builder(Verifier::new(secret.trim()))
+        .store(Arc::new(MemoryStore::new()))
+        .build();
+
+    let listener = TcpListener::bind(bind).await?;
+    println!(
+        "listening on http://{}/webhooks/stripe",
+        listener.local_addr()?
+    );
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let processor = processor.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| webhook(processor.clone(), request));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                eprintln!("connection error: {e}");
+            }
+        });
+    }
+    println!("stats: {:?}", processor.stats());
+    Ok(())
+}

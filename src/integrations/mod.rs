@@ -1,0 +1,4 @@
+//! Framework integrations.
+
+#[cfg(feature = "axum")]
+pub mod axum;

@@ -1,0 +1,747 @@
+//! End-to-end tests of `examples/server.rs`: the same server `main` runs,
+//! started on an ephemeral port and driven over real HTTP with signed
+//! events — a duplicate storm, an out-of-order history, bad deliveries,
+//! the JSON routes, timeouts and graceful shutdown.
+#![cfg(all(feature = "axum", feature = "reqwest", feature = "tracing"))]
+
+#[allow(dead_code)]
+#[path = "../examples/server.rs"]
+mod server;
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use server::Config;
+use stripe_webhook_guard::signature::{WebhookSecret, test_header};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const PATH: &str = "/webhooks/stripe";
+
+/// A server on 127.0.0.1:0 and a client for it.
+struct Running {
+    base: String,
+    addr: std::net::SocketAddr,
+    http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+fn config() -> Config {
+    Config::new(common::SECRET)
+}
+
+async fn start(config: Config) -> Running {
+    let state = server::build_state(&config).await.expect("server state");
+    let app = server::router(state, &config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(listener, app, async move {
+        let _ = rx.await;
+    }));
+    Running {
+        base: format!("http://{addr}"),
+        addr,
+        http: reqwest::Client::new(),
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Posts `body` with `header` (if any); returns the status and the JSON
+    /// answer.
+    async fn post_raw(&self, body: Vec<u8>, header: Option<&str>) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url(PATH)).body(body);
+        if let Some(h) = header {
+            request = request.header("Stripe-Signature", h);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {status} {text:?}"));
+        (status, json)
+    }
+
+    /// Delivers `body` signed now, as Stripe would.
+    async fn deliver(&self, body: &str) -> (StatusCode, Value) {
+        let header = common::sign(body, now());
+        self.post_raw(body.as_bytes().to_vec(), Some(&header)).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = response.status();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    async fn post(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.http.post(self.url(path)).send().await.expect("POST");
+        let status = response.status();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    async fn stats(&self) -> HashMap<String, Value> {
+        let (status, json) = self.get("/stats").await;
+        assert_eq!(status, StatusCode::OK);
+        serde_json::from_value(json).expect("stats object")
+    }
+
+    async fn stat(&self, name: &str) -> u64 {
+        self.stats()
+            .await
+            .get(name)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Triggers the graceful shutdown and waits for the server to stop.
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops")
+            .expect("server task")
+            .expect("server result");
+    }
+}
+
+fn sub_event(id: &str, ty: &str, created: i64, sub: &str, status: &str) -> String {
+    common::sub_event(id, ty, created, sub, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_storm_is_processed_once() {
+    // A slow handler keeps the claim held while the storm arrives, so
+    // concurrent copies see it in flight.
+    let mut config = config();
+    config.handler_delay = Duration::from_millis(150);
+    let server = Arc::new(start(config).await);
+    let body = sub_event(
+        "evt_storm",
+        "customer.subscription.created",
+        now() - 60,
+        "sub_storm",
+        "active",
+    );
+
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let server = server.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move { server.deliver(&body).await }));
+    }
+    let mut processed = 0;
+    let mut duplicates = 0;
+    let mut in_flight = 0;
+    for task in tasks {
+        let (status, json) = task.await.expect("delivery task");
+        match (
+            status.as_u16(),
+            json["outcome"].as_str(),
+            json["error"].as_str(),
+        ) {
+            (200, Some("applied"), _) => {
+                assert_eq!(json["event_id"], "evt_storm");
+                processed += 1;
+            }
+            (200, Some("duplicate"), _) => duplicates += 1,
+            (503, _, Some("in_flight")) => {
+                assert_eq!(json["retryable"], true);
+                in_flight += 1;
+            }
+            other => panic!("unexpected answer {other:?}: {json}"),
+        }
+    }
+    eprintln!("storm: {processed} processed, {duplicates} duplicate, {in_flight} in flight");
+    assert_eq!(processed, 1, "exactly one delivery processes the event");
+    assert_eq!(duplicates + in_flight, 49);
+
+    // Stripe retries the ones that got 503: now they are duplicates.
+    let (status, json) = server.deliver(&body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["outcome"], "duplicate");
+
+    let counters = server.stats().await;
+    assert_eq!(counters["received"], 51);
+    assert_eq!(counters["applied"], 1);
+    assert_eq!(counters["handler_effects"], 1);
+    assert_eq!(counters["provisioned"], 1);
+    assert_eq!(counters["duplicates"], duplicates + 1);
+    assert_eq!(counters["in_flight"], in_flight);
+    assert_eq!(counters["failed"], 0);
+    assert_eq!(counters["dead"], 0);
+
+    let (status, record) = server.get("/subscriptions/sub_storm").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(record["status"], "active");
+
+    let server = Arc::into_inner(server).expect("all tasks done");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn out_of_order_history_keeps_the_newer_state() {
+    let server = start(config()).await;
+    let t = now();
+    let newer = sub_event(
+        "evt_newer",
+        "customer.subscription.updated",
+        t - 50,
+        "sub_ooo",
+        "past_due",
+    );
+    let older = sub_event(
+        "evt_older",
+        "customer.subscription.updated",
+        t - 100,
+        "sub_ooo",
+        "active",
+    );
+
+    let (status, json) = server.deliver(&newer).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["outcome"], "applied");
+    assert_eq!(json["event_id"], "evt_newer");
+
+    let (status, json) = server.deliver(&older).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    assert_eq!(json["outcome"], "stale");
+    assert_eq!(json["event_id"], "evt_older");
+
+    let (status, record) = server.get("/subscriptions/sub_ooo").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(record["id"], "sub_ooo");
+    assert_eq!(record["status"], "past_due");
+    assert_eq!(record["customer"], "cus_sub_ooo");
+
+    let (status, access) = server.get("/customers/cus_sub_ooo/access").await;
+    assert_eq!(status, StatusCode::OK);
+    // past_due: allowed during the grace window, never "active".
+    assert_eq!(access["access"], "grace", "{access}");
+    assert_eq!(access["reason"], "past_due_grace", "{access}");
+    assert!(access["valid_until"].is_string(), "{access}");
+
+    // A customer with nothing on record.
+    let (status, access) = server.get("/customers/cus_nobody/access").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(access["access"], "denied");
+    assert_eq!(access["reason"], "no_subscription");
+    assert_eq!(access["valid_until"], Value::Null);
+
+    let counters = server.stats().await;
+    assert_eq!(counters["applied"], 1);
+    assert_eq!(counters["stale"], 1);
+    // The handler runs for the stale event too (its effect is "stale").
+    assert_eq!(counters["handler_effects"], 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_deliveries_are_refused_without_echo() {
+    let mut config = config();
+    config.max_body_bytes = 64 * 1024;
+    let server = start(config).await;
+    let body = sub_event(
+        "evt_secretive_payload",
+        "customer.subscription.created",
+        now(),
+        "sub_bad",
+        "active",
+    );
+
+    // Signed with another secret.
+    let forged = test_header(
+        &WebhookSecret::new("whsec_attacker"),
+        body.as_bytes(),
+        OffsetDateTime::now_utc(),
+    );
+    let response = server
+        .http
+        .post(server.url(PATH))
+        .header("Stripe-Signature", &forged)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "JSON answer"
+    );
+    let text = response.text().await.unwrap();
+    let json: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["error"], "signature_mismatch");
+    assert_eq!(json["retryable"], false);
+    for leaked in [
+        "evt_secretive_payload",
+        "sub_bad",
+        forged.as_str(),
+        "v1=",
+        common::SECRET,
+    ] {
+        assert!(!text.contains(leaked), "answer echoes {leaked:?}: {text}");
+    }
+
+    // A body changed after signing.
+    let header = common::sign(&body, now());
+    let tampered = body.replace("active", "canceled");
+    let (status, json) = server.post_raw(tampered.into_bytes(), Some(&header)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "signature_mismatch");
+
+    // No header.
+    let (status, json) = server.post_raw(body.as_bytes().to_vec(), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "missing_header");
+
+    // A header that is not UTF-8 counts as missing.
+    let response = server
+        .http
+        .post(server.url(PATH))
+        .header(
+            "Stripe-Signature",
+            reqwest::header::HeaderValue::from_bytes(b"t=1,v1=\xff\xfe").unwrap(),
+        )
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let json: Value = response.json().await.unwrap();
+    assert_eq!(json["error"], "missing_header");
+
+    // A malformed header.
+    let (status, json) = server
+        .post_raw(body.as_bytes().to_vec(), Some("v1=abc"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "malformed_header");
+
+    // Correctly signed, but not an event.
+    let junk = r#"{"hello":"world"}"#;
+    let (status, json) = server.deliver(junk).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "parse_error");
+
+    // One byte over the verifier's cap: 413 before anything is hashed.
+    let big = vec![b' '; 64 * 1024 + 1];
+    let header = test_header(&common::secret(), &big, OffsetDateTime::now_utc());
+    let (status, json) = server.post_raw(big, Some(&header)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(json["error"], "body_too_large");
+    assert_eq!(json["retryable"], false);
+
+    // Exactly the cap is read and verified (then fails to parse).
+    let exact = vec![b' '; 64 * 1024];
+    let header = test_header(&common::secret(), &exact, OffsetDateTime::now_utc());
+    let (status, json) = server.post_raw(exact, Some(&header)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(json["error"], "parse_error");
+
+    // Nothing above reached the ledger.
+    let counters = server.stats().await;
+    assert_eq!(counters["applied"], 0);
+    assert_eq!(counters["handler_effects"], 0);
+    assert_eq!(counters["rejected"], 7, "{counters:?}");
+    server.stop().await;
+}
+
+/// A chunked body has no length to check up front: the helper stops
+/// reading as soon as it passes the cap.
+#[tokio::test]
+async fn chunked_body_over_the_cap_is_cut_off() {
+    let mut config = config();
+    config.max_body_bytes = 16 * 1024;
+    let server = start(config).await;
+
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: {}\r\nStripe-Signature: t=1,v1=00\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 4096];
+    for _ in 0..5 {
+        let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+        frame.extend_from_slice(&chunk);
+        frame.extend_from_slice(b"\r\n");
+        if stream.write_all(&frame).await.is_err() {
+            break; // the server may already have answered and closed
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "expected 413, got {answer:?}"
+    );
+    assert!(answer.contains(r#""error":"body_too_large""#), "{answer}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn routes_answer_json() {
+    let server = start(config()).await;
+
+    let (status, json) = server.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["status"], "ok");
+    assert_eq!(json["store"], "memory");
+
+    let (status, json) = server.get("/subscriptions/sub_missing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json["error"], "not_found");
+
+    let (status, json) = server.get("/no/such/route").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json["error"], "not_found");
+
+    // No secret key: reconciliation is not available.
+    let (status, json) = server.post("/reconcile").await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(json["error"], "reconcile_not_configured");
+    assert_eq!(json["retryable"], false);
+
+    // Fresh counters.
+    let counters = server.stats().await;
+    for name in [
+        "received",
+        "applied",
+        "duplicates",
+        "stale",
+        "ignored",
+        "refetches",
+        "failed",
+        "dead",
+        "handler_effects",
+    ] {
+        assert_eq!(counters[name], 0, "{name}");
+    }
+
+    // Processed, duplicate, ignored.
+    let created = sub_event(
+        "evt_route_1",
+        "customer.subscription.created",
+        now() - 10,
+        "sub_route",
+        "trialing",
+    );
+    let (status, json) = server.deliver(&created).await;
+    assert_eq!(
+        (status, json["outcome"].as_str()),
+        (StatusCode::OK, Some("applied"))
+    );
+    let (status, json) = server.deliver(&created).await;
+    assert_eq!(
+        (status, json["outcome"].as_str()),
+        (StatusCode::OK, Some("duplicate"))
+    );
+    let other = common::other_event("evt_route_2", now());
+    let (status, json) = server.deliver(&other).await;
+    assert_eq!(
+        (status, json["outcome"].as_str()),
+        (StatusCode::OK, Some("ignored"))
+    );
+    assert_eq!(json["event_id"], "evt_route_2");
+
+    let (status, json) = server.get("/subscriptions/sub_route").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["status"], "trialing");
+
+    let counters = server.stats().await;
+    assert_eq!(counters["received"], 3);
+    assert_eq!(counters["applied"], 1);
+    assert_eq!(counters["duplicates"], 1);
+    assert_eq!(counters["ignored"], 1);
+    assert_eq!(counters["handler_effects"], 1);
+    assert_eq!(counters["refetches"], 0);
+    assert_eq!(counters["stripe_requests"], Value::Null);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_secrets_from_the_environment() {
+    let env: HashMap<&str, &str> = [
+        ("STRIPE_WEBHOOK_SECRET", "whsec_old, whsec_new"),
+        ("BIND", "127.0.0.1:0"),
+        ("STRIPE_LIVEMODE", "false"),
+    ]
+    .into_iter()
+    .collect();
+    let config = Config::from_lookup(|k| env.get(k).map(|v| (*v).to_owned())).unwrap();
+    assert_eq!(config.webhook_secrets, ["whsec_old", "whsec_new"]);
+    assert_eq!(config.livemode, Some(false));
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("whsec_"), "{debug}");
+
+    let server = start(config).await;
+    let body = sub_event(
+        "evt_rotated",
+        "customer.subscription.created",
+        now(),
+        "sub_rot",
+        "active",
+    );
+    for (i, secret) in ["whsec_new", "whsec_old"].into_iter().enumerate() {
+        let header = test_header(
+            &WebhookSecret::new(secret),
+            body.as_bytes(),
+            OffsetDateTime::now_utc(),
+        );
+        let (status, json) = server
+            .post_raw(body.as_bytes().to_vec(), Some(&header))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{secret}: {json}");
+        assert_eq!(
+            json["outcome"],
+            if i == 0 { "applied" } else { "duplicate" }
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn configuration_errors_are_clear() {
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    };
+    let err = Config::from_lookup(lookup(&[])).unwrap_err();
+    assert!(err.to_string().contains("STRIPE_WEBHOOK_SECRET"), "{err}");
+    let err = Config::from_lookup(lookup(&[("STRIPE_WEBHOOK_SECRET", " , ")])).unwrap_err();
+    assert!(err.to_string().contains("STRIPE_WEBHOOK_SECRET"), "{err}");
+    let err = Config::from_lookup(lookup(&[
+        ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+        ("BIND", "localhost"),
+    ]))
+    .unwrap_err();
+    assert!(err.to_string().contains("BIND"), "{err}");
+
+    let mut config = config();
+    config.database_url = Some("mysql://user:hunter2@db/app".to_owned());
+    let err = server::build_state(&config).await.unwrap_err().to_string();
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    assert!(!err.contains("hunter2"), "the URL is not echoed: {err}");
+
+    let mut config = self::config();
+    config.secret_key = Some("sk_test_x".to_owned());
+    config.api_base = "ftp://example.com".to_owned();
+    let err = server::build_state(&config).await.unwrap_err().to_string();
+    assert!(err.contains("Stripe client"), "{err}");
+    assert!(!err.contains("sk_test_x"), "{err}");
+}
+
+/// The request timeout answers 503 (Stripe retries), but the processor
+/// finishes in its own task: the retry is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_answers_503_and_processing_still_completes() {
+    let mut config = config();
+    config.request_timeout = Duration::from_millis(200);
+    config.handler_delay = Duration::from_millis(800);
+    let server = start(config).await;
+    let body = sub_event(
+        "evt_slow",
+        "customer.subscription.created",
+        now(),
+        "sub_slow",
+        "active",
+    );
+    let (status, json) = server.deliver(&body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json["error"], "timeout");
+    assert_eq!(json["retryable"], true);
+
+    let mut waited = Duration::ZERO;
+    while server.stat("handler_effects").await == 0 {
+        assert!(
+            waited < Duration::from_secs(5),
+            "the handler never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let (status, json) = server.deliver(&body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["outcome"], "duplicate");
+    server.stop().await;
+}
+
+/// SIGTERM-style shutdown while a delivery is in the handler: the delivery
+/// completes with 200, then the server stops and refuses new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let mut config = config();
+    config.handler_delay = Duration::from_millis(500);
+    let server = start(config).await;
+    let body = sub_event(
+        "evt_shutdown",
+        "customer.subscription.created",
+        now(),
+        "sub_shutdown",
+        "active",
+    );
+    let http = server.http.clone();
+    let url = server.url(PATH);
+    let header = common::sign(&body, now());
+    let delivery = tokio::spawn(async move {
+        let response = http
+            .post(url)
+            .header("Stripe-Signature", header)
+            .body(body)
+            .send()
+            .await
+            .expect("in-flight request completes");
+        let status = response.status();
+        (status, response.json::<Value>().await.expect("JSON"))
+    });
+
+    // Wait until the delivery is inside the processor.
+    let mut waited = Duration::ZERO;
+    while server.stat("received").await == 0 {
+        assert!(
+            waited < Duration::from_secs(5),
+            "the delivery never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += Duration::from_millis(10);
+    }
+
+    let base = server.base.clone();
+    server.stop().await;
+
+    let (status, json) = delivery.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["outcome"], "applied");
+    assert_eq!(json["event_id"], "evt_shutdown");
+
+    let after = reqwest::Client::new()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await;
+    assert!(after.is_err(), "the listener is closed after shutdown");
+}
+
+/// `DATABASE_URL=sqlite:…` wires the SQLite store (migrated at start); the
+/// ledger survives a restart.
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_store_from_database_url() {
+    let dir = std::env::temp_dir().join(format!(
+        "swg-server-test-{}-{}",
+        std::process::id(),
+        OffsetDateTime::now_utc().unix_timestamp_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("billing.db");
+    let mut config = config();
+    config.database_url = Some(format!("sqlite://{}", db.display()));
+
+    let body = sub_event(
+        "evt_sqlite",
+        "customer.subscription.created",
+        now(),
+        "sub_sqlite",
+        "active",
+    );
+    let server = start(config.clone()).await;
+    let (status, json) = server.get("/healthz").await;
+    assert_eq!(
+        (status, json["store"].as_str()),
+        (StatusCode::OK, Some("sqlite"))
+    );
+    let (status, json) = server.deliver(&body).await;
+    assert_eq!(
+        (status, json["outcome"].as_str()),
+        (StatusCode::OK, Some("applied"))
+    );
+    server.stop().await;
+
+    // Restarted on the same file: the event is a duplicate, the record is there.
+    let server = start(config).await;
+    let (status, json) = server.deliver(&body).await;
+    assert_eq!(
+        (status, json["outcome"].as_str()),
+        (StatusCode::OK, Some("duplicate"))
+    );
+    let (status, json) = server.get("/subscriptions/sub_sqlite").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["status"], "active");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With `STRIPE_SECRET_KEY` (and `STRIPE_API_BASE` pointing at a local
+/// stand-in for Stripe that lists nothing), `POST /reconcile` runs
+/// catch-up and sweep and answers the report.
+#[tokio::test]
+async fn reconcile_with_a_secret_key_returns_the_report() {
+    use axum::http::Uri;
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let paths = seen.clone();
+    let fake = axum::Router::new().fallback(move |uri: Uri| {
+        let paths = paths.clone();
+        async move {
+            paths.lock().unwrap().push(uri.path().to_owned());
+            axum::Json(serde_json::json!({
+                "object": "list", "data": [], "has_more": false, "url": uri.path()
+            }))
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr = listener.local_addr().unwrap();
+    let fake_task = tokio::spawn(async move { axum::serve(listener, fake).await });
+
+    let mut config = config();
+    config.secret_key = Some("sk_test_local".to_owned());
+    config.api_base = format!("http://{fake_addr}");
+    let server = start(config).await;
+
+    let (status, report) = server.post("/reconcile").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["dry_run"], false);
+    assert_eq!(report["events_seen"], 0);
+    assert_eq!(report["subscriptions_checked"], 0);
+    assert!(report["changes"].as_array().is_some_and(Vec::is_empty));
+    assert!(
+        report["requests"].as_u64().is_some_and(|n| n >= 2),
+        "{report}"
+    );
+
+    let paths = seen.lock().unwrap().clone();
+    assert!(paths.iter().any(|p| p == "/v1/events"), "{paths:?}");
+    assert!(paths.iter().any(|p| p == "/v1/subscriptions"), "{paths:?}");
+    let stripe_requests = server.stat("stripe_requests").await;
+    assert!(stripe_requests >= 2);
+    server.stop().await;
+    fake_task.abort();
+}
