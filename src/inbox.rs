@@ -69,6 +69,8 @@ pub struct InboxConfig {
     pub max_backoff: Duration,
     /// How long a worker sleeps when there is nothing to take.
     pub idle_sleep: Duration,
+    /// Keep the body of processed events (default: dropped once processed).
+    pub keep_payloads: bool,
 }
 
 impl Default for InboxConfig {
@@ -78,6 +80,7 @@ impl Default for InboxConfig {
             base_backoff: Duration::seconds(5),
             max_backoff: Duration::minutes(30),
             idle_sleep: Duration::milliseconds(200),
+            keep_payloads: false,
         }
     }
 }
@@ -239,7 +242,12 @@ impl Worker {
             };
             match p.run_claimed(&event, Some(&item.payload), item.lease).await {
                 Ok(Outcome::DeadLettered { .. }) => stats.dead += 1,
-                Ok(_) => stats.processed += 1,
+                Ok(_) => {
+                    stats.processed += 1;
+                    if inbox.config.keep_payloads {
+                        inbox.store.keep_payload(&key, &item.payload).await?;
+                    }
+                }
                 Err(_) => {
                     stats.retried += 1;
                     let at = p.clock().now() + self.backoff(attempt);

@@ -139,3 +139,40 @@ async fn four_workers_ten_thousand_deliveries() {
         queued
     );
 }
+
+#[tokio::test]
+async fn bodies_are_dropped_unless_kept() {
+    for keep in [false, true] {
+        let clock = ManualClock::at_unix(common::world::START);
+        let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+        let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+            .store(store.clone())
+            .clock(Arc::new(clock.clone()))
+            .build();
+        let inbox = Inbox::new(processor, store.clone()).config(InboxConfig {
+            keep_payloads: keep,
+            ..InboxConfig::default()
+        });
+        let body = common::sub_event(
+            "evt_keep",
+            "customer.subscription.updated",
+            common::world::START,
+            "sub_k",
+            "active",
+        );
+        let header = common::sign(&body, common::world::START);
+        assert!(matches!(
+            inbox.receive(body.as_bytes(), Some(&header)).await.unwrap(),
+            Receipt::Queued { .. }
+        ));
+        let key = EventKey::new("evt_keep", None);
+        assert_eq!(
+            store.get(&key).await.unwrap().unwrap().payload.as_deref(),
+            Some(body.as_str())
+        );
+        inbox.worker().run_until_idle().await.unwrap();
+        let entry = store.get(&key).await.unwrap().unwrap();
+        assert_eq!(entry.state, LedgerState::Processed);
+        assert_eq!(entry.payload.is_some(), keep);
+    }
+}

@@ -807,6 +807,20 @@ pub async fn inbox_orders_and_serializes<S: InboxStore + ?Sized>(store: &S, cloc
         store.complete(&item.lease).await.unwrap();
     }
     assert_eq!(store.backlog().await.unwrap(), 0);
+    // Completion dropped the body; an application may ask to keep it.
+    let done_key = reqs[0].claim.key.clone();
+    assert_eq!(store.get(&done_key).await.unwrap().unwrap().payload, None);
+    store.keep_payload(&done_key, "kept").await.unwrap();
+    assert_eq!(
+        store
+            .get(&done_key)
+            .await
+            .unwrap()
+            .unwrap()
+            .payload
+            .as_deref(),
+        Some("kept")
+    );
     // A webhook redelivery of a queued-and-done event is a duplicate.
     assert_eq!(
         store.claim(&reqs[0].claim).await.unwrap(),

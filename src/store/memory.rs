@@ -571,6 +571,15 @@ impl InboxStore for MemoryStore {
         Ok(())
     }
 
+    async fn keep_payload(&self, key: &EventKey, payload: &str) -> Result<(), StoreError> {
+        if let Some(e) = self.lock().ledger.get_mut(key)
+            && e.state == LedgerState::Processed
+        {
+            e.payload = Some(payload.to_owned());
+        }
+        Ok(())
+    }
+
     async fn backlog(&self) -> Result<u64, StoreError> {
         let inner = self.lock();
         Ok(inner

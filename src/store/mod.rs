@@ -395,6 +395,15 @@ pub trait InboxStore: EventLedger {
     /// [`StoreError`] when the store fails.
     async fn retry_at(&self, key: &EventKey, at: OffsetDateTime) -> Result<(), StoreError>;
 
+    /// Stores `payload` again on a processed entry (completion drops it): for
+    /// applications that ask inbox mode to keep processed bodies. Entries in
+    /// other states are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    async fn keep_payload(&self, key: &EventKey, payload: &str) -> Result<(), StoreError>;
+
     /// Number of events not yet settled (pending, processing, failed).
     ///
     /// # Errors

@@ -297,6 +297,8 @@ const TRY_LOCK_SUBSCRIPTION: &str = "SELECT pg_try_advisory_xact_lock(hashtextex
 const RETRY_AT: &str =
     "UPDATE {s}.ledger SET available_at = $3 WHERE event_id = $1 AND account = $2";
 
+const KEEP_PAYLOAD: &str = "UPDATE {s}.ledger SET payload = $3 WHERE event_id = $1 AND account = $2 AND state = 'processed'";
+
 const BACKLOG: &str =
     "SELECT count(*) FROM {s}.ledger WHERE state IN ('pending', 'processing', 'failed')";
 
@@ -354,6 +356,7 @@ struct Statements {
     enqueue: Arc<str>,
     take: Arc<str>,
     retry_at: Arc<str>,
+    keep_payload: Arc<str>,
     backlog: Arc<str>,
     sub_load: Arc<str>,
     sub_insert: Arc<str>,
@@ -388,6 +391,7 @@ impl Statements {
             enqueue: r(ENQUEUE),
             take: r(TAKE),
             retry_at: r(RETRY_AT),
+            keep_payload: r(KEEP_PAYLOAD),
             backlog: r(BACKLOG),
             sub_load: r(SUB_LOAD),
             sub_insert: r(SUB_INSERT),
@@ -1433,6 +1437,19 @@ impl InboxStore for PgStore {
                 .bind(&key.event_id)
                 .bind(account_of(key))
                 .bind(at)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn keep_payload(&self, key: &EventKey, payload: &str) -> Result<(), StoreError> {
+        run("keep_payload", || async {
+            q(&self.sql.keep_payload)
+                .bind(&key.event_id)
+                .bind(account_of(key))
+                .bind(payload)
                 .execute(&self.pool)
                 .await?;
             Ok(())

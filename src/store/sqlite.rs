@@ -280,6 +280,8 @@ const TAKE: &str = concat!(
 const RETRY_AT: &str =
     "UPDATE \"{p}ledger\" SET available_at = $3 WHERE event_id = $1 AND account = $2";
 
+const KEEP_PAYLOAD: &str = "UPDATE \"{p}ledger\" SET payload = $3 WHERE event_id = $1 AND account = $2 AND state = 'processed'";
+
 const BACKLOG: &str =
     "SELECT count(*) FROM \"{p}ledger\" WHERE state IN ('pending', 'processing', 'failed')";
 
@@ -353,6 +355,7 @@ struct Statements {
     enqueue: Arc<str>,
     take: Arc<str>,
     retry_at: Arc<str>,
+    keep_payload: Arc<str>,
     backlog: Arc<str>,
     sub_load: Arc<str>,
     sub_insert: Arc<str>,
@@ -387,6 +390,7 @@ impl Statements {
             enqueue: r(ENQUEUE),
             take: r(TAKE),
             retry_at: r(RETRY_AT),
+            keep_payload: r(KEEP_PAYLOAD),
             backlog: r(BACKLOG),
             sub_load: r(SUB_LOAD),
             sub_insert: r(SUB_INSERT),
@@ -1419,6 +1423,19 @@ impl InboxStore for SqliteStore {
                 .bind(&key.event_id)
                 .bind(account_of(key))
                 .bind(to_us(at))
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn keep_payload(&self, key: &EventKey, payload: &str) -> Result<(), StoreError> {
+        run("keep_payload", || async {
+            q(&self.sql.keep_payload)
+                .bind(&key.event_id)
+                .bind(account_of(key))
+                .bind(payload)
                 .execute(&self.pool)
                 .await?;
             Ok(())

@@ -1,0 +1,104 @@
+//! Access never grows as time passes, for any record.
+
+use proptest::prelude::*;
+use stripe_webhook_guard::access::{Access, AccessPolicy};
+use stripe_webhook_guard::event::{PauseCollection, SubscriptionStatus};
+use stripe_webhook_guard::subscription::{SubscriptionRecord, TieRank, Watermark, WatermarkSource};
+use time::{Duration, OffsetDateTime};
+
+const T0: i64 = 1_700_000_000;
+
+fn status() -> impl Strategy<Value = SubscriptionStatus> {
+    prop_oneof![
+        Just(SubscriptionStatus::Incomplete),
+        Just(SubscriptionStatus::IncompleteExpired),
+        Just(SubscriptionStatus::Trialing),
+        Just(SubscriptionStatus::Active),
+        Just(SubscriptionStatus::PastDue),
+        Just(SubscriptionStatus::Unpaid),
+        Just(SubscriptionStatus::Paused),
+        Just(SubscriptionStatus::Canceled),
+        Just(SubscriptionStatus::Unknown("frozen".into())),
+    ]
+}
+
+fn opt_time() -> impl Strategy<Value = Option<i64>> {
+    prop::option::of(T0 - 60 * 86_400..T0 + 60 * 86_400)
+}
+
+prop_compose! {
+    fn record()(status in status(), snapshot in any::<bool>(),
+                period_end in opt_time(), trial_end in opt_time(), cancel_at in opt_time(),
+                cancel_at_period_end in any::<bool>(), paused in any::<bool>(),
+                paid_through in opt_time(), last_paid in opt_time(), failed in opt_time(),
+                verified in opt_time(), seen in T0 - 60 * 86_400..T0 + 60 * 86_400) -> SubscriptionRecord {
+        let mut r = SubscriptionRecord::new("sub_p");
+        r.status = status;
+        r.current_period_end = period_end;
+        r.current_period_start = period_end.map(|e| e - 30 * 86_400);
+        r.trial_end = trial_end;
+        r.cancel_at = cancel_at;
+        r.cancel_at_period_end = cancel_at_period_end;
+        r.pause_collection = paused.then(|| PauseCollection { behavior: Some("void".into()), resumes_at: None });
+        r.paid_through = paid_through;
+        r.last_paid_at = last_paid;
+        r.last_payment_failed_at = failed;
+        r.last_verified_with_stripe = verified.and_then(|v| OffsetDateTime::from_unix_timestamp(v).ok());
+        if snapshot {
+            r.watermark = Some(Watermark {
+                created: seen,
+                event_id: "evt_p".into(),
+                rank: TieRank { terminal: false, period_end: period_end.unwrap_or(i64::MIN), phase: 1 },
+                source: WatermarkSource::Event,
+            });
+        }
+        r
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn access_never_increases_with_time(r in record(), start in T0 - 90 * 86_400..T0 + 90 * 86_400,
+                                        steps in proptest::collection::vec(1i64..10 * 86_400, 1..12),
+                                        windows in (0i64..10, 0i64..10, 0i64..10, 0i64..10)) {
+        let policy = AccessPolicy {
+            past_due_grace: Duration::days(windows.0),
+            renewal_grace: Duration::days(windows.1),
+            stale_grace: Duration::days(windows.2),
+            pending_grace: Duration::days(windows.3),
+        };
+        let mut t = start;
+        let mut last = policy.decide(&r, OffsetDateTime::from_unix_timestamp(t).unwrap());
+        for step in steps {
+            t += step;
+            let now = OffsetDateTime::from_unix_timestamp(t).unwrap();
+            let d = policy.decide(&r, now);
+            prop_assert!(d.access <= last.access, "{:?} at {} after {:?}", d, t, last);
+            // valid_until is an exclusive bound in the future.
+            if let Some(until) = d.valid_until {
+                prop_assert!(until > now, "{:?} at {}", d, t);
+            }
+            if d.access == Access::Denied {
+                prop_assert!(d.valid_until.is_none());
+            }
+            last = d;
+        }
+    }
+
+    /// At `valid_until` the answer changes (it is the first instant it no
+    /// longer holds) to something no better.
+    #[test]
+    fn valid_until_is_where_the_answer_ends(r in record(), t in T0 - 90 * 86_400..T0 + 90 * 86_400) {
+        let policy = AccessPolicy::default();
+        let now = OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let d = policy.decide(&r, now);
+        if let Some(until) = d.valid_until {
+            let before = policy.decide(&r, until - Duration::SECOND);
+            prop_assert_eq!(before, d);
+            let after = policy.decide(&r, until);
+            prop_assert!(after != d && after.access <= d.access, "{:?} then {:?}", d, after);
+        }
+    }
+}
