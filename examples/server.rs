@@ -484,7 +484,8 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
 
     let reconcile = budget.map(|budget| {
         Arc::new(ReconcileJob {
-            reconciler: Reconciler::new(processor.clone(), stores.cursors, budget.clone()),
+            reconciler: Reconciler::new(processor.clone(), stores.cursors, budget.clone())
+                .with_shared_budget(budget.clone()),
             budget,
             running: Arc::new(tokio::sync::Mutex::new(())),
         })
@@ -654,15 +655,12 @@ async fn reconcile(State(state): State<AppState>) -> Response {
     // Own task: a client that gives up does not stop a run half-way.
     let task = tokio::spawn(async move {
         let _guard = guard;
-        let before = job.budget.requests();
-        let result = job.reconciler.run(SweepScope::All).await;
-        (result, job.budget.requests().saturating_sub(before))
+        // The budget is shared with webhook refetches, so the report's
+        // request count includes any made meanwhile.
+        job.reconciler.run(SweepScope::All).await
     });
     match task.await {
-        Ok((Ok(mut report), requests)) => {
-            // The budget is shared with webhook refetches, so this count
-            // includes any made meanwhile.
-            report.requests = report.requests.max(requests);
+        Ok(Ok(report)) => {
             tracing::info!(
                 events_seen = report.events_seen,
                 events_processed = report.events_processed,
@@ -673,7 +671,7 @@ async fn reconcile(State(state): State<AppState>) -> Response {
             );
             Json(report).into_response()
         }
-        Ok((Err(e), _)) => {
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "reconciliation failed");
             let (status, label) = match &e {
                 ReconcileError::Client(_) => (StatusCode::BAD_GATEWAY, "stripe_api_error"),

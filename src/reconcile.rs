@@ -640,6 +640,17 @@ impl Reconciler {
         self
     }
 
+    /// Uses a [`RequestBudget`] shared with other users of the API (the
+    /// processor's refetches, say) as the client. The report's `requests` and
+    /// `rate_limited` are then the budget's counts during the run, which
+    /// include those other users' requests made meanwhile.
+    #[must_use]
+    pub fn with_shared_budget(mut self, budget: Arc<RequestBudget>) -> Self {
+        self.client = budget.clone();
+        self.budget = Some(budget);
+        self
+    }
+
     /// The notifier.
     #[must_use]
     pub fn notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
