@@ -20,7 +20,7 @@ use serde::Serialize;
 use time::Duration;
 
 use crate::event::Event;
-use crate::ledger::{ClaimRequest, EventKey, Failure, Fingerprint, IgnoreRequest, LedgerState};
+use crate::ledger::{ClaimRequest, Failure, IgnoreRequest, LedgerState};
 use crate::processor::{Error, IgnoreReason, Outcome, WebhookProcessor};
 use crate::store::{EnqueueOutcome, InboxRequest, InboxStore, StoreError};
 use crate::subscription;
@@ -138,13 +138,7 @@ impl Inbox {
         };
         if let Some(reason) = self.processor.filter_reason(&event) {
             self.store
-                .ignore(&IgnoreRequest {
-                    key: EventKey::of(&event),
-                    event_type: event.event_type().as_str().to_owned(),
-                    event_created: event.created(),
-                    fingerprint: Fingerprint::of(&event),
-                    reason: reason.as_str().to_owned(),
-                })
+                .ignore(&IgnoreRequest::for_event(&event, reason.as_str()))
                 .await
                 .map_err(store_err)?;
             return Ok(Receipt::Ignored { event_id, reason });

@@ -478,6 +478,19 @@ pub struct IgnoreRequest {
     pub reason: String,
 }
 
+impl IgnoreRequest {
+    /// A request to record `event` as ignored for `reason`.
+    pub fn for_event(event: &Event, reason: &str) -> Self {
+        Self {
+            key: EventKey::of(event),
+            event_type: event.event_type().as_str().to_owned(),
+            event_created: event.created(),
+            fingerprint: Fingerprint::of(event),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// Which entries to list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerQuery {

@@ -42,8 +42,7 @@ use crate::client::{ClientError, StripeClient};
 use crate::clock::{Clock, SystemClock};
 use crate::event::{Event, EventType, ParseError, SubscriptionStatus};
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreRequest, Lease,
-    LedgerState,
+    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreRequest, Lease, LedgerState,
 };
 use crate::signature::{Verifier, VerifyError};
 use crate::store::{EventLedger, MemoryStore, StoreError, StoreErrorKind, SubscriptionStore};
@@ -804,13 +803,7 @@ impl WebhookProcessor {
             let state = self
                 .inner
                 .ledger
-                .ignore(&IgnoreRequest {
-                    key: EventKey::of(event),
-                    event_type: event.event_type().as_str().to_owned(),
-                    event_created: event.created(),
-                    fingerprint: Fingerprint::of(event),
-                    reason: reason.as_str().to_owned(),
-                })
+                .ignore(&IgnoreRequest::for_event(event, reason.as_str()))
                 .await
                 .map_err(store_err)?;
             if state == LedgerState::Ignored {
