@@ -573,17 +573,28 @@ impl Event {
             );
         }
         let head = serde_json::Value::Object(out).to_string();
-        let Some(object) = &self.object else {
+        let members: Vec<(&str, &RawValue)> = [
+            ("object", self.object.as_deref()),
+            ("previous_attributes", self.previous_attributes.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+        if members.is_empty() {
             return head;
-        };
-        // Splice the raw object in without re-encoding it.
+        }
+        // Splice the raw JSON in without re-encoding it.
         let mut text = head;
         text.pop(); // the closing brace
-        text.push_str(r#","data":{"object":"#);
-        text.push_str(object.get());
-        if let Some(prev) = &self.previous_attributes {
-            text.push_str(r#","previous_attributes":"#);
-            text.push_str(prev.get());
+        text.push_str(r#","data":{"#);
+        for (i, (key, value)) in members.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push('"');
+            text.push_str(key);
+            text.push_str("\":");
+            text.push_str(value.get());
         }
         text.push_str("}}");
         text
@@ -1690,6 +1701,9 @@ mod tests {
             "data":{"object":{"id":"sub_1","object":"subscription","status":"active"},
                     "previous_attributes":{"status":"past_due"}}}"#,
             r#"{"id":"evt_2","type":"charge.refunded","created":1,"data":{"object":{"a":[1,2]}}}"#,
+            // Found by fuzzing: a thin event with previous attributes only.
+            r#"{"id":"evt_4","object":"v2.core.event","type":"invoiceitem.updated","created":1,
+            "data":{"previous_attributes":{"invoice":null}}}"#,
             r#"{"id":"evt_3","object":"v2.core.event","type":"v1.customer.subscription.updated",
             "created":"2024-09-17T06:20:52Z","livemode":false,
             "related_object":{"id":"sub_1","type":"subscription","url":"/v1/subscriptions/sub_1"}}"#,
