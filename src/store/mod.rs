@@ -25,6 +25,9 @@ use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 mod memory;
 pub use memory::MemoryStore;
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]

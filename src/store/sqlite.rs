@@ -430,42 +430,10 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
-/// Why an operation stopped: a driver error (classified, maybe retried) or a
-/// decided store error.
-enum Fail {
-    Db(sqlx::Error),
-    Store(StoreError),
-}
-
-impl From<sqlx::Error> for Fail {
-    fn from(e: sqlx::Error) -> Self {
-        Fail::Db(e)
-    }
-}
-
-impl From<StoreError> for Fail {
-    fn from(e: StoreError) -> Self {
-        Fail::Store(e)
-    }
-}
+use super::sql::{Fail, lease_lost, not_found, other};
 
 fn corrupt(what: &str) -> Fail {
-    Fail::Store(StoreError::new(
-        StoreErrorKind::Corrupt,
-        format!("sqlite: stored {what} is invalid"),
-    ))
-}
-
-fn other(message: impl Into<String>) -> Fail {
-    Fail::Store(StoreError::new(StoreErrorKind::Other, message))
-}
-
-fn lease_lost(e: crate::ledger::FenceError) -> Fail {
-    Fail::Store(StoreError::new(StoreErrorKind::LeaseLost, e.to_string()))
-}
-
-fn not_found() -> Fail {
-    Fail::Store(StoreError::new(StoreErrorKind::NotFound, "no ledger entry"))
+    super::sql::corrupt("sqlite", what)
 }
 
 /// SQLite's result code and message only.
