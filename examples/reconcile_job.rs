@@ -59,8 +59,9 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     };
     let once = std::env::args().any(|a| a == "--once");
+    // The budget below retries; the HTTP client itself does not.
     let http = match HttpStripeClient::new(&key) {
-        Ok(c) => c,
+        Ok(c) => c.max_retries(0),
         Err(e) => {
             eprintln!("cannot build the Stripe client: {e}");
             return std::process::ExitCode::from(2);
@@ -78,7 +79,8 @@ async fn main() -> std::process::ExitCode {
         .store(store.clone())
         .client(budget.clone())
         .build();
-    let reconciler = Reconciler::new(processor, store, budget)
+    let reconciler = Reconciler::new(processor, store, budget.clone())
+        .with_shared_budget(budget)
         .notifier(Arc::new(EmailNotifier))
         .config(ReconcileConfig {
             lookback: Duration::days(3),

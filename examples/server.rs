@@ -17,6 +17,7 @@
 //! | `DATABASE_URL` | unset: in-memory store; `postgres://…` (feature `postgres`) or `sqlite:path` (feature `sqlite`), migrated at start |
 //! | `BIND` | default `127.0.0.1:4242` |
 //! | `REQUEST_TIMEOUT_SECS` | default 20: answer 503 (Stripe retries) rather than hang |
+//! | `ADMIN_TOKEN` | optional; when set, `/subscriptions`, `/customers`, `/reconcile` and `/stats` require `Authorization: Bearer <token>` (set it, or keep those routes off the public network: they reveal customers' state and `/reconcile` spends the Stripe rate limit) |
 //! | `DEMO_HANDLER_DELAY_MS` | default 0: make the demo handler slow, to watch in-flight and shutdown behaviour |
 //! | `RUST_LOG` | default `info` |
 //!
@@ -102,6 +103,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How long the demo handler pretends to work.
     pub handler_delay: Duration,
+    /// When set, every route but the webhook and `/healthz` requires
+    /// `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -142,6 +146,7 @@ impl Config {
             reconcile_timeout: Duration::from_secs(600),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             handler_delay: Duration::ZERO,
+            admin_token: None,
         }
     }
 
@@ -208,6 +213,7 @@ impl Config {
                     })?,
             );
         }
+        config.admin_token = get("ADMIN_TOKEN").map(|t| t.trim().to_owned());
         if let Some(ms) = get("DEMO_HANDLER_DELAY_MS") {
             config.handler_delay = Duration::from_millis(
                 ms.trim()
@@ -467,8 +473,10 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
     // under Stripe's rate limit.
     let budget = match &config.secret_key {
         Some(key) => {
+            // The budget retries (with pacing); the HTTP client does not.
             let http = HttpStripeClient::new(key)
                 .and_then(|c| c.base_url(&config.api_base))
+                .map(|c| c.max_retries(0))
                 .map_err(|e| StartError::new(format!("Stripe client: {e}")))?;
             let budget = Arc::new(RequestBudget::new(
                 Arc::new(http),
@@ -509,12 +517,11 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
 pub fn router(state: AppState, config: &Config) -> Router {
     let body_limit = state.processor.verifier().body_limit();
     let reconcile_timeout = config.reconcile_timeout;
-    Router::new()
-        .route(stripe_axum::DEFAULT_PATH, post(stripe_axum::webhook))
+    let admin = Arc::new(config.admin_token.clone());
+    let admin_routes = Router::new()
         .route("/subscriptions/{id}", get(subscription))
         .route("/customers/{id}/access", get(customer_access))
         .route("/stats", get(stats))
-        .route("/healthz", get(healthz))
         .layer(middleware::from_fn_with_state(
             config.request_timeout,
             timeout,
@@ -524,11 +531,44 @@ pub fn router(state: AppState, config: &Config) -> Router {
             "/reconcile",
             post(reconcile).layer(middleware::from_fn_with_state(reconcile_timeout, timeout)),
         )
+        .layer(middleware::from_fn_with_state(admin, require_admin));
+    Router::new()
+        .route(stripe_axum::DEFAULT_PATH, post(stripe_axum::webhook))
+        .route("/healthz", get(healthz))
+        .layer(middleware::from_fn_with_state(
+            config.request_timeout,
+            timeout,
+        ))
+        .merge(admin_routes)
         .fallback(not_found)
         // The webhook helper enforces the verifier's cap itself; this covers
         // every other route.
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// With an admin token configured, refuses requests without
+/// `Authorization: Bearer <token>` (compared in constant time).
+async fn require_admin(
+    State(token): State<Arc<Option<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let Some(token) = token.as_deref() else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        next.run(request).await
+    } else {
+        json_error(StatusCode::UNAUTHORIZED, "unauthorized", false, "")
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight

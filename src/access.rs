@@ -10,12 +10,13 @@
 //!
 //! | record | decision |
 //! |---|---|
-//! | `active` | granted while `now < current_period_end` |
+//! | `active` | granted while `now < max(current_period_end, paid_through)` |
 //! | `active`, `cancel_at_period_end` or `cancel_at` | granted until that end, then denied (scheduled; no grace) |
-//! | `active`, `pause_collection` set | granted until the period end, then denied (no renewal will be paid) |
+//! | `active`, `pause_collection` set | as `active` (Stripe keeps the status and the periods; the service continues unpaid), reason `collection_paused` |
 //! | `active`, period over | grace for [`AccessPolicy::renewal_grace`] (the renewal is usually on its way), then denied |
-//! | `trialing` | granted while `now < trial_end`, then as a period that ended |
-//! | `past_due` | grace for [`AccessPolicy::past_due_grace`] after the failed payment, then denied |
+//! | `trialing` | granted while `now < max(trial_end, paid_through)`, then as a period that ended |
+//! | `past_due` | grace for [`AccessPolicy::past_due_grace`] after the first failed payment of the dunning cycle, then denied |
+//! | `incomplete` with a paid invoice covering `now` | grace until that invoice's period ends |
 //! | `unpaid`, `incomplete`, `incomplete_expired`, `canceled`, `paused` | denied, with the status as the reason |
 //! | an unknown status | denied, unless a paid invoice covers `now` (grace) |
 //! | no snapshot yet, but a payment seen | grace for [`AccessPolicy::pending_grace`] after the payment |
@@ -241,7 +242,16 @@ impl AccessPolicy {
             S::Canceled => AccessDecision::denied(AccessReason::Canceled),
             S::IncompleteExpired => AccessDecision::denied(AccessReason::Expired),
             S::Unpaid => AccessDecision::denied(AccessReason::Unpaid),
-            S::Incomplete => AccessDecision::denied(AccessReason::Incomplete),
+            S::Incomplete => match record.paid_through {
+                // The first invoice was paid, the subscription's own update
+                // not seen yet.
+                Some(end) if t < end => AccessDecision::new(
+                    Access::Grace,
+                    AccessReason::AwaitingSubscription,
+                    Some(end),
+                ),
+                _ => AccessDecision::denied(AccessReason::Incomplete),
+            },
             S::Paused => AccessDecision::denied(AccessReason::Paused),
             S::Unknown(_) => match record.paid_through {
                 Some(end) if t < end => {
@@ -249,21 +259,27 @@ impl AccessPolicy {
                 }
                 _ => AccessDecision::denied(AccessReason::UnknownStatus),
             },
+            // A paid invoice that reaches further than the period we know of
+            // (the renewal's own update was lost or is late) counts.
             S::Active => {
-                let end = record.current_period_end.or(record.paid_through);
+                let end = later(record.current_period_end, record.paid_through);
                 self.time_limited(record, t, end, AccessReason::Active)
             }
             S::Trialing => {
-                let end = record.trial_end.or(record.current_period_end);
+                let end = later(
+                    record.trial_end.or(record.current_period_end),
+                    record.paid_through,
+                );
                 self.time_limited(record, t, end, AccessReason::Trialing)
             }
             S::PastDue => {
-                let failed = record
-                    .last_payment_failed_at
-                    .filter(|f| record.last_paid_at.is_none_or(|p| *f > p));
-                let start = failed
-                    .or(record.watermark.as_ref().map(|w| w.created))
-                    .or(record.current_period_start);
+                // The dunning clock starts at the first failure after the
+                // last payment; without one, at the period's start (a
+                // renewal's payment fails when the period starts).
+                let start = record
+                    .dunning_since()
+                    .or(record.current_period_start)
+                    .or(record.watermark.as_ref().map(|w| w.created));
                 let Some(start) = start else {
                     return AccessDecision::denied(AccessReason::PaymentFailed);
                 };
@@ -318,9 +334,6 @@ impl AccessPolicy {
         let (end, ending) = match (scheduled, period_end) {
             (Some(s), Some(p)) if s <= p => (Some(s), Ending::Scheduled(AccessReason::Canceled)),
             (Some(s), None) => (Some(s), Ending::Scheduled(AccessReason::Canceled)),
-            (_, p) if record.pause_collection.is_some() => {
-                (p, Ending::Scheduled(AccessReason::PeriodEnded))
-            }
             (_, p) => (p, Ending::Renewal),
         };
         let Some(end) = end else {
@@ -329,8 +342,12 @@ impl AccessPolicy {
         };
         if t < end {
             let shown = match ending {
-                Ending::Scheduled(AccessReason::Canceled) => AccessReason::CancelScheduled,
-                Ending::Scheduled(_) => AccessReason::CollectionPaused,
+                Ending::Scheduled(_) => AccessReason::CancelScheduled,
+                // Paused collection: Stripe keeps the status and the periods;
+                // the merchant offers the service without charging.
+                Ending::Renewal if record.pause_collection.is_some() => {
+                    AccessReason::CollectionPaused
+                }
                 Ending::Renewal => reason,
             };
             return AccessDecision::new(Access::Granted, shown, Some(end));
@@ -431,6 +448,13 @@ impl AccessPolicy {
 /// `lookup_key` (false when none were reported).
 pub fn has_feature(entitlements: Option<&CustomerEntitlements>, lookup_key: &str) -> bool {
     entitlements.is_some_and(|e| e.has(lookup_key))
+}
+
+fn later(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn verified_since(record: &SubscriptionRecord, boundary: i64) -> bool {
@@ -552,7 +576,8 @@ mod tests {
                 },
                 vec![
                     (T0 - 1, (Granted, R::CollectionPaused, Some(T0))),
-                    (T0, (Denied, R::PeriodEnded, None)),
+                    (T0, (Grace, R::RenewalPending, Some(T0 + 3 * DAY))),
+                    (T0 + 3 * DAY, (Denied, R::PeriodEnded, None)),
                 ],
             ),
             (
@@ -568,7 +593,7 @@ mod tests {
                 "past_due from the failure",
                 {
                     let mut r = verified_late(record(S::PastDue));
-                    r.last_payment_failed_at = Some(T0);
+                    r.payment_failures = vec![T0, T0 + DAY];
                     r
                 },
                 vec![
@@ -585,7 +610,7 @@ mod tests {
                 "past_due, unverified",
                 {
                     let mut r = record(S::PastDue);
-                    r.last_payment_failed_at = Some(T0);
+                    r.payment_failures = vec![T0];
                     r
                 },
                 vec![
@@ -607,6 +632,34 @@ mod tests {
                 vec![
                     (T0 - 1, (Denied, R::Incomplete, None)),
                     (T0 + 1, (Denied, R::Incomplete, None)),
+                ],
+            ),
+            (
+                "incomplete with its first invoice paid",
+                {
+                    let mut r = record(S::Incomplete);
+                    r.paid_through = Some(T0);
+                    r
+                },
+                vec![
+                    (T0 - 1, (Grace, R::AwaitingSubscription, Some(T0))),
+                    (T0, (Denied, R::Incomplete, None)),
+                ],
+            ),
+            (
+                "active, renewal paid but its update lost",
+                {
+                    let mut r = verified_late(record(S::Active));
+                    r.paid_through = Some(T0 + 30 * DAY);
+                    r
+                },
+                vec![
+                    (T0, (Granted, R::Active, Some(T0 + 30 * DAY))),
+                    (T0 + 30 * DAY - 1, (Granted, R::Active, Some(T0 + 30 * DAY))),
+                    (
+                        T0 + 30 * DAY,
+                        (Grace, R::RenewalPending, Some(T0 + 33 * DAY)),
+                    ),
                 ],
             ),
             (

@@ -23,8 +23,9 @@ pub trait Clock: Send + Sync + fmt::Debug {
 }
 
 /// The system clock (UTC). Sleeps use tokio's timer with the `tokio` feature
-/// (or any feature that enables tokio) and a small thread timer otherwise, so
-/// the core stays runtime-agnostic.
+/// (which `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` enable;
+/// sleeping then needs a tokio runtime), and a small thread timer otherwise,
+/// so the core stays runtime-agnostic.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 

@@ -103,9 +103,19 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    /// An inbox over `store`, processing with `processor`. The processor's
-    /// ledger must be the same store (events are claimed in it).
+    /// An inbox over `store`, processing with `processor`.
+    ///
+    /// # Panics
+    ///
+    /// When `store` is not the processor's ledger: workers take events from
+    /// `store` and complete them through the processor, so two different
+    /// stores would leave every event claimed and never completed.
     pub fn new(processor: WebhookProcessor, store: Arc<dyn InboxStore>) -> Self {
+        let same = std::ptr::addr_eq(Arc::as_ptr(&store), Arc::as_ptr(processor.ledger()));
+        assert!(
+            same,
+            "Inbox::new: the inbox store must be the processor's ledger (build the processor with .store(same_store))"
+        );
         Self {
             processor,
             store,
@@ -198,7 +208,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Takes one batch and processes it.
+    /// Takes one batch and processes it, item after item; an item whose
+    /// lease ran out before its turn is left for the next round.
     ///
     /// # Errors
     ///
@@ -218,6 +229,11 @@ impl Worker {
         for item in items {
             let key = item.lease.key.clone();
             let attempt = item.lease.attempt;
+            if p.clock().now() >= item.lease.expires_at {
+                // The batch took longer than this item's lease; another
+                // worker may have it now. Leave it to whoever holds it.
+                continue;
+            }
             let event = match Event::from_bytes(item.payload.as_bytes()) {
                 Ok(e) => e,
                 Err(e) => {
@@ -239,13 +255,17 @@ impl Worker {
                 Ok(_) => {
                     stats.processed += 1;
                     if inbox.config.keep_payloads {
-                        inbox.store.keep_payload(&key, &item.payload).await?;
+                        // The event is processed either way; a lost copy of
+                        // its body must not abort the rest of the batch.
+                        let _ = inbox.store.keep_payload(&key, &item.payload).await;
                     }
                 }
                 Err(_) => {
                     stats.retried += 1;
                     let at = p.clock().now() + self.backoff(attempt);
-                    inbox.store.retry_at(&key, at).await?;
+                    // Without the back-off time the event is simply due at
+                    // once; the rest of the batch still runs.
+                    let _ = inbox.store.retry_at(&key, at).await;
                 }
             }
         }

@@ -221,8 +221,9 @@ pub struct Lease {
     pub expires_at: OffsetDateTime,
 }
 
-/// One event's ledger entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One event's ledger entry. Its `Debug` shows the payload's length, not
+/// the payload.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// The key.
     pub key: EventKey,
@@ -261,6 +262,28 @@ pub struct LedgerEntry {
     /// Last change.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+impl fmt::Debug for LedgerEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LedgerEntry")
+            .field("key", &self.key)
+            .field("event_type", &self.event_type)
+            .field("event_created", &self.event_created)
+            .field("fingerprint", &self.fingerprint)
+            .field("state", &self.state)
+            .field("attempts", &self.attempts)
+            .field("lease_token", &self.lease_token)
+            .field("lease_expires_at", &self.lease_expires_at)
+            .field("last_error", &self.last_error)
+            .field("ignore_reason", &self.ignore_reason)
+            .field("payload_len", &self.payload.as_ref().map(String::len))
+            .field("subscription_id", &self.subscription_id)
+            .field("available_at", &self.available_at)
+            .field("first_seen_at", &self.first_seen_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 /// What a claim should do, given the current entry. Rules 1, 2, 4, 5.
@@ -435,8 +458,8 @@ pub enum ClaimOutcome {
     },
 }
 
-/// A failed attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A failed attempt. Its `Debug` shows the payload's length only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Failure {
     /// What went wrong (never a body or a secret).
     pub error: String,
@@ -446,6 +469,17 @@ pub struct Failure {
     pub max_attempts: u32,
     /// The raw payload, kept for replay.
     pub payload: Option<String>,
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Failure")
+            .field("error", &self.error)
+            .field("retryable", &self.retryable)
+            .field("max_attempts", &self.max_attempts)
+            .field("payload_len", &self.payload.as_ref().map(String::len))
+            .finish()
+    }
 }
 
 /// The state a failure left the event in.

@@ -185,7 +185,7 @@
 //! | `axum` | `integrations::axum`: the webhook route |
 //! | `test-util` | `client::fake::FakeStripe`, `sim::Simulator`, `store::conformance` |
 //! | `tracing` | one log line per event with its id and type (never bodies) |
-//! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise) |
+//! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise); enabled by `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` |
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

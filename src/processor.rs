@@ -595,17 +595,31 @@ impl ProcessorBuilder {
 
     /// Builds the processor. Without stores, an in-memory store on the
     /// builder's clock is used.
+    ///
+    /// # Panics
+    ///
+    /// When only one of [`ProcessorBuilder::ledger`] and
+    /// [`ProcessorBuilder::subscriptions`] was set: the other would silently
+    /// live in memory.
     pub fn build(self) -> WebhookProcessor {
-        let (ledger, subscriptions) = match (self.ledger, self.subscriptions) {
-            (Some(l), Some(s)) => (l, s),
-            (l, s) => {
-                let memory = Arc::new(MemoryStore::with_clock(self.clock.clone()));
-                (
-                    l.unwrap_or_else(|| memory.clone()),
-                    s.unwrap_or_else(|| memory.clone()),
-                )
-            }
-        };
+        let (ledger, subscriptions): (Arc<dyn EventLedger>, Arc<dyn SubscriptionStore>) =
+            match (self.ledger, self.subscriptions) {
+                (Some(l), Some(s)) => (l, s),
+                (None, None) => {
+                    let memory = Arc::new(MemoryStore::with_clock(self.clock.clone()));
+                    (memory.clone(), memory)
+                }
+                // Half a configuration would silently keep the other half in
+                // memory, lost at the next restart.
+                (Some(_), None) => panic!(
+                    "ProcessorBuilder: a ledger was set without a subscription store; \
+                     set both, or use .store() for a store that is both"
+                ),
+                (None, Some(_)) => panic!(
+                    "ProcessorBuilder: a subscription store was set without a ledger; \
+                     set both, or use .store() for a store that is both"
+                ),
+            };
         WebhookProcessor {
             inner: Arc::new(Inner {
                 verifier: self.verifier,
@@ -811,8 +825,12 @@ impl WebhookProcessor {
                 trace(event, "ignored");
                 return Ok(Outcome::Ignored { event_id, reason });
             }
-            bump(&self.inner.counters.duplicates);
-            return Ok(Outcome::Duplicate { event_id, state });
+            if state.is_settled() {
+                bump(&self.inner.counters.duplicates);
+                return Ok(Outcome::Duplicate { event_id, state });
+            }
+            // Accepted before the filters changed and not finished: finish
+            // it rather than acknowledge an unprocessed event.
         }
 
         let request = ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts);
@@ -939,8 +957,23 @@ impl WebhookProcessor {
     }
 
     async fn lease_lost(&self, event: &Event, lease: &Lease) -> Result<Outcome, Error> {
-        // Give the claim back if nobody took it yet; either way, no handler ran.
-        let _ = self.inner.ledger.release(lease).await;
+        // No handler ran. If nobody took the event over yet, record the
+        // attempt as failed: it counts, so an event whose effect always
+        // outlasts the lease ends dead-lettered instead of looping.
+        let failure = Failure {
+            error: "lease expired before the handler ran".to_owned(),
+            retryable: true,
+            max_attempts: self.inner.max_attempts,
+            payload: Some(event.to_json()),
+        };
+        if let Ok(FailOutcome::Dead { attempts }) = self.inner.ledger.fail(lease, &failure).await {
+            bump(&self.inner.counters.dead);
+            return Ok(Outcome::DeadLettered {
+                event_id: event.id().to_owned(),
+                attempts,
+                error: failure.error,
+            });
+        }
         Err(Error::LeaseLost {
             event_id: event.id().to_owned(),
         })
@@ -1034,12 +1067,23 @@ impl WebhookProcessor {
             let (applied, effect_of) = match decision {
                 Decision::NotApplicable { .. } => return Ok((Effect::None, None)),
                 Decision::NoChange => {
-                    return Ok((
-                        Effect::NoChange {
+                    // A retry of an event whose earlier attempt applied it:
+                    // tell the handler what that attempt changed.
+                    let earlier = current
+                        .as_ref()
+                        .and_then(|c| c.last_change.as_ref())
+                        .filter(|c| c.event_id == event.id());
+                    let effect = match (earlier, &sub_id) {
+                        (Some(change), Some(id)) => Effect::Applied {
+                            subscription_id: id.clone(),
+                            status_change: Some((change.from.clone(), change.to.clone())),
+                            reason: subscription::ApplyReason::AlreadyApplied,
+                        },
+                        _ => Effect::NoChange {
                             subscription_id: sub_id.clone(),
                         },
-                        current,
-                    ));
+                    };
+                    return Ok((effect, current));
                 }
                 Decision::Stale { .. } => {
                     return Ok((
@@ -1071,7 +1115,15 @@ impl WebhookProcessor {
                         )
                         .await
                     {
-                        Ok(Some(refetched)) => (refetched, Some(reason)),
+                        Ok(Some(mut refetched)) => {
+                            if reason == RefetchReason::ImpossibleTransition {
+                                // Stripe's answer settled it; the anomaly
+                                // stays on record, the review flag does not.
+                                refetched.record.needs_review =
+                                    current.as_ref().is_some_and(|c| c.needs_review);
+                            }
+                            (refetched, Some(reason))
+                        }
                         Ok(None) => match fallback {
                             Some(f) => (*f, None),
                             None => {
@@ -1099,6 +1151,14 @@ impl WebhookProcessor {
                     }
                 }
             };
+            let mut applied = applied;
+            if let Some((from, to)) = &applied.status_change {
+                applied.record.last_change = Some(subscription::StatusChange {
+                    event_id: event.id().to_owned(),
+                    from: from.clone(),
+                    to: to.clone(),
+                });
+            }
             match self.save(&applied).await {
                 Ok(saved) => {
                     let id = saved.id.clone();
@@ -1174,6 +1234,9 @@ impl WebhookProcessor {
             }
         };
         let view = view.map_err(EffectError::Client)?;
+        // Stamp the object with the time it was read, not when we began
+        // (the request may have waited for the budget or for retries).
+        let now = self.inner.clock.now().max(now);
         // The base may be a fallback built from the event; reload the stored
         // version so the CAS save compares against what is stored.
         let base = match (&base, &view.id) {

@@ -81,6 +81,20 @@ use crate::event::{
 /// How many anomalies a record keeps (the oldest are dropped).
 pub const MAX_ANOMALIES: usize = 16;
 
+/// How many failed payments a record remembers per dunning cycle.
+pub const MAX_FAILURES: usize = 32;
+
+/// A status change and the event that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// The event (empty for a refetch or a repair).
+    pub event_id: String,
+    /// The status before.
+    pub from: SubscriptionStatus,
+    /// The status after.
+    pub to: SubscriptionStatus,
+}
+
 /// The fields of a record that mirror Stripe's subscription object: what
 /// "equals Stripe's truth" compares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,8 +285,17 @@ pub struct SubscriptionRecord {
     pub paid_through: Option<i64>,
     /// The newest successful payment's event time.
     pub last_paid_at: Option<i64>,
-    /// The newest failed payment's event time (the dunning clock).
+    /// The newest failed payment's event time.
     pub last_payment_failed_at: Option<i64>,
+    /// Failed payments newer than the last successful one (event times,
+    /// ascending, at most [`MAX_FAILURES`]): the first one started the
+    /// dunning clock ([`SubscriptionRecord::dunning_since`]).
+    #[serde(default)]
+    pub payment_failures: Vec<i64>,
+    /// The last status change and the event that made it, so a retried event
+    /// can still tell its handler what it changed.
+    #[serde(default)]
+    pub last_change: Option<StatusChange>,
     /// The ordering watermark of the subscription fields (`None` until a
     /// snapshot or a refetch set them).
     pub watermark: Option<Watermark>,
@@ -324,6 +347,8 @@ impl SubscriptionRecord {
             paid_through: None,
             last_paid_at: None,
             last_payment_failed_at: None,
+            payment_failures: Vec::new(),
+            last_change: None,
             watermark: None,
             invoice_watermark: None,
             last_verified_with_stripe: None,
@@ -338,6 +363,12 @@ impl SubscriptionRecord {
         };
         r.set_state(s);
         r
+    }
+
+    /// When the current dunning cycle started: the first failed payment
+    /// after the last successful one, if any.
+    pub fn dunning_since(&self) -> Option<i64> {
+        self.payment_failures.first().copied()
     }
 
     /// Whether a subscription snapshot (event or Stripe object) has set the
@@ -524,6 +555,9 @@ pub enum ApplyReason {
     AnomalyRecorded,
     /// Stripe's object replaced the record.
     Refetched,
+    /// This event was applied by an earlier attempt (which then failed);
+    /// the change reported is the one it made.
+    AlreadyApplied,
 }
 
 /// A record to save, and why.
@@ -923,6 +957,8 @@ fn apply_invoice(
             record.paid_through = Some(record.paid_through.map_or(end, |p| p.max(end)));
         }
         record.last_paid_at = Some(record.last_paid_at.map_or(created, |p| p.max(created)));
+        let paid = record.last_paid_at.unwrap_or(created);
+        record.payment_failures.retain(|f| *f > paid);
         // A payment newer than the snapshot that said past_due / unpaid, by
         // the same total order as snapshots (a payment ranks below any
         // subscription event of its second).
@@ -943,7 +979,9 @@ fn apply_invoice(
         if newer
             && matches!(
                 record.status,
-                SubscriptionStatus::PastDue | SubscriptionStatus::Unpaid
+                SubscriptionStatus::PastDue
+                    | SubscriptionStatus::Unpaid
+                    | SubscriptionStatus::Incomplete
             )
         {
             record.status = SubscriptionStatus::Active;
@@ -957,6 +995,15 @@ fn apply_invoice(
                 .last_payment_failed_at
                 .map_or(created, |p| p.max(created)),
         );
+        // Only failures after the last payment belong to the dunning cycle;
+        // kept as a set so the first one does not depend on arrival order.
+        if record.last_paid_at.is_none_or(|p| created > p)
+            && let Err(pos) = record.payment_failures.binary_search(&created)
+            && pos < MAX_FAILURES
+        {
+            record.payment_failures.insert(pos, created);
+            record.payment_failures.truncate(MAX_FAILURES);
+        }
     }
     if record == before && !fresh {
         return Decision::NoChange;
@@ -1452,6 +1499,104 @@ mod tests {
             r2.anomalies.last().unwrap().kind,
             AnomalyKind::MissedTransition
         );
+    }
+
+    fn invoice_event(id: &str, ty: &str, created: i64, paid: bool) -> Event {
+        let json = format!(
+            r#"{{"id":"{id}","object":"event","type":"{ty}","created":{created},"livemode":false,
+            "data":{{"object":{{"id":"in_{id}","object":"invoice","customer":"cus_1","subscription":"sub_1",
+            "paid":{paid},"status":"{}","lines":{{"data":[{{"type":"subscription","subscription":"sub_1",
+            "period":{{"start":{created},"end":{}}}}}]}}}}}}}}"#,
+            if paid { "paid" } else { "open" },
+            created + 1000
+        );
+        Event::parse_unverified(json.as_bytes()).unwrap()
+    }
+
+    /// The dunning clock starts at the first failure after the last payment,
+    /// whatever order the events arrive in.
+    #[test]
+    fn dunning_clock_is_order_independent() {
+        let base = applied(
+            apply(
+                None,
+                &sub_event(
+                    "evt_s",
+                    "customer.subscription.updated",
+                    1,
+                    "past_due",
+                    5000,
+                ),
+                now(),
+            )
+            .unwrap(),
+        );
+        let events = [
+            invoice_event("evt_f1", "invoice.payment_failed", 10, false),
+            invoice_event("evt_p", "invoice.paid", 15, true),
+            invoice_event("evt_f2", "invoice.payment_failed", 20, false),
+            invoice_event("evt_f3", "invoice.payment_failed", 30, false),
+        ];
+        let orders: [[usize; 4]; 6] = [
+            [0, 1, 2, 3],
+            [3, 2, 1, 0],
+            [1, 0, 3, 2],
+            [2, 0, 3, 1],
+            [0, 2, 3, 1],
+            [3, 1, 0, 2],
+        ];
+        for order in orders {
+            let mut r = base.clone();
+            for i in order {
+                match apply(Some(&r), &events[i], now()).unwrap() {
+                    Decision::Apply(a) => r = a.record,
+                    Decision::Refetch {
+                        fallback: Some(f), ..
+                    } => r = f.record,
+                    _ => {}
+                }
+            }
+            assert_eq!(r.dunning_since(), Some(20), "{order:?}");
+            assert_eq!(r.last_paid_at, Some(15));
+        }
+    }
+
+    /// A paid first invoice restores an incomplete subscription (when newer
+    /// than the snapshot that said incomplete), flagged for confirmation.
+    #[test]
+    fn paid_first_invoice_restores_incomplete() {
+        let r = applied(
+            apply(
+                None,
+                &sub_event(
+                    "evt_c",
+                    "customer.subscription.created",
+                    100,
+                    "incomplete",
+                    5000,
+                ),
+                now(),
+            )
+            .unwrap(),
+        );
+        match apply(
+            Some(&r),
+            &invoice_event("evt_paid", "invoice.paid", 101, true),
+            now(),
+        )
+        .unwrap()
+        {
+            Decision::Refetch {
+                reason: RefetchReason::ConfirmRestore,
+                fallback: Some(f),
+                ..
+            } => {
+                assert_eq!(f.record.status, S::Active);
+                assert!(f.record.needs_reconcile);
+                assert_eq!(f.record.paid_through, Some(1101));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ prop_compose! {
         r.paid_through = paid_through;
         r.last_paid_at = last_paid;
         r.last_payment_failed_at = failed;
+        r.payment_failures = failed.into_iter().collect();
         r.last_verified_with_stripe = verified.and_then(|v| OffsetDateTime::from_unix_timestamp(v).ok());
         if snapshot {
             r.watermark = Some(Watermark {

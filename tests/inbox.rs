@@ -176,3 +176,12 @@ async fn bodies_are_dropped_unless_kept() {
         assert_eq!(entry.payload.is_some(), keep);
     }
 }
+
+#[test]
+#[should_panic(expected = "the inbox store must be the processor's ledger")]
+fn the_inbox_store_must_be_the_processors_ledger() {
+    let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(Arc::new(MemoryStore::new()))
+        .build();
+    let _ = Inbox::new(processor, Arc::new(MemoryStore::new()));
+}

@@ -102,3 +102,57 @@ async fn cancel_after_retries_setting() {
     assert_eq!(w.fake.truth(&s).unwrap().status, S::Canceled);
     assert!(w.mismatches().is_empty());
 }
+
+/// With a client, an impossible transition is settled by Stripe's answer:
+/// the anomaly stays on record, the review flag does not.
+#[tokio::test]
+async fn a_refetch_settles_an_impossible_transition() {
+    use std::sync::Arc;
+    use stripe_webhook_guard::clock::ManualClock;
+    use stripe_webhook_guard::processor::WebhookProcessor;
+    use stripe_webhook_guard::signature::{Verifier, test_header};
+    use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
+    use stripe_webhook_guard::subscription::AnomalyKind;
+    let clock = ManualClock::at_unix(common::world::START);
+    let fake = Arc::new(stripe_webhook_guard::client::fake::FakeStripe::new(
+        clock.clone(),
+        config(5),
+    ));
+    let c = fake.create_customer();
+    let sub = fake.subscribe(&c, &Subscribe::default());
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let p = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .client(fake.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    for fe in fake.take_new_events() {
+        p.process_event(&fe.event).await.unwrap();
+    }
+    // A forged-looking but signed event claims the active subscription went
+    // back to incomplete: impossible.
+    clock.advance(Duration::minutes(5));
+    let t = common::world::START + 300;
+    let body = common::sub_event(
+        "evt_impossible",
+        "customer.subscription.updated",
+        t,
+        &sub,
+        "incomplete",
+    )
+    .replace(&format!("cus_{sub}"), &c);
+    let header = test_header(
+        &common::secret(),
+        body.as_bytes(),
+        stripe_webhook_guard::clock::Clock::now(&clock),
+    );
+    p.handle(body.as_bytes(), Some(&header)).await.unwrap();
+    let r = store.load(&sub).await.unwrap().unwrap();
+    assert_eq!(r.status, S::Active, "Stripe's truth");
+    assert!(
+        r.anomalies
+            .iter()
+            .any(|a| a.kind == AnomalyKind::ImpossibleTransition)
+    );
+    assert!(!r.needs_review);
+}

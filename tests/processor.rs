@@ -729,3 +729,224 @@ async fn store_outage_is_retryable_and_loses_nothing() {
     );
     let _ = at(0);
 }
+
+/// A handler that fails once: on the retry the subscription effect is
+/// already saved, and the handler is still told what the event changed.
+#[tokio::test]
+async fn a_retried_handler_still_sees_the_status_change() {
+    use std::sync::Mutex;
+    use stripe_webhook_guard::processor::Effect;
+    use stripe_webhook_guard::subscription::ApplyReason;
+    struct FailOnce(Mutex<Vec<Effect>>);
+    #[async_trait]
+    impl EventHandler for FailOnce {
+        async fn handle(&self, _: &Event, ctx: &HandlerContext) -> Result<(), HandlerError> {
+            let mut seen = self.0.lock().unwrap();
+            seen.push(ctx.effect.clone());
+            if seen.len() == 2 {
+                Err(HandlerError::retryable("mail server down"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+    let clock = ManualClock::at_unix(T0);
+    let handler = Arc::new(FailOnce(Mutex::new(Vec::new())));
+    let (p, _) = processor(&clock, handler.clone());
+    let first = sub_event(
+        "evt_a1",
+        "customer.subscription.updated",
+        T0,
+        "sub_r",
+        "active",
+    );
+    p.handle(first.as_bytes(), Some(&sign(&first, T0)))
+        .await
+        .unwrap();
+    let change = sub_event(
+        "evt_a2",
+        "customer.subscription.updated",
+        T0 + 10,
+        "sub_r",
+        "past_due",
+    );
+    assert!(
+        p.handle(change.as_bytes(), Some(&sign(&change, T0)))
+            .await
+            .is_err()
+    );
+    p.handle(change.as_bytes(), Some(&sign(&change, T0)))
+        .await
+        .unwrap();
+    let seen = handler.0.lock().unwrap().clone();
+    let expected = Some((SubscriptionStatus::Active, SubscriptionStatus::PastDue));
+    assert!(
+        matches!(&seen[1], Effect::Applied { status_change, .. } if *status_change == expected),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[2], Effect::Applied { status_change, reason: ApplyReason::AlreadyApplied, .. } if *status_change == expected),
+        "{seen:?}"
+    );
+}
+
+/// A lease that runs out before the handler starts counts as an attempt, so
+/// an event that is always too slow ends dead-lettered instead of looping.
+#[tokio::test]
+async fn attempts_lost_to_lease_expiry_count() {
+    struct SlowStore(Arc<MemoryStore>, ManualClock);
+    #[async_trait]
+    impl SubscriptionStore for SlowStore {
+        async fn load(
+            &self,
+            id: &str,
+        ) -> Result<
+            Option<stripe_webhook_guard::subscription::SubscriptionRecord>,
+            stripe_webhook_guard::store::StoreError,
+        > {
+            // Every load takes longer than the lease.
+            self.1.advance(Duration::seconds(120));
+            self.0.load(id).await
+        }
+        async fn save(
+            &self,
+            r: &stripe_webhook_guard::subscription::SubscriptionRecord,
+        ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
+            self.0.save(r).await
+        }
+        async fn find_by_customer(
+            &self,
+            c: &str,
+        ) -> Result<
+            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
+            stripe_webhook_guard::store::StoreError,
+        > {
+            self.0.find_by_customer(c).await
+        }
+        async fn find_by_client_reference(
+            &self,
+            c: &str,
+        ) -> Result<
+            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
+            stripe_webhook_guard::store::StoreError,
+        > {
+            self.0.find_by_client_reference(c).await
+        }
+        async fn list_subscriptions(
+            &self,
+            q: &stripe_webhook_guard::store::SubscriptionQuery,
+        ) -> Result<
+            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
+            stripe_webhook_guard::store::StoreError,
+        > {
+            self.0.list_subscriptions(q).await
+        }
+        async fn load_entitlements(
+            &self,
+            c: &str,
+        ) -> Result<
+            Option<stripe_webhook_guard::subscription::CustomerEntitlements>,
+            stripe_webhook_guard::store::StoreError,
+        > {
+            self.0.load_entitlements(c).await
+        }
+        async fn save_entitlements(
+            &self,
+            e: &stripe_webhook_guard::subscription::CustomerEntitlements,
+        ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
+            self.0.save_entitlements(e).await
+        }
+    }
+    let clock = ManualClock::at_unix(T0);
+    let memory = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let handler = CountingHandler::new();
+    let p = WebhookProcessor::builder(Verifier::new(secret()))
+        .ledger(memory.clone())
+        .subscriptions(Arc::new(SlowStore(memory.clone(), clock.clone())))
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .max_attempts(3)
+        .build();
+    let body = sub_event(
+        "evt_slow",
+        "customer.subscription.updated",
+        T0,
+        "sub_s",
+        "active",
+    );
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let header = sign(&body, clock.now().unix_timestamp());
+        outcomes.push(p.handle(body.as_bytes(), Some(&header)).await);
+    }
+    assert!(
+        matches!(outcomes[0], Err(Error::LeaseLost { .. })),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], Ok(Outcome::DeadLettered { attempts: 3, .. })),
+        "{outcomes:?}"
+    );
+    assert_eq!(handler.total_effects(), 0);
+    assert_eq!(
+        memory
+            .get(&EventKey::new("evt_slow", None))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        LedgerState::Dead
+    );
+}
+
+#[test]
+#[should_panic(expected = "a ledger was set without a subscription store")]
+fn half_configured_stores_are_refused() {
+    let _ = WebhookProcessor::builder(Verifier::new(secret()))
+        .ledger(Arc::new(MemoryStore::new()))
+        .build();
+}
+
+/// An event accepted earlier and not finished is finished even if the
+/// filters would now ignore it: never acknowledged unprocessed.
+#[tokio::test]
+async fn a_filter_change_does_not_acknowledge_an_unfinished_event() {
+    let clock = ManualClock::at_unix(T0);
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let handler = CountingHandler::new();
+    handler.fail_first.lock().unwrap().insert("evt_f".into(), 1);
+    let lenient = WebhookProcessor::builder(Verifier::new(secret()))
+        .store(store.clone())
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let body = sub_event(
+        "evt_f",
+        "customer.subscription.updated",
+        T0,
+        "sub_f",
+        "active",
+    );
+    assert!(
+        lenient
+            .handle(body.as_bytes(), Some(&sign(&body, T0)))
+            .await
+            .is_err()
+    );
+    // Redeployed with livemode(true): this test-mode event is now filtered.
+    let strict = WebhookProcessor::builder(Verifier::new(secret()))
+        .store(store.clone())
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .livemode(true)
+        .build();
+    let out = strict
+        .handle(body.as_bytes(), Some(&sign(&body, T0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, Outcome::Processed { attempt: 2, .. }),
+        "{out:?}"
+    );
+    assert_eq!(handler.effects_of("evt_f"), 1);
+}

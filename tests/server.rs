@@ -745,3 +745,52 @@ async fn reconcile_with_a_secret_key_returns_the_report() {
     server.stop().await;
     fake_task.abort();
 }
+
+#[tokio::test]
+async fn admin_routes_need_the_token_when_one_is_set() {
+    let mut cfg = config();
+    cfg.admin_token = Some("s3cret-admin".to_owned());
+    let server = start(cfg).await;
+    let http = &server.http;
+    // The webhook and the health check stay open.
+    assert_eq!(
+        http.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (status, _) = server.post_raw(b"{}".to_vec(), None).await;
+    assert_eq!(
+        status, 400,
+        "the webhook route answers without the admin token"
+    );
+    for path in ["/stats", "/subscriptions/sub_1", "/customers/cus_1/access"] {
+        let r = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without a token");
+        let r = http
+            .get(server.url(path))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path} with a wrong token");
+    }
+    let r = http.post(server.url("/reconcile")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(server.url("/stats"))
+        .bearer_auth("s3cret-admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(server.url("/subscriptions/sub_1"))
+        .bearer_auth("s3cret-admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

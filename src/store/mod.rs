@@ -326,7 +326,7 @@ pub trait CursorStore: Send + Sync {
 }
 
 /// An event taken from the inbox by a worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct InboxItem {
     /// The lease over the event (as from [`EventLedger::claim`]).
     pub lease: Lease,
@@ -337,7 +337,7 @@ pub struct InboxItem {
 }
 
 /// An event to enqueue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct InboxRequest {
     /// Key, type, created and fingerprint, as for a claim.
     pub claim: ClaimRequest,
@@ -348,6 +348,27 @@ pub struct InboxRequest {
     pub subscription_id: Option<String>,
     /// Earliest time a worker may take it.
     pub available_at: OffsetDateTime,
+}
+
+impl fmt::Debug for InboxItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxItem")
+            .field("lease", &self.lease)
+            .field("payload_len", &self.payload.len())
+            .field("subscription_id", &self.subscription_id)
+            .finish()
+    }
+}
+
+impl fmt::Debug for InboxRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxRequest")
+            .field("claim", &self.claim)
+            .field("payload_len", &self.payload.len())
+            .field("subscription_id", &self.subscription_id)
+            .field("available_at", &self.available_at)
+            .finish()
+    }
 }
 
 /// What enqueueing did.
