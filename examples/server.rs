@@ -127,6 +127,10 @@ impl fmt::Debug for Config {
             .field("reconcile_timeout", &self.reconcile_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("handler_delay", &self.handler_delay)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
     }
 }

@@ -10,30 +10,36 @@
 //!   cursor (first run: a look-back of at most 30 days, Stripe's retention)
 //!   and feeds every event through the **same processor path, with its real
 //!   event id**, so an event that also arrives by webhook is processed once.
-//!   The cursor only moves past events that were processed or deliberately
-//!   ignored; a failed event holds it back for the next run.
+//!   The cursor only moves past events that were processed, deliberately
+//!   ignored, or failed permanently (reported by id); an event whose failure
+//!   is retryable holds it back for the next run.
 //! - [`Reconciler::sweep`] compares subscriptions with Stripe's objects and
-//!   repairs them. Beyond 30 days it is the only source of truth.
+//!   repairs them. Beyond 30 days it is the only source of truth. Records of
+//!   Connect accounts (`account` set) are not reconciled by this version: the
+//!   platform key cannot list connected accounts' subscriptions.
 //! - [`Reconciler::refresh_customer`] does that for one customer: call it at
 //!   login or from a "restore purchase" button.
 //! - [`Reconciler::replay`] and [`Reconciler::replay_dead_letters`] re-run
 //!   stored failed or dead events after a fix.
 //!
 //! Every change is a [`Change`] (access restored, access revoked, status
-//! changed, repaired, needs review) in the [`ReconcileReport`], handed to the
-//! application's [`Notifier`] ("your access is restored", "please update
-//! your card"). Requests go through a [`RequestBudget`]: a request rate and a
-//! concurrency limit (defaults well under Stripe's test-mode limit of 25/s),
-//! with jittered back-off on 429 and 5xx. A dry run reports without writing.
+//! changed, repaired, needs review, discovered) in the [`ReconcileReport`],
+//! handed to the application's [`Notifier`] ("your access is restored",
+//! "please update your card"), also when the run fails part-way: what was
+//! saved before the error is notified before the error is returned.
+//!
+//! Requests go through a [`RequestBudget`]: a request rate and a concurrency
+//! limit (defaults well under Stripe's test-mode limit of 25/s), with
+//! jittered back-off on 429 and 5xx. A dry run reports without writing.
 //!
 //! The comparison itself is the pure [`plan`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -70,6 +76,14 @@ pub enum ChangeKind {
     Repaired,
     /// A human should look at it (`needs_review` was set).
     NeedsReview,
+    /// The record did not exist locally and was created from Stripe's
+    /// object (a subscription whose events were all missed, or the first
+    /// [`SweepScope::All`] over an existing account). Nothing was taken from
+    /// or given back to the customer as far as we had told them; the
+    /// application decides whether to notify (`after_access` says what they
+    /// have now). A new record that needs review is reported as
+    /// [`ChangeKind::NeedsReview`] instead.
+    Discovered,
 }
 
 /// Where a change was found.
@@ -113,7 +127,9 @@ pub struct Change {
 /// The application's side of notifications.
 #[async_trait]
 pub trait Notifier: Send + Sync {
-    /// Called once per change of a (non-dry) run, after it was saved.
+    /// Called once per change of a (non-dry) run, after it was saved. A run
+    /// that fails part-way still notifies the changes it saved before the
+    /// error, then returns the error.
     async fn notify(&self, change: &Change);
 }
 
@@ -128,8 +144,15 @@ pub struct ReconcileReport {
     pub events_processed: u64,
     /// Events already processed or settled (received by webhook).
     pub events_duplicate: u64,
-    /// Events that failed and hold the cursor back.
+    /// Events that failed to process. Retryable failures hold the cursor
+    /// back; permanent ones are also listed in `events_failed_permanently`.
     pub events_failed: u64,
+    /// Ids of events that failed permanently (a payload conflict, a
+    /// non-retryable store error), included in `events_failed`. They do not
+    /// hold the cursor back (catch-up would fail them again on every run),
+    /// so catch-up will not retry them: investigate them (after fixing a
+    /// store error, [`Reconciler::replay`] re-runs one).
+    pub events_failed_permanently: Vec<String>,
     /// Events that would be processed (dry run).
     pub events_missing: Vec<String>,
     /// Subscriptions compared with Stripe.
@@ -152,6 +175,8 @@ impl ReconcileReport {
         self.events_processed += other.events_processed;
         self.events_duplicate += other.events_duplicate;
         self.events_failed += other.events_failed;
+        self.events_failed_permanently
+            .extend(other.events_failed_permanently);
         self.events_missing.extend(other.events_missing);
         self.subscriptions_checked += other.subscriptions_checked;
         self.writes += other.writes;
@@ -186,13 +211,16 @@ pub enum PlanKind {
 pub struct Plan {
     /// What to do.
     pub kind: PlanKind,
-    /// The customer-facing consequence, if the plan changes anything.
+    /// The customer-facing consequence of saving `record`, if any. An
+    /// in-sync record has one when re-stamping it as verified changes its
+    /// access (a grace given for unverified data ends).
     pub change: Option<ChangeKind>,
     /// The record to save (`None` when in sync and recently verified).
     pub record: Option<SubscriptionRecord>,
     /// Status and access before (`None`: no local record).
     pub before: Option<(SubscriptionStatus, Access)>,
-    /// Status and access after.
+    /// Status and access of the record saved (of the local record when
+    /// nothing is saved).
     pub after: (SubscriptionStatus, Access),
     /// Why a review is needed.
     pub detail: Option<String>,
@@ -202,9 +230,13 @@ pub struct Plan {
 ///
 /// - Matching records are in sync; they are re-stamped as verified only when
 ///   their last verification is older than `reverify_after` (so a second run
-///   right after the first writes nothing).
+///   right after the first writes nothing). Re-stamping can end a grace
+///   given for unverified data: that is reported as
+///   [`ChangeKind::AccessRevoked`].
 /// - A differing record is repaired from Stripe's object; the consequence is
-///   computed by deciding access before and after with `policy`.
+///   computed by deciding access before and after with `policy`, for the
+///   record actually saved.
+/// - A record that did not exist locally is [`ChangeKind::Discovered`].
 /// - A terminal record that Stripe reports live, or a different customer,
 ///   is repaired but flagged for review.
 pub fn plan(
@@ -216,9 +248,6 @@ pub fn plan(
 ) -> Plan {
     let truth = SubscriptionState::from_view(stripe);
     let before = local.map(|r| (r.status.clone(), policy.decide(r, now).access));
-    let mut repaired = subscription::from_stripe(local, stripe, now, None).record;
-    let after_access = policy.decide(&repaired, now).access;
-    let after = (repaired.status.clone(), after_access);
     if let Some(r) = local
         && r.has_snapshot()
         && r.matches(&truth)
@@ -232,15 +261,21 @@ pub fn plan(
             touched.needs_reconcile = false;
             touched
         });
+        let saved = record.as_ref().unwrap_or(r);
+        let after = (saved.status.clone(), policy.decide(saved, now).access);
+        let change = before
+            .as_ref()
+            .and_then(|(_, b)| access_change(*b, after.1));
         return Plan {
             kind: PlanKind::InSync,
-            change: None,
+            change,
             record,
             before,
             after,
             detail: None,
         };
     }
+    let mut repaired = subscription::from_stripe(local, stripe, now, None).record;
     let mut detail = None;
     if let Some(r) = local {
         if r.status.is_terminal() && !truth.status.is_terminal() {
@@ -267,14 +302,18 @@ pub fn plan(
     } else {
         PlanKind::Repair
     };
+    let after = (
+        repaired.status.clone(),
+        policy.decide(&repaired, now).access,
+    );
     let change = match (&before, kind) {
         (_, PlanKind::Review) => ChangeKind::NeedsReview,
-        (Some((_, b)), _) if !b.allows() && after_access.allows() => ChangeKind::AccessRestored,
-        (None, _) if after_access.allows() => ChangeKind::AccessRestored,
-        (Some((_, b)), _) if b.allows() && !after_access.allows() => ChangeKind::AccessRevoked,
-        (Some((s, _)), _) if *s != after.0 => ChangeKind::StatusChanged,
-        (None, _) => ChangeKind::StatusChanged,
-        _ => ChangeKind::Repaired,
+        (None, _) => ChangeKind::Discovered,
+        (Some((s, b)), _) => access_change(*b, after.1).unwrap_or(if *s == after.0 {
+            ChangeKind::Repaired
+        } else {
+            ChangeKind::StatusChanged
+        }),
     };
     Plan {
         kind,
@@ -283,6 +322,15 @@ pub fn plan(
         before,
         after,
         detail,
+    }
+}
+
+/// Access gained or lost between two decisions.
+fn access_change(before: Access, after: Access) -> Option<ChangeKind> {
+    match (before.allows(), after.allows()) {
+        (false, true) => Some(ChangeKind::AccessRestored),
+        (true, false) => Some(ChangeKind::AccessRevoked),
+        _ => None,
     }
 }
 
@@ -331,20 +379,27 @@ impl Default for BudgetConfig {
     }
 }
 
+/// How many request timestamps [`RequestBudget::peak_per_second`] keeps.
+const ISSUED_WINDOW: usize = 4096;
+
 /// A [`StripeClient`] wrapper that paces requests, bounds how many are in
 /// flight, and retries rate limits and server errors with jittered
 /// exponential back-off. Give the same budgeted client to the processor and
 /// the reconciler so refetches share the budget.
+///
+/// The in-flight bound is an async semaphore: a waiting call sleeps until a
+/// permit is returned (no polling), and a call that is cancelled (dropped by
+/// a timeout, say) or panics returns its permit.
 pub struct RequestBudget {
     inner: Arc<dyn StripeClient>,
     clock: Arc<dyn Clock>,
     config: BudgetConfig,
     next_slot: Mutex<OffsetDateTime>,
-    in_flight: Mutex<usize>,
+    permits: Semaphore,
     requests: AtomicU64,
     rate_limited: AtomicU64,
     jitter: AtomicU64,
-    issued: Mutex<Vec<OffsetDateTime>>,
+    issued: Mutex<VecDeque<OffsetDateTime>>,
 }
 
 impl std::fmt::Debug for RequestBudget {
@@ -371,11 +426,11 @@ impl RequestBudget {
             next_slot: Mutex::new(clock.now()),
             clock,
             config,
-            in_flight: Mutex::new(0),
+            permits: Semaphore::new(config.max_in_flight.max(1)),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             jitter: AtomicU64::new(seed),
-            issued: Mutex::new(Vec::new()),
+            issued: Mutex::new(VecDeque::with_capacity(ISSUED_WINDOW)),
         }
     }
 
@@ -389,7 +444,8 @@ impl RequestBudget {
         self.rate_limited.load(Ordering::Relaxed)
     }
 
-    /// The most requests issued within any one second (to check the pace).
+    /// The most requests issued within any one second (to check the pace),
+    /// over the last 4,096 requests (older timestamps are not kept).
     pub fn peak_per_second(&self) -> usize {
         let issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
         let mut peak = 0;
@@ -403,27 +459,11 @@ impl RequestBudget {
         peak
     }
 
-    /// Waits for a pacing slot and an in-flight permit.
-    async fn acquire(&self) {
+    /// Waits for an in-flight permit, then for a pacing slot. The permit is
+    /// returned when the guard drops (also on cancellation or panic).
+    async fn acquire(&self) -> Permit<'_> {
+        let permit = self.permits.acquire().await;
         let interval = Duration::seconds(1) / self.config.requests_per_second.max(1);
-        loop {
-            let wait = {
-                let mut n = self
-                    .in_flight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if *n < self.config.max_in_flight.max(1) {
-                    *n += 1;
-                    None
-                } else {
-                    Some(Duration::milliseconds(5))
-                }
-            };
-            match wait {
-                None => break,
-                Some(d) => self.clock.sleep(d).await,
-            }
-        }
         let slot = {
             let mut next = self
                 .next_slot
@@ -438,19 +478,15 @@ impl RequestBudget {
         if slot > now {
             self.clock.sleep(slot - now).await;
         }
-        self.issued
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(self.clock.now());
+        {
+            let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
+            if issued.len() >= ISSUED_WINDOW {
+                issued.pop_front();
+            }
+            issued.push_back(self.clock.now());
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn release(&self) {
-        let mut n = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *n = n.saturating_sub(1);
+        permit
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
@@ -481,9 +517,10 @@ impl RequestBudget {
     {
         let mut attempt = 0;
         loop {
-            self.acquire().await;
-            let result = f().await;
-            self.release();
+            let result = {
+                let _permit = self.acquire().await;
+                f().await
+            };
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) => {
@@ -499,6 +536,153 @@ impl RequestBudget {
                 }
             }
         }
+    }
+}
+
+/// A fair (first come, first served) async semaphore that needs no runtime.
+/// A returned permit is handed straight to the longest waiter.
+struct Semaphore {
+    state: Mutex<SemaphoreState>,
+}
+
+struct SemaphoreState {
+    /// Permits nobody holds (only while nobody waits).
+    available: usize,
+    /// Waiting [`Acquire`]s, oldest first.
+    waiters: VecDeque<Waiter>,
+    /// Waiters handed a permit that have not collected it yet.
+    granted: Vec<u64>,
+    next_id: u64,
+}
+
+struct Waiter {
+    id: u64,
+    waker: Waker,
+}
+
+impl Semaphore {
+    fn new(permits: usize) -> Self {
+        Self {
+            state: Mutex::new(SemaphoreState {
+                available: permits,
+                waiters: VecDeque::new(),
+                granted: Vec::new(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    // The lock is never held across user code or an await, so poisoning
+    // can only come from a bug here; the state is still consistent.
+    fn lock(&self) -> MutexGuard<'_, SemaphoreState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn acquire(&self) -> Acquire<'_> {
+        Acquire {
+            semaphore: self,
+            queued: None,
+        }
+    }
+
+    /// Returns a permit: to the oldest waiter (woken), else to the pool.
+    fn release(&self) {
+        let waker = {
+            let mut state = self.lock();
+            if let Some(next) = state.waiters.pop_front() {
+                state.granted.push(next.id);
+                Some(next.waker)
+            } else {
+                state.available += 1;
+                None
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.lock().available
+    }
+}
+
+/// The future of [`Semaphore::acquire`]. Dropped while queued it leaves the
+/// queue; dropped after being handed a permit it passes the permit on.
+struct Acquire<'a> {
+    semaphore: &'a Semaphore,
+    /// The waiter id once queued.
+    queued: Option<u64>,
+}
+
+impl<'a> Future for Acquire<'a> {
+    type Output = Permit<'a>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Permit<'a>> {
+        let this = self.get_mut();
+        let semaphore = this.semaphore;
+        let mut state = semaphore.lock();
+        match this.queued {
+            None => {
+                if state.available > 0 && state.waiters.is_empty() {
+                    state.available -= 1;
+                    return Poll::Ready(Permit { semaphore });
+                }
+                let id = state.next_id;
+                state.next_id = state.next_id.wrapping_add(1);
+                state.waiters.push_back(Waiter {
+                    id,
+                    waker: cx.waker().clone(),
+                });
+                this.queued = Some(id);
+                Poll::Pending
+            }
+            Some(id) => {
+                if let Some(i) = state.granted.iter().position(|g| *g == id) {
+                    state.granted.swap_remove(i);
+                    this.queued = None;
+                    return Poll::Ready(Permit { semaphore });
+                }
+                // Polled again by another task, say: wake that one.
+                if let Some(w) = state.waiters.iter_mut().find(|w| w.id == id) {
+                    w.waker.clone_from(cx.waker());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Acquire<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.queued.take() else {
+            return;
+        };
+        let handed = {
+            let mut state = self.semaphore.lock();
+            if let Some(i) = state.granted.iter().position(|g| *g == id) {
+                state.granted.swap_remove(i);
+                true
+            } else {
+                state.waiters.retain(|w| w.id != id);
+                false
+            }
+        };
+        if handed {
+            self.semaphore.release();
+        }
+    }
+}
+
+/// An in-flight permit; dropping it returns the permit.
+struct Permit<'a> {
+    semaphore: &'a Semaphore,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.semaphore.release();
     }
 }
 
@@ -559,14 +743,28 @@ impl Default for ReconcileConfig {
 }
 
 /// Which subscriptions [`Reconciler::sweep`] checks.
+///
+/// Connect accounts are not reconciled by this version: the platform key
+/// lists and retrieves the platform's own subscriptions only, so local
+/// records with an `account` are neither retrieved nor flagged as unknown to
+/// Stripe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SweepScope {
-    /// Every subscription Stripe lists (and local ones it does not).
+    /// Every subscription Stripe lists (and local ones it does not, except
+    /// Connect records).
     All,
     /// Local records never verified, verified before `now - threshold`, or
-    /// flagged `needs_reconcile`; one retrieve each.
+    /// flagged `needs_reconcile`; one retrieve each. The store is read in
+    /// pages of 500 ids. Skipped: records already flagged `needs_review` (a
+    /// human has them; [`SweepScope::All`] still compares them), terminal
+    /// records (`canceled`, `incomplete_expired`) verified with Stripe at
+    /// least once and not flagged `needs_reconcile` (their status cannot
+    /// change), and Connect records.
     StaleFor(Duration),
 }
+
+/// Page size for reading the subscription store.
+const STORE_PAGE: usize = 500;
 
 /// Why a reconciliation step failed.
 #[derive(Debug, thiserror::Error)]
@@ -705,12 +903,44 @@ impl Reconciler {
     /// Lists `/v1/events` from the stored cursor and processes every event
     /// through the processor (same ids, same ledger).
     ///
+    /// Events whose failure is retryable hold the cursor back; events that
+    /// fail permanently are listed in
+    /// [`ReconcileReport::events_failed_permanently`] and let it move.
+    ///
     /// # Errors
     ///
-    /// [`ReconcileError`] when listing or the cursor store fails; events that
-    /// fail to process are counted and hold the cursor back instead.
+    /// [`ReconcileError`] when listing, the cursor store or the subscription
+    /// store fails; changes saved before the error are notified first.
+    /// Events that fail to process are counted instead.
     pub async fn catch_up(&self) -> Result<ReconcileReport, ReconcileError> {
         let (requests0, limited0) = self.counters();
+        let mut report = ReconcileReport {
+            dry_run: self.config.dry_run,
+            ..ReconcileReport::default()
+        };
+        let mut before = BTreeMap::new();
+        let result = self.catch_up_events(&mut report, &mut before).await;
+        // Whatever was saved is reported and notified, even when the run
+        // failed part-way: the next run would find it in sync.
+        let diffed = if self.config.dry_run {
+            Ok(())
+        } else {
+            self.catch_up_changes(before, &mut report).await
+        };
+        self.notify(&report.changes).await;
+        result?;
+        diffed?;
+        self.count_requests(&mut report, requests0, limited0);
+        Ok(report)
+    }
+
+    /// Lists and processes the events; records each touched subscription's
+    /// record as it was before its first event in `before`.
+    async fn catch_up_events(
+        &self,
+        report: &mut ReconcileReport,
+        before: &mut BTreeMap<String, Option<SubscriptionRecord>>,
+    ) -> Result<(), ReconcileError> {
         let started = self.now();
         let floor = (started - EVENT_RETENTION).unix_timestamp();
         let cursor = match self.cursors.load_cursor(EVENTS_CURSOR).await? {
@@ -723,11 +953,6 @@ impl Reconciler {
                 |c| c - self.config.overlap.whole_seconds(),
             )
             .max(floor);
-        let mut report = ReconcileReport {
-            dry_run: self.config.dry_run,
-            ..ReconcileReport::default()
-        };
-        let mut before: BTreeMap<String, Option<SubscriptionRecord>> = BTreeMap::new();
         let mut oldest_failure: Option<i64> = None;
         let mut query = EventListQuery {
             created_gte: Some(from),
@@ -761,11 +986,17 @@ impl Reconciler {
                 match self.processor.process_event(event).await {
                     Ok(Outcome::Duplicate { .. }) => report.events_duplicate += 1,
                     Ok(_) => report.events_processed += 1,
-                    Err(_) => {
+                    Err(e) if e.is_retryable() => {
                         report.events_failed += 1;
                         oldest_failure = Some(
                             oldest_failure.map_or(event.created(), |o| o.min(event.created())),
                         );
+                    }
+                    Err(_) => {
+                        // Failing again next run would not help; holding the
+                        // cursor would pin it for up to 30 days.
+                        report.events_failed += 1;
+                        report.events_failed_permanently.push(event.id().to_owned());
                     }
                 }
             }
@@ -774,159 +1005,218 @@ impl Reconciler {
                 _ => break,
             }
         }
-        let next = oldest_failure.unwrap_or_else(|| started.unix_timestamp());
         if !self.config.dry_run {
+            let next = oldest_failure.unwrap_or_else(|| started.unix_timestamp());
             self.cursors
                 .save_cursor(EVENTS_CURSOR, &next.to_string())
                 .await?;
             report.cursor = Some(next);
-            for (id, old) in before {
-                let Some(new) = self.store().load(&id).await? else {
-                    continue;
-                };
-                if let Some(change) = self.diff(old.as_ref(), &new, ChangeSource::CatchUp) {
-                    report.changes.push(change);
-                }
-            }
-            self.notify(&report.changes).await;
         }
-        let (requests1, limited1) = self.counters();
-        report.requests = requests1 - requests0;
-        report.rate_limited = limited1 - limited0;
-        Ok(report)
+        Ok(())
     }
 
-    /// Compares subscriptions with Stripe and repairs them.
+    /// Diffs every subscription catch-up touched with its record now. A
+    /// record that cannot be reloaded is skipped (and the first such error
+    /// returned after the others were diffed).
+    async fn catch_up_changes(
+        &self,
+        before: BTreeMap<String, Option<SubscriptionRecord>>,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let mut first_error = None;
+        for (id, old) in before {
+            match self.store().load(&id).await {
+                Ok(Some(new)) => {
+                    if let Some(change) = self.diff(old.as_ref(), &new, ChangeSource::CatchUp) {
+                        report.changes.push(change);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Compares subscriptions with Stripe and repairs them. Each object is
+    /// planned at the time it was fetched. Connect records (`account` set)
+    /// are not reconciled (see [`SweepScope`]).
     ///
     /// # Errors
     ///
-    /// [`ReconcileError`] when the API or the store fails.
+    /// [`ReconcileError`] when the API or the store fails; changes saved
+    /// before the error are notified first.
     pub async fn sweep(&self, scope: SweepScope) -> Result<ReconcileReport, ReconcileError> {
         let (requests0, limited0) = self.counters();
-        let now = self.now();
         let mut report = ReconcileReport {
             dry_run: self.config.dry_run,
             ..ReconcileReport::default()
         };
-        match scope {
-            SweepScope::All => {
-                let mut seen = std::collections::HashSet::new();
-                let mut query = SubscriptionListQuery {
-                    customer: None,
-                    starting_after: None,
-                    limit: 100,
-                };
-                loop {
-                    let page = self.client.list_subscriptions(&query).await?;
-                    for view in &page.data {
-                        if let Some(id) = &view.id {
-                            seen.insert(id.clone());
-                        }
-                        self.apply_plan(view, now, ChangeSource::Sweep, &mut report)
+        let result = match scope {
+            SweepScope::All => self.sweep_all(&mut report).await,
+            SweepScope::StaleFor(threshold) => self.sweep_stale(threshold, &mut report).await,
+        };
+        self.notify(&report.changes).await;
+        result?;
+        self.count_requests(&mut report, requests0, limited0);
+        Ok(report)
+    }
+
+    async fn sweep_all(&self, report: &mut ReconcileReport) -> Result<(), ReconcileError> {
+        let mut seen = HashSet::new();
+        let mut query = SubscriptionListQuery {
+            customer: None,
+            starting_after: None,
+            limit: 100,
+        };
+        loop {
+            let page = self.client.list_subscriptions(&query).await?;
+            let fetched_at = self.now();
+            for view in &page.data {
+                if let Some(id) = &view.id {
+                    seen.insert(id.clone());
+                }
+                self.apply_plan(view, fetched_at, ChangeSource::Sweep, report)
+                    .await?;
+            }
+            match (page.has_more, page.data.last().and_then(|s| s.id.clone())) {
+                (true, Some(last)) => query.starting_after = Some(last),
+                _ => break,
+            }
+        }
+        self.flag_unknown_to_stripe(&seen, self.now(), report).await
+    }
+
+    async fn sweep_stale(
+        &self,
+        threshold: Duration,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let stale = SubscriptionQuery {
+            verified_before: Some(self.now() - threshold),
+            limit: STORE_PAGE,
+            ..SubscriptionQuery::default()
+        };
+        let flagged = SubscriptionQuery {
+            needs_reconcile: true,
+            limit: STORE_PAGE,
+            ..SubscriptionQuery::default()
+        };
+        // Stale records first, then flagged ones the first pass did not
+        // cover; each read a page at a time.
+        for (pass, query) in [&stale, &flagged].into_iter().enumerate() {
+            let mut query = query.clone();
+            loop {
+                let page = self.store().list_subscriptions(&query).await?;
+                let Some(last) = page.last() else { break };
+                query.after = Some(last.id.clone());
+                let ids: Vec<String> = page
+                    .into_iter()
+                    // `stale` has no paging bound, so this is its filter.
+                    .filter(|r| pass == 0 || !stale.matches(r))
+                    .filter(worth_retrieving)
+                    .map(|r| r.id)
+                    .collect();
+                self.retrieve_and_apply(&ids, report).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Retrieves `ids` (as many at once as the budget lets in flight) and
+    /// applies each object at the time it arrived.
+    async fn retrieve_and_apply(
+        &self,
+        ids: &[String],
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let max_in_flight = self
+            .budget
+            .as_ref()
+            .map_or(4, |b| b.config.max_in_flight.max(1));
+        for chunk in ids.chunks(max_in_flight) {
+            let fetches: Vec<Fetch> = chunk
+                .iter()
+                .map(|id| {
+                    let client = self.client.clone();
+                    let clock = self.processor.clock().clone();
+                    let id = id.clone();
+                    Box::pin(async move {
+                        let result = client.retrieve_subscription(&id).await;
+                        (id, clock.now(), result)
+                    }) as Fetch
+                })
+                .collect();
+            for (id, fetched_at, result) in join_all(fetches).await {
+                match result {
+                    Ok(view) => {
+                        self.apply_plan(&view, fetched_at, ChangeSource::Sweep, report)
                             .await?;
                     }
-                    match (page.has_more, page.data.last().and_then(|s| s.id.clone())) {
-                        (true, Some(last)) => query.starting_after = Some(last),
-                        _ => break,
+                    Err(e) if e.kind() == crate::client::ClientErrorKind::NotFound => {
+                        self.flag_missing(&id, fetched_at, report).await?;
                     }
-                }
-                self.flag_unknown_to_stripe(&seen, now, &mut report).await?;
-            }
-            SweepScope::StaleFor(threshold) => {
-                let mut stale = self
-                    .store()
-                    .list_subscriptions(&SubscriptionQuery {
-                        verified_before: Some(now - threshold),
-                        ..SubscriptionQuery::default()
-                    })
-                    .await?;
-                let flagged = self
-                    .store()
-                    .list_subscriptions(&SubscriptionQuery {
-                        needs_reconcile: true,
-                        ..SubscriptionQuery::default()
-                    })
-                    .await?;
-                for r in flagged {
-                    if !stale.iter().any(|s| s.id == r.id) {
-                        stale.push(r);
-                    }
-                }
-                let ids: Vec<String> = stale.into_iter().map(|r| r.id).collect();
-                let max_in_flight = self
-                    .budget
-                    .as_ref()
-                    .map_or(4, |b| b.config.max_in_flight.max(1));
-                for chunk in ids.chunks(max_in_flight) {
-                    let fetches: Vec<Fetch> = chunk
-                        .iter()
-                        .map(|id| {
-                            let client = self.client.clone();
-                            let id = id.clone();
-                            Box::pin(async move {
-                                let result = client.retrieve_subscription(&id).await;
-                                (id, result)
-                            }) as Fetch
-                        })
-                        .collect();
-                    for (id, result) in join_all(fetches).await {
-                        match result {
-                            Ok(view) => {
-                                self.apply_plan(&view, now, ChangeSource::Sweep, &mut report)
-                                    .await?;
-                            }
-                            Err(e) if e.kind() == crate::client::ClientErrorKind::NotFound => {
-                                self.flag_missing(&id, now, &mut report).await?;
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
-        self.notify(&report.changes).await;
-        let (requests1, limited1) = self.counters();
-        report.requests = requests1 - requests0;
-        report.rate_limited = limited1 - limited0;
-        Ok(report)
+        Ok(())
     }
 
     /// Refreshes one customer's subscriptions from Stripe: call it when a
     /// customer logs in or presses "restore purchase". Bounded to that
-    /// customer (one list request, plus retries).
+    /// customer (one list request, plus retries). Connect records are left
+    /// alone.
     ///
     /// # Errors
     ///
-    /// [`ReconcileError`] when the API or the store fails.
+    /// [`ReconcileError`] when the API or the store fails; changes saved
+    /// before the error are notified first.
     pub async fn refresh_customer(
         &self,
         customer: &str,
     ) -> Result<ReconcileReport, ReconcileError> {
         let (requests0, limited0) = self.counters();
-        let now = self.now();
         let mut report = ReconcileReport {
             dry_run: self.config.dry_run,
             ..ReconcileReport::default()
         };
+        let result = self.refresh_inner(customer, &mut report).await;
+        self.notify(&report.changes).await;
+        result?;
+        self.count_requests(&mut report, requests0, limited0);
+        Ok(report)
+    }
+
+    async fn refresh_inner(
+        &self,
+        customer: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
         let views = self.client.list_customer_subscriptions(customer).await?;
-        let mut seen = std::collections::HashSet::new();
+        let fetched_at = self.now();
+        let mut seen = HashSet::new();
         for view in &views {
             if let Some(id) = &view.id {
                 seen.insert(id.clone());
             }
-            self.apply_plan(view, now, ChangeSource::Refresh, &mut report)
+            self.apply_plan(view, fetched_at, ChangeSource::Refresh, report)
                 .await?;
         }
         for r in self.store().find_by_customer(customer).await? {
-            if !seen.contains(&r.id) {
-                self.flag_missing(&r.id, now, &mut report).await?;
+            if !seen.contains(&r.id) && r.account.is_none() {
+                self.flag_missing(&r.id, fetched_at, report).await?;
             }
         }
-        self.notify(&report.changes).await;
+        Ok(())
+    }
+
+    fn count_requests(&self, report: &mut ReconcileReport, requests0: u64, limited0: u64) {
         let (requests1, limited1) = self.counters();
         report.requests = requests1 - requests0;
         report.rate_limited = limited1 - limited0;
-        Ok(report)
     }
 
     /// Re-runs one stored event (failed or dead) through the processor, from
@@ -1066,7 +1356,7 @@ impl Reconciler {
 
     async fn flag_unknown_to_stripe(
         &self,
-        seen: &std::collections::HashSet<String>,
+        seen: &HashSet<String>,
         now: OffsetDateTime,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
@@ -1076,14 +1366,15 @@ impl Reconciler {
                 .store()
                 .list_subscriptions(&SubscriptionQuery {
                     after: after.clone(),
-                    limit: 500,
+                    limit: STORE_PAGE,
                     ..SubscriptionQuery::default()
                 })
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for r in page {
-                if !seen.contains(&r.id) && !r.needs_review {
+                // Connect records: the platform key does not list them.
+                if !seen.contains(&r.id) && !r.needs_review && r.account.is_none() {
                     self.flag_missing(&r.id, now, report).await?;
                 }
             }
@@ -1146,15 +1437,16 @@ impl Reconciler {
         let after_access = self.policy.decide(after, now).access;
         let before_status = before.map(|b| b.status.clone());
         let kind = match (before_access, &before_status) {
-            (_, _) if after.needs_review && !before.is_some_and(|b| b.needs_review) => {
+            _ if after.needs_review && !before.is_some_and(|b| b.needs_review) => {
                 ChangeKind::NeedsReview
             }
-            (Some(b), _) if !b.allows() && after_access.allows() => ChangeKind::AccessRestored,
-            (None, _) if after_access.allows() => ChangeKind::AccessRestored,
-            (Some(b), _) if b.allows() && !after_access.allows() => ChangeKind::AccessRevoked,
-            (_, Some(s)) if *s != after.status => ChangeKind::StatusChanged,
-            (None, None) => ChangeKind::StatusChanged,
-            _ => return None,
+            (None, _) => ChangeKind::Discovered,
+            (Some(b), Some(s)) => match access_change(b, after_access) {
+                Some(kind) => kind,
+                None if *s != after.status => ChangeKind::StatusChanged,
+                None => return None,
+            },
+            (Some(_), None) => return None,
         };
         Some(Change {
             kind,
@@ -1181,7 +1473,23 @@ impl Reconciler {
     }
 }
 
-type Fetch = Pin<Box<dyn Future<Output = (String, Result<SubscriptionView, ClientError>)> + Send>>;
+/// Whether [`SweepScope::StaleFor`] retrieves `record`.
+fn worth_retrieving(record: &SubscriptionRecord) -> bool {
+    let settled = record.status.is_terminal()
+        && record.last_verified_with_stripe.is_some()
+        && !record.needs_reconcile;
+    record.account.is_none() && !record.needs_review && !settled
+}
+
+/// A retrieve's id, when its answer arrived, and the answer.
+type Fetched = (
+    String,
+    OffsetDateTime,
+    Result<SubscriptionView, ClientError>,
+);
+
+/// A retrieve in flight.
+type Fetch = Pin<Box<dyn Future<Output = Fetched> + Send>>;
 
 /// Polls futures together until all are done (no runtime needed).
 fn join_all<T>(futures: Vec<Pin<Box<dyn Future<Output = T> + Send>>>) -> JoinAll<T> {
@@ -1258,10 +1566,12 @@ mod tests {
         let p = AccessPolicy::default();
         let now = at(10_000);
         let hour = Duration::hours(1);
-        // Unknown locally, active at Stripe: restored.
+        // Unknown locally, active at Stripe: discovered (not "restored":
+        // nothing was taken away that we know of).
         let plan_new = plan(None, &view("active", 20_000), now, &p, hour);
         assert_eq!(plan_new.kind, PlanKind::Repair);
-        assert_eq!(plan_new.change, Some(ChangeKind::AccessRestored));
+        assert_eq!(plan_new.change, Some(ChangeKind::Discovered));
+        assert_eq!(plan_new.before, None);
         let record = plan_new.record.unwrap();
         // In sync and just verified: nothing to write.
         let same = plan(Some(&record), &view("active", 20_000), now, &p, hour);
@@ -1294,5 +1604,93 @@ mod tests {
         let review = plan(Some(&canceled), &view("active", 20_000), now, &p, hour);
         assert_eq!(review.kind, PlanKind::Review);
         assert!(review.record.unwrap().needs_review);
+    }
+
+    /// An in-sync record in stale-data grace: re-stamping it as verified
+    /// ends the grace, which is a revocation to report, and `after`
+    /// describes the record saved.
+    #[test]
+    fn restamping_an_in_sync_record_reports_the_access_it_ends() {
+        let p = AccessPolicy::default();
+        let hour = Duration::hours(1);
+        let record = plan(None, &view("active", 20_000), at(10_000), &p, hour)
+            .record
+            .unwrap();
+        // Two days after the period end, never verified since: grace.
+        let now = at(20_000 + 2 * 86_400);
+        assert_eq!(p.decide(&record, now).access, Access::Grace);
+        // Stripe's object is still the same (the renewal failed quietly).
+        let same = plan(Some(&record), &view("active", 20_000), now, &p, hour);
+        assert_eq!(same.kind, PlanKind::InSync);
+        let saved = same.record.clone().unwrap();
+        assert_eq!(saved.last_verified_with_stripe, Some(now));
+        assert_eq!(same.change, Some(ChangeKind::AccessRevoked));
+        assert_eq!(
+            same.before,
+            Some((SubscriptionStatus::Active, Access::Grace))
+        );
+        assert_eq!(
+            same.after,
+            (saved.status.clone(), p.decide(&saved, now).access)
+        );
+        assert_eq!(same.after.1, Access::Denied);
+        // Recently verified and unchanged: nothing saved, nothing reported,
+        // `after` is the local record.
+        let again = plan(Some(&saved), &view("active", 20_000), now, &p, hour);
+        assert_eq!((again.change, again.record), (None, None));
+        assert_eq!(again.after, (SubscriptionStatus::Active, Access::Denied));
+    }
+
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn semaphore_permits_return_on_drop_and_cancellation() {
+        let s = Semaphore::new(1);
+        let held = match poll_once(&mut s.acquire()) {
+            Poll::Ready(p) => p,
+            Poll::Pending => panic!("a free permit"),
+        };
+        // Queued, then cancelled before being handed the permit.
+        let mut queued = s.acquire();
+        assert!(poll_once(&mut queued).is_pending());
+        drop(queued);
+        // Two more queue; the first is handed the permit and cancelled
+        // before collecting it: the permit passes to the next.
+        let mut b = s.acquire();
+        let mut c = s.acquire();
+        assert!(poll_once(&mut b).is_pending());
+        assert!(poll_once(&mut c).is_pending());
+        drop(held);
+        drop(b);
+        let from_c = match poll_once(&mut c) {
+            Poll::Ready(p) => p,
+            Poll::Pending => panic!("the cancelled waiter's permit was passed on"),
+        };
+        drop(c);
+        assert_eq!(s.available(), 0);
+        drop(from_c);
+        assert_eq!(s.available(), 1);
+        assert!(s.lock().waiters.is_empty() && s.lock().granted.is_empty());
+        // A fresh acquire gets it at once.
+        assert!(poll_once(&mut s.acquire()).is_ready());
+        assert_eq!(s.available(), 1);
+    }
+
+    #[test]
+    fn semaphore_is_first_come_first_served() {
+        let s = Semaphore::new(1);
+        let Poll::Ready(held) = poll_once(&mut s.acquire()) else {
+            panic!("a free permit")
+        };
+        let mut first = s.acquire();
+        let mut second = s.acquire();
+        assert!(poll_once(&mut first).is_pending());
+        assert!(poll_once(&mut second).is_pending());
+        drop(held);
+        // Polled out of order, the permit still goes to the first waiter.
+        assert!(poll_once(&mut second).is_pending());
+        assert!(poll_once(&mut first).is_ready());
     }
 }

@@ -4,22 +4,30 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
-use stripe_webhook_guard::clock::{Clock, ManualClock};
+use stripe_webhook_guard::client::{
+    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+};
+use stripe_webhook_guard::clock::{BoxFuture, Clock, ManualClock};
+use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::reconcile::{
-    BudgetConfig, Change, ChangeKind, Notifier, ReconcileConfig, Reconciler, SweepScope,
+    BudgetConfig, Change, ChangeKind, EVENTS_CURSOR, Notifier, ReconcileConfig, ReconcileError,
+    Reconciler, RequestBudget, SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::sim::SimConfig;
-use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
-use time::Duration;
+use stripe_webhook_guard::store::{
+    CursorStore, MemoryStore, StoreError, StoreErrorKind, SubscriptionQuery, SubscriptionStore,
+};
+use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord, from_stripe};
+use time::{Duration, OffsetDateTime};
 
 #[derive(Default)]
 struct Collect(Mutex<Vec<Change>>);
@@ -461,4 +469,634 @@ async fn dead_letters_are_replayed_after_a_fix() {
         LedgerState::Processed
     );
     assert!(r.replay_dead_letters().await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Review fixes: budget permits, notifications on errors, Discovered, fetch
+// times, permanent catch-up failures, Connect records, stale-sweep paging.
+// ---------------------------------------------------------------------------
+
+fn not_used() -> ClientError {
+    ClientError::new(ClientErrorKind::Api, "not used by this test").with_status(400)
+}
+
+/// The system clock with tokio's timer (the crate's own uses a thread per
+/// sleep without the `tokio` feature).
+#[derive(Debug)]
+struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(
+            std::time::Duration::try_from(duration).unwrap_or_default(),
+        ))
+    }
+}
+
+/// `sub_hang` never answers, `sub_panic` panics, anything else answers once
+/// `barrier`'s party is complete (so the calls must be in flight together).
+struct Stalls {
+    barrier: tokio::sync::Barrier,
+}
+
+#[async_trait]
+impl StripeClient for Stalls {
+    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+        match id {
+            "sub_hang" => std::future::pending().await,
+            "sub_panic" => panic!("client bug"),
+            _ => {
+                self.barrier.wait().await;
+                Ok(SubscriptionView::from_json(&format!(
+                    r#"{{"id":"{id}","object":"subscription","status":"active"}}"#
+                ))
+                .unwrap())
+            }
+        }
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _: &SubscriptionListQuery,
+    ) -> Result<Page<SubscriptionView>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+        Err(not_used())
+    }
+}
+
+/// Cancelled (timed out, including while queued for a permit) and panicking
+/// calls give their in-flight permits back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
+    let in_flight = 2;
+    let budget = Arc::new(RequestBudget::new(
+        Arc::new(Stalls {
+            barrier: tokio::sync::Barrier::new(in_flight),
+        }),
+        Arc::new(TokioClock),
+        BudgetConfig {
+            requests_per_second: 1000,
+            max_in_flight: in_flight,
+            ..BudgetConfig::default()
+        },
+    ));
+    let short = std::time::Duration::from_millis(30);
+    for _ in 0..3 {
+        // Two calls hold the permits and one waits for a permit; all three
+        // are dropped by the timeout.
+        let hung = tokio::time::timeout(short, async {
+            tokio::join!(
+                budget.retrieve_subscription("sub_hang"),
+                budget.retrieve_subscription("sub_hang"),
+                budget.retrieve_subscription("sub_hang"),
+            )
+        })
+        .await;
+        assert!(hung.is_err(), "the calls never answer");
+    }
+    for _ in 0..in_flight {
+        let b = budget.clone();
+        let panicked = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::spawn(async move { b.retrieve_subscription("sub_panic").await }),
+        )
+        .await
+        .expect("the cancelled calls gave their permits back");
+        assert!(panicked.unwrap_err().is_panic());
+    }
+    // Both permits are free: two calls can be in flight together.
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        tokio::join!(
+            budget.retrieve_subscription("sub_1"),
+            budget.retrieve_subscription("sub_2"),
+        )
+    })
+    .await
+    .expect("the budget still has its capacity");
+    assert!(answered.0.is_ok() && answered.1.is_ok());
+    // Only calls holding a permit were issued (not the queued ones).
+    assert_eq!(budget.requests(), 3 * 2 + 2 + 2);
+}
+
+/// A client around another that records calls, can fail the n-th call of a
+/// kind, and can move a manual clock on each call (a slow, paced API).
+struct Probe {
+    inner: Arc<dyn StripeClient>,
+    calls: Mutex<Vec<(&'static str, String)>>,
+    fail_at: Option<(&'static str, usize)>,
+    advance: Option<(ManualClock, Duration)>,
+}
+
+impl Probe {
+    fn new(inner: Arc<dyn StripeClient>) -> Self {
+        Self {
+            inner,
+            calls: Mutex::new(Vec::new()),
+            fail_at: None,
+            advance: None,
+        }
+    }
+
+    fn call(&self, kind: &'static str, what: &str) -> Result<(), ClientError> {
+        if let Some((clock, by)) = &self.advance {
+            clock.advance(*by);
+        }
+        let mut calls = self.calls.lock().unwrap();
+        calls.push((kind, what.to_owned()));
+        let n = calls.iter().filter(|(k, _)| *k == kind).count();
+        if self.fail_at == Some((kind, n)) {
+            return Err(ClientError::new(
+                ClientErrorKind::Unauthorized,
+                "injected failure",
+            ));
+        }
+        Ok(())
+    }
+
+    fn retrieved(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k == "retrieve")
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl StripeClient for Probe {
+    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+        self.call("retrieve", id)?;
+        self.inner.retrieve_subscription(id).await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        query: &SubscriptionListQuery,
+    ) -> Result<Page<SubscriptionView>, ClientError> {
+        self.call("list_subscriptions", "")?;
+        self.inner.list_subscriptions(query).await
+    }
+
+    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
+        self.call("list_events", "")?;
+        self.inner.list_events(query).await
+    }
+
+    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
+        self.call("retrieve_event", id)?;
+        self.inner.retrieve_event(id).await
+    }
+}
+
+fn access_snapshot(w: &World) -> HashMap<String, (SubscriptionStatus, Access)> {
+    let policy = AccessPolicy::default();
+    w.store
+        .all_subscriptions()
+        .into_iter()
+        .map(|r| {
+            let access = policy.decide(&r, w.clock.now()).access;
+            (r.id.clone(), (r.status.clone(), access))
+        })
+        .collect()
+}
+
+/// Every record whose status or access changed was notified, and every
+/// notification describes what is stored now.
+fn assert_saved_changes_notified(
+    before: &HashMap<String, (SubscriptionStatus, Access)>,
+    after: &HashMap<String, (SubscriptionStatus, Access)>,
+    notes: &[Change],
+) {
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(id, now)| before.get(*id) != Some(*now))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!changed.is_empty(), "the run changed something first");
+    for id in changed {
+        assert!(
+            notes.iter().any(|c| &c.subscription_id == id),
+            "{id} changed ({:?} -> {:?}) but was not notified: {notes:#?}",
+            before.get(id),
+            after[id]
+        );
+    }
+    for c in notes {
+        let now = &after[&c.subscription_id];
+        assert_eq!((&c.after_status, c.after_access), (&now.0, now.1), "{c:#?}");
+    }
+}
+
+/// A sweep whose API fails part-way notifies the repairs it saved before.
+#[tokio::test]
+async fn a_sweep_failing_part_way_notifies_what_it_saved() {
+    let w = outage_world(Duration::days(4), 51).await;
+    let n = w.store.all_subscriptions().len();
+    assert!(n >= 10, "{n} records");
+    let before = access_snapshot(&w);
+    let mut probe = Probe::new(w.fake.clone());
+    probe.fail_at = Some(("retrieve", n - 1));
+    let notes = Arc::new(Collect::default());
+    let r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), Arc::new(probe))
+        .notifier(notes.clone());
+    let result = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await;
+    assert!(
+        matches!(result, Err(ReconcileError::Client(_))),
+        "{result:?}"
+    );
+    let notes = notes.0.lock().unwrap().clone();
+    assert_saved_changes_notified(&before, &access_snapshot(&w), &notes);
+}
+
+/// A cursor store that cannot save.
+struct NoCursorSaves(Arc<MemoryStore>);
+
+#[async_trait]
+impl CursorStore for NoCursorSaves {
+    async fn load_cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.0.load_cursor(name).await
+    }
+
+    async fn save_cursor(&self, _: &str, _: &str) -> Result<(), StoreError> {
+        Err(StoreError::new(StoreErrorKind::Unavailable, "injected"))
+    }
+}
+
+/// Catch-up processed events (and saved their effects) but failed to save
+/// its cursor: the changes are still notified before the error.
+#[tokio::test]
+async fn a_catch_up_failing_at_the_end_notifies_what_it_saved() {
+    let w = outage_world(Duration::days(4), 52).await;
+    let before = access_snapshot(&w);
+    let notes = Arc::new(Collect::default());
+    let r = Reconciler::new(
+        w.sim.processor().clone(),
+        Arc::new(NoCursorSaves(w.store.clone())),
+        w.fake.clone(),
+    )
+    .config(ReconcileConfig {
+        lookback: Duration::days(30),
+        ..ReconcileConfig::default()
+    })
+    .notifier(notes.clone());
+    let result = r.catch_up().await;
+    assert!(
+        matches!(result, Err(ReconcileError::Store(_))),
+        "{result:?}"
+    );
+    let notes = notes.0.lock().unwrap().clone();
+    assert_saved_changes_notified(&before, &access_snapshot(&w), &notes);
+}
+
+/// Subscriptions we never heard of are Discovered, not "restored", both by
+/// the sweep and by catch-up.
+#[tokio::test]
+async fn records_unknown_locally_are_discovered_not_restored() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
+    for _ in 0..3 {
+        let c = fake.create_customer();
+        fake.subscribe(&c, &Subscribe::default());
+    }
+    fake.advance(Duration::days(1));
+    for sweep in [true, false] {
+        let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+        let p = WebhookProcessor::builder(Verifier::new(common::secret()))
+            .store(store.clone())
+            .client(fake.clone())
+            .clock(Arc::new(clock.clone()))
+            .build();
+        let notes = Arc::new(Collect::default());
+        let r = Reconciler::new(p, store.clone(), fake.clone())
+            .config(ReconcileConfig {
+                lookback: Duration::days(30),
+                ..ReconcileConfig::default()
+            })
+            .notifier(notes.clone());
+        let report = if sweep {
+            r.sweep(SweepScope::All).await.unwrap()
+        } else {
+            r.catch_up().await.unwrap()
+        };
+        let notes = notes.0.lock().unwrap().clone();
+        assert_eq!(notes, report.changes);
+        assert_eq!(notes.len(), 3, "sweep {sweep}: {notes:#?}");
+        for c in &notes {
+            assert_eq!(c.kind, ChangeKind::Discovered, "sweep {sweep}: {c:#?}");
+            assert_eq!((c.before_status.as_ref(), c.before_access), (None, None));
+            assert_eq!(c.after_access, Access::Granted);
+        }
+    }
+}
+
+/// Each object is planned at the time it arrived, not when the sweep
+/// started: the verification stamps say when Stripe was asked.
+#[tokio::test]
+async fn sweeps_stamp_each_object_with_its_fetch_time() {
+    let step = Duration::minutes(10);
+    for scope in [SweepScope::All, SweepScope::StaleFor(Duration::ZERO)] {
+        let w = outage_world(Duration::days(4), 53).await;
+        let mut probe = Probe::new(w.fake.clone());
+        probe.advance = Some((w.clock.clone(), step));
+        let probe = Arc::new(probe);
+        let r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), probe.clone()).config(
+            ReconcileConfig {
+                reverify_after: Duration::ZERO,
+                ..ReconcileConfig::default()
+            },
+        );
+        let start = w.clock.now();
+        r.sweep(scope).await.unwrap();
+        let stamps: BTreeSet<OffsetDateTime> = w
+            .store
+            .all_subscriptions()
+            .iter()
+            .filter_map(|r| r.last_verified_with_stripe)
+            .filter(|v| *v >= start)
+            .collect();
+        let expected: BTreeSet<OffsetDateTime> = match scope {
+            // One list page, answered one step later.
+            SweepScope::All => [start + step].into(),
+            // One retrieve each, a step apart.
+            SweepScope::StaleFor(_) => {
+                let n = probe.retrieved().len();
+                assert!(n >= 5, "{n} retrieved");
+                (1..=n)
+                    .map(|k| start + step * u32::try_from(k).unwrap())
+                    .collect()
+            }
+        };
+        assert_eq!(stamps, expected, "{scope:?}");
+    }
+}
+
+/// A client that lists a fixed set of events.
+struct Events(Vec<Event>);
+
+#[async_trait]
+impl StripeClient for Events {
+    async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _: &SubscriptionListQuery,
+    ) -> Result<Page<SubscriptionView>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
+        Ok(Page {
+            data: self.0.clone(),
+            has_more: false,
+        })
+    }
+
+    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+        Err(not_used())
+    }
+}
+
+/// A permanent failure (a payload conflict) is reported and lets the cursor
+/// move; a retryable one still holds it back.
+#[tokio::test]
+async fn only_retryable_catch_up_failures_hold_the_cursor() {
+    let t0 = common::world::START;
+    let clock = ManualClock::at_unix(t0 + 86_400);
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let handler = common::CountingHandler::new();
+    handler.always_fail.lock().unwrap().push("evt_retry".into());
+    let p = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let event = |id: &str, ty: &str, created: i64, sub: &str| {
+        let body = common::sub_event(id, ty, created, sub, "active");
+        Event::parse_unverified(body.as_bytes()).unwrap()
+    };
+    let updated = "customer.subscription.updated";
+    // evt_conflict arrived by webhook as a `created` event; Stripe's list
+    // says it is an `updated` one: the same id with other content, refused
+    // for good.
+    p.process_event(&event(
+        "evt_conflict",
+        "customer.subscription.created",
+        t0,
+        "sub_a",
+    ))
+    .await
+    .unwrap();
+    let listed = vec![
+        event("evt_ok", updated, t0 + 200, "sub_ok"),
+        event("evt_retry", updated, t0 + 100, "sub_r"),
+        event("evt_conflict", updated, t0, "sub_a"),
+    ];
+    let r = Reconciler::new(p.clone(), store.clone(), Arc::new(Events(listed.clone())));
+    let report = r.catch_up().await.unwrap();
+    assert_eq!(report.events_processed, 1);
+    assert_eq!(report.events_failed, 2);
+    assert_eq!(report.events_failed_permanently, vec!["evt_conflict"]);
+    assert_eq!(report.cursor, Some(t0 + 100), "held by evt_retry only");
+    // Once evt_retry goes through, the cursor moves to the run's start
+    // although evt_conflict fails again.
+    handler.always_fail.lock().unwrap().clear();
+    let report = r.catch_up().await.unwrap();
+    assert_eq!(report.events_failed_permanently, vec!["evt_conflict"]);
+    assert_eq!(report.cursor, Some(clock.now().unix_timestamp()));
+    assert_eq!(
+        store.load_cursor(EVENTS_CURSOR).await.unwrap(),
+        Some(clock.now().unix_timestamp().to_string())
+    );
+}
+
+fn record_at(id: &str, status: &str, verified: OffsetDateTime) -> SubscriptionRecord {
+    let end = verified.unix_timestamp() + 30 * 86_400;
+    let view = SubscriptionView::from_json(&format!(
+        r#"{{"id":"{id}","object":"subscription","customer":"cus_{id}","status":"{status}",
+        "current_period_start":{},"current_period_end":{end}}}"#,
+        verified.unix_timestamp()
+    ))
+    .unwrap();
+    from_stripe(None, &view, verified, None).record
+}
+
+/// Records of Connect accounts: the platform key cannot see them, so they
+/// are neither retrieved nor flagged as unknown to Stripe.
+#[tokio::test]
+async fn connect_records_are_left_alone() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let mut record = record_at("sub_connect", "active", clock.now() - Duration::days(10));
+    record.account = Some("acct_1".into());
+    store.save(&record).await.unwrap();
+    let saved = store.load("sub_connect").await.unwrap().unwrap();
+    let p = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let probe = Arc::new(Probe::new(fake.clone()));
+    let r = Reconciler::new(p, store.clone(), probe.clone());
+    let all = r.sweep(SweepScope::All).await.unwrap();
+    let stale = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await.unwrap();
+    let refresh = r.refresh_customer("cus_sub_connect").await.unwrap();
+    for report in [all, stale, refresh] {
+        assert!(report.changes.is_empty(), "{report:#?}");
+        assert_eq!(report.writes, 0);
+    }
+    assert!(probe.retrieved().is_empty(), "{:?}", probe.retrieved());
+    assert_eq!(store.load("sub_connect").await.unwrap().unwrap(), saved);
+}
+
+/// A subscription store that records the page sizes asked of it.
+struct PagedStore {
+    inner: Arc<MemoryStore>,
+    limits: Mutex<Vec<usize>>,
+}
+
+#[async_trait]
+impl SubscriptionStore for PagedStore {
+    async fn load(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        self.inner.load(id).await
+    }
+
+    async fn save(&self, record: &SubscriptionRecord) -> Result<u64, StoreError> {
+        self.inner.save(record).await
+    }
+
+    async fn find_by_customer(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.inner.find_by_customer(customer).await
+    }
+
+    async fn find_by_client_reference(
+        &self,
+        reference: &str,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.inner.find_by_client_reference(reference).await
+    }
+
+    async fn list_subscriptions(
+        &self,
+        query: &SubscriptionQuery,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.limits.lock().unwrap().push(query.limit);
+        self.inner.list_subscriptions(query).await
+    }
+
+    async fn load_entitlements(
+        &self,
+        customer: &str,
+    ) -> Result<Option<CustomerEntitlements>, StoreError> {
+        self.inner.load_entitlements(customer).await
+    }
+
+    async fn save_entitlements(
+        &self,
+        entitlements: &CustomerEntitlements,
+    ) -> Result<u64, StoreError> {
+        self.inner.save_entitlements(entitlements).await
+    }
+}
+
+async fn paged_reconciler(
+    clock: &ManualClock,
+    records: &[SubscriptionRecord],
+) -> (Reconciler, Arc<PagedStore>, Arc<Probe>) {
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    for r in records {
+        store.save(r).await.unwrap();
+    }
+    let paged = Arc::new(PagedStore {
+        inner: store.clone(),
+        limits: Mutex::new(Vec::new()),
+    });
+    let p = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .ledger(store.clone())
+        .subscriptions(paged.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
+    let probe = Arc::new(Probe::new(fake));
+    let r = Reconciler::new(p, store, probe.clone());
+    (r, paged, probe)
+}
+
+/// The stale sweep reads the store in pages, and covers every record.
+#[tokio::test]
+async fn the_stale_sweep_reads_the_store_in_pages() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let old = clock.now() - Duration::days(10);
+    let records: Vec<_> = (0..1_100)
+        .map(|i| record_at(&format!("sub_{i:04}"), "active", old))
+        .collect();
+    let (r, paged, probe) = paged_reconciler(&clock, &records).await;
+    r.sweep(SweepScope::StaleFor(Duration::hours(1)))
+        .await
+        .unwrap();
+    let limits = paged.limits.lock().unwrap().clone();
+    assert!(limits.len() >= 3, "{limits:?}");
+    assert!(limits.iter().all(|l| (1..=500).contains(l)), "{limits:?}");
+    let retrieved: BTreeSet<String> = probe.retrieved().into_iter().collect();
+    assert_eq!(retrieved.len(), 1_100);
+    assert_eq!(probe.retrieved().len(), 1_100, "each once");
+}
+
+/// Terminal records verified with Stripe cannot change and records under
+/// review belong to a human: the stale sweep does not retrieve them.
+#[tokio::test]
+async fn the_stale_sweep_skips_settled_and_reviewed_records() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let old = clock.now() - Duration::days(10);
+    let settled = record_at("sub_a_settled", "canceled", old);
+    let mut never_verified = record_at("sub_b_never_verified", "canceled", old);
+    never_verified.last_verified_with_stripe = None;
+    let mut reviewed = record_at("sub_c_reviewed", "active", old);
+    reviewed.needs_review = true;
+    let mut guessed = record_at("sub_d_guessed", "incomplete_expired", old);
+    guessed.needs_reconcile = true;
+    let stale = record_at("sub_e_stale", "active", old);
+    let mut fresh_but_flagged = record_at("sub_f_flagged", "active", clock.now());
+    fresh_but_flagged.needs_reconcile = true;
+    let (r, _, probe) = paged_reconciler(
+        &clock,
+        &[
+            settled,
+            never_verified,
+            reviewed,
+            guessed,
+            stale,
+            fresh_but_flagged,
+        ],
+    )
+    .await;
+    r.sweep(SweepScope::StaleFor(Duration::hours(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.retrieved(),
+        vec![
+            "sub_b_never_verified",
+            "sub_d_guessed",
+            "sub_e_stale",
+            "sub_f_flagged"
+        ]
+    );
 }
