@@ -1065,6 +1065,7 @@ impl Reconciler {
     }
 
     async fn sweep_all(&self, report: &mut ReconcileReport) -> Result<(), ReconcileError> {
+        let started = self.now();
         let mut seen = HashSet::new();
         let mut query = SubscriptionListQuery {
             customer: None,
@@ -1086,7 +1087,8 @@ impl Reconciler {
                 _ => break,
             }
         }
-        self.flag_unknown_to_stripe(&seen, self.now(), report).await
+        self.flag_unknown_to_stripe(&seen, started, self.now(), report)
+            .await
     }
 
     async fn sweep_stale(
@@ -1354,9 +1356,13 @@ impl Reconciler {
         .into())
     }
 
+    /// Flags local records the listing (started at `listed_from`) did not
+    /// return. Records whose snapshot is newer than the listing's start were
+    /// created (by a webhook) while it ran, so their absence proves nothing.
     async fn flag_unknown_to_stripe(
         &self,
         seen: &HashSet<String>,
+        listed_from: OffsetDateTime,
         now: OffsetDateTime,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
@@ -1374,7 +1380,15 @@ impl Reconciler {
             after = Some(last.id.clone());
             for r in page {
                 // Connect records: the platform key does not list them.
-                if !seen.contains(&r.id) && !r.needs_review && r.account.is_none() {
+                let listed_before_it_existed = r
+                    .watermark
+                    .as_ref()
+                    .is_none_or(|w| w.created >= listed_from.unix_timestamp());
+                if !seen.contains(&r.id)
+                    && !r.needs_review
+                    && r.account.is_none()
+                    && !listed_before_it_existed
+                {
                     self.flag_missing(&r.id, now, report).await?;
                 }
             }

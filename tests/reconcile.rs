@@ -1100,3 +1100,72 @@ async fn the_stale_sweep_skips_settled_and_reviewed_records() {
         ]
     );
 }
+
+/// A subscription a webhook creates while a full sweep is listing Stripe is
+/// not in that listing; it must not be flagged "unknown to Stripe".
+#[tokio::test]
+async fn records_created_during_the_listing_are_not_flagged() {
+    use stripe_webhook_guard::client::{
+        ClientError, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    };
+    use stripe_webhook_guard::event::{Event, SubscriptionView};
+    struct RacingClient {
+        fake: Arc<FakeStripe>,
+        processor: WebhookProcessor,
+        clock: ManualClock,
+    }
+    #[async_trait]
+    impl StripeClient for RacingClient {
+        async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+            self.fake.retrieve_subscription(id).await
+        }
+        async fn list_subscriptions(
+            &self,
+            q: &SubscriptionListQuery,
+        ) -> Result<Page<SubscriptionView>, ClientError> {
+            let page = self.fake.list_subscriptions(q).await;
+            // Meanwhile a new customer checks out and its webhook lands.
+            self.clock.advance(Duration::seconds(5));
+            let c = self.fake.create_customer();
+            self.fake.subscribe(&c, &Subscribe::default());
+            for fe in self.fake.take_new_events() {
+                self.processor.process_event(&fe.event).await.unwrap();
+            }
+            page
+        }
+        async fn list_events(&self, q: &EventListQuery) -> Result<Page<Event>, ClientError> {
+            self.fake.list_events(q).await
+        }
+        async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
+            self.fake.retrieve_event(id).await
+        }
+    }
+    let clock = ManualClock::at_unix(common::world::START);
+    let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let c = fake.create_customer();
+    fake.subscribe(&c, &Subscribe::default());
+    for fe in fake.take_new_events() {
+        processor.process_event(&fe.event).await.unwrap();
+    }
+    let client = Arc::new(RacingClient {
+        fake: fake.clone(),
+        processor: processor.clone(),
+        clock: clock.clone(),
+    });
+    let report = Reconciler::new(processor, store.clone(), client)
+        .sweep(SweepScope::All)
+        .await
+        .unwrap();
+    assert!(
+        report.changes_of(ChangeKind::NeedsReview).next().is_none(),
+        "{:#?}",
+        report.changes
+    );
+    assert_eq!(store.all_subscriptions().len(), 2);
+    assert!(store.all_subscriptions().iter().all(|r| !r.needs_review));
+}
