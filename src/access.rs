@@ -144,8 +144,9 @@ pub struct AccessDecision {
     pub access: Access,
     /// Why.
     pub reason: AccessReason,
-    /// Until when this answer holds (exclusive); `None` for denials and for
-    /// answers with no time limit.
+    /// Until when this access level holds (exclusive); `None` for denials
+    /// and for answers with no time limit. Within that window the reason may
+    /// become more specific (a pending renewal becomes unverified data).
     #[serde(with = "time::serde::rfc3339::option")]
     pub valid_until: Option<OffsetDateTime>,
 }
