@@ -416,21 +416,10 @@ impl FakeStripe {
             sub.period_end = end;
             inner.subs.insert(id.clone(), sub.clone());
             self.emit_sub(&mut inner, "customer.subscription.created", &sub, None);
-            self.emit_invoice(
+            self.emit_paid(
                 &mut inner,
-                "invoice.paid",
                 &sub,
                 &invoice,
-                true,
-                "subscription_create",
-                (now, end),
-            );
-            self.emit_invoice(
-                &mut inner,
-                "invoice.payment_succeeded",
-                &sub,
-                &invoice,
-                true,
                 "subscription_create",
                 (now, end),
             );
@@ -451,21 +440,10 @@ impl FakeStripe {
             inner.subs.insert(id.clone(), sub.clone());
             self.emit_sub(&mut inner, "customer.subscription.created", &sub, None);
             if card == Card::Works {
-                self.emit_invoice(
+                self.emit_paid(
                     &mut inner,
-                    "invoice.paid",
                     &sub,
                     &invoice,
-                    true,
-                    "subscription_create",
-                    (now, sub.period_end),
-                );
-                self.emit_invoice(
-                    &mut inner,
-                    "invoice.payment_succeeded",
-                    &sub,
-                    &invoice,
-                    true,
                     "subscription_create",
                     (now, sub.period_end),
                 );
@@ -526,21 +504,10 @@ impl FakeStripe {
             .latest_invoice
             .clone()
             .unwrap_or_else(|| next_id(&mut inner, "in"));
-        self.emit_invoice(
+        self.emit_paid(
             &mut inner,
-            "invoice.paid",
             &sub,
             &invoice,
-            true,
-            "subscription_cycle",
-            (sub.period_start, sub.period_end),
-        );
-        self.emit_invoice(
-            &mut inner,
-            "invoice.payment_succeeded",
-            &sub,
-            &invoice,
-            true,
             "subscription_cycle",
             (sub.period_start, sub.period_end),
         );
@@ -934,21 +901,10 @@ impl FakeStripe {
                     return;
                 }
                 if card == Card::Works {
-                    self.emit_invoice(
+                    self.emit_paid(
                         inner,
-                        "invoice.paid",
                         &sub,
                         &invoice,
-                        true,
-                        "subscription_cycle",
-                        (sub.period_start, sub.period_end),
-                    );
-                    self.emit_invoice(
-                        inner,
-                        "invoice.payment_succeeded",
-                        &sub,
-                        &invoice,
-                        true,
                         "subscription_cycle",
                         (sub.period_start, sub.period_end),
                     );
@@ -1006,21 +962,10 @@ impl FakeStripe {
             if self.config.noise_events {
                 self.emit_noise(inner, "invoice.finalized", &sub, &invoice);
             }
-            self.emit_invoice(
+            self.emit_paid(
                 inner,
-                "invoice.paid",
                 &sub,
                 &invoice,
-                true,
-                "subscription_cycle",
-                (sub.period_start, sub.period_end),
-            );
-            self.emit_invoice(
-                inner,
-                "invoice.payment_succeeded",
-                &sub,
-                &invoice,
-                true,
                 "subscription_cycle",
                 (sub.period_start, sub.period_end),
             );
@@ -1102,6 +1047,28 @@ impl FakeStripe {
         let object = render_subscription(sub, shape);
         let previous = before.map(|b| previous_attributes(&render_subscription(b, shape), &object));
         self.emit(inner, event_type, shape, object, previous);
+    }
+
+    /// A successful payment: `invoice.paid` then `invoice.payment_succeeded`,
+    /// in the same second, as Stripe sends them.
+    fn emit_paid(
+        &self,
+        inner: &mut Inner,
+        sub: &Sub,
+        invoice: &str,
+        reason: &str,
+        period: (i64, i64),
+    ) {
+        self.emit_invoice(inner, "invoice.paid", sub, invoice, true, reason, period);
+        self.emit_invoice(
+            inner,
+            "invoice.payment_succeeded",
+            sub,
+            invoice,
+            true,
+            reason,
+            period,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
