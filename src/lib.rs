@@ -199,6 +199,7 @@ pub mod integrations;
 pub mod ledger;
 pub mod processor;
 pub mod reconcile;
+mod rt;
 pub mod signature;
 #[cfg(feature = "test-util")]
 pub mod sim;
