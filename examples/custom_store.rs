@@ -34,7 +34,7 @@ use stripe_webhook_guard::ledger::{
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret, test_header};
 use stripe_webhook_guard::store::{
-    EventLedger, StoreError, StoreErrorKind, SubscriptionQuery, SubscriptionStore,
+    CursorStore, EventLedger, StoreError, StoreErrorKind, SubscriptionQuery, SubscriptionStore,
 };
 use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord};
 use time::OffsetDateTime;
@@ -318,6 +318,33 @@ impl EventLedger for AppStore {
     }
 }
 
+/// The reconciler's position in `/v1/events`: one key per cursor, written
+/// over (no race to arbitrate: one reconciler owns each cursor).
+#[async_trait]
+impl CursorStore for AppStore {
+    async fn load_cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.kv
+            .get(&format!("cursor/{name}"))
+            .map(|(_, bytes)| String::from_utf8(bytes))
+            .transpose()
+            .map_err(|_| StoreError::new(StoreErrorKind::Corrupt, "cursor is not UTF-8"))
+    }
+
+    async fn save_cursor(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let key = format!("cursor/{name}");
+        for _ in 0..16 {
+            let version = self.kv.get(&key).map_or(0, |(v, _)| v);
+            if self.kv.cas(&key, version, value.as_bytes().to_vec()) {
+                return Ok(());
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Unavailable,
+            "too much contention",
+        ))
+    }
+}
+
 #[async_trait]
 impl SubscriptionStore for AppStore {
     async fn load(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
@@ -357,7 +384,7 @@ impl SubscriptionStore for AppStore {
             .await?;
         Ok(all
             .into_iter()
-            .filter(|r| r.customer.as_deref() == Some(customer))
+            .filter(|r| r.state.customer.as_deref() == Some(customer))
             .collect())
     }
 
@@ -450,7 +477,7 @@ async fn main() {
         match processor.handle(body.as_bytes(), Some(&header)).await {
             Ok(outcome) => println!(
                 "delivery {delivery}: {} ({})",
-                outcome.label(),
+                outcome.as_str(),
                 outcome.http_status()
             ),
             Err(e) => println!("delivery {delivery}: error {e} ({})", e.http_status()),
@@ -459,8 +486,8 @@ async fn main() {
     let record = store.load("sub_custom").await.ok().flatten();
     println!(
         "stored: {:?} for {:?}, version {}",
-        record.as_ref().map(|r| r.status.as_str().to_owned()),
-        record.as_ref().and_then(|r| r.customer.clone()),
+        record.as_ref().map(|r| r.state.status.as_str().to_owned()),
+        record.as_ref().and_then(|r| r.state.customer.clone()),
         record.as_ref().map_or(0, |r| r.version)
     );
 }

@@ -214,7 +214,7 @@ impl Demo {
     fn label(result: &DeliveryResult) -> &'static str {
         match result {
             DeliveryResult::Acknowledged(o) => match o {
-                Outcome::Processed { effect, .. } => match effect.label() {
+                Outcome::Processed { effect, .. } => match effect.as_str() {
                     "applied" | "entitlements" => "applied",
                     "refetched" => "refetched",
                     "stale" => "stale",
@@ -313,12 +313,12 @@ impl Demo {
                 .store
                 .all_subscriptions()
                 .into_iter()
-                .filter(|r| r.customer.as_deref() == Some(customer.as_str()))
+                .filter(|r| r.state.customer.as_deref() == Some(customer.as_str()))
                 .collect();
             let d = policy.decide_customer(&records, now);
             let status = records
                 .iter()
-                .map(|r| r.status.as_str().to_owned())
+                .map(|r| r.state.status.as_str().to_owned())
                 .collect::<Vec<_>>()
                 .join(",");
             let until = d
@@ -366,7 +366,8 @@ impl Demo {
                 matched += 1;
             }
             if self.verbose {
-                let local = record.map_or("missing".to_owned(), |r| r.status.as_str().to_owned());
+                let local =
+                    record.map_or("missing".to_owned(), |r| r.state.status.as_str().to_owned());
                 let access = record.map_or(Access::Denied, |r| policy.decide(r, now).access);
                 println!(
                     "  {:<6} {:<22} {:<12} {:<12} {} {}",

@@ -62,12 +62,12 @@ async fn webhook(
             println!(
                 "{} {} -> {}",
                 outcome.event_id(),
-                outcome.label(),
+                outcome.as_str(),
                 outcome.http_status()
             );
             (
                 outcome.http_status(),
-                json!({ "outcome": outcome.label(), "event_id": outcome.event_id() }),
+                json!({ "outcome": outcome.as_str(), "event_id": outcome.event_id() }),
             )
         }
         Err(error) => {
@@ -75,7 +75,7 @@ async fn webhook(
             eprintln!("refused: {error} -> {}", error.http_status());
             (
                 error.http_status(),
-                json!({ "error": error.label(), "retryable": error.is_retryable() }),
+                json!({ "error": error.as_str(), "retryable": error.is_retryable() }),
             )
         }
     };

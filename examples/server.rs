@@ -73,7 +73,7 @@ use stripe_webhook_guard::reconcile::{
     BudgetConfig, ReconcileError, Reconciler, RequestBudget, SweepScope,
 };
 use stripe_webhook_guard::signature::{DEFAULT_MAX_BODY_BYTES, Verifier};
-use stripe_webhook_guard::store::{CursorStore, EventLedger, MemoryStore, SubscriptionStore};
+use stripe_webhook_guard::store::{InboxStorage, MemoryStore};
 use tokio::net::TcpListener;
 
 // ---------------------------------------------------------------------------
@@ -295,10 +295,10 @@ impl EventHandler for ProvisionAccess {
             event_id = %ctx.event_id,
             event_type = %event.event_type(),
             attempt = ctx.attempt,
-            effect = ctx.effect.label(),
+            effect = ctx.effect.as_str(),
             subscription = record.map_or("", |r| r.id.as_str()),
-            customer = record.and_then(|r| r.customer.as_deref()).unwrap_or(""),
-            status = %record.map(|r| r.status.to_string()).unwrap_or_default(),
+            customer = record.and_then(|r| r.state.customer.as_deref()).unwrap_or(""),
+            status = %record.map(|r| r.state.status.to_string()).unwrap_or_default(),
             "provision access"
         );
         self.provisioned.fetch_add(1, Ordering::Relaxed);
@@ -357,23 +357,13 @@ struct ReconcileJob {
 
 /// The three store roles, usually one object.
 struct Stores {
-    ledger: Arc<dyn EventLedger>,
-    subscriptions: Arc<dyn SubscriptionStore>,
-    cursors: Arc<dyn CursorStore>,
+    store: Arc<dyn InboxStorage>,
     kind: &'static str,
 }
 
 impl Stores {
-    fn of<S>(store: Arc<S>, kind: &'static str) -> Self
-    where
-        S: EventLedger + SubscriptionStore + CursorStore + 'static,
-    {
-        Self {
-            ledger: store.clone(),
-            subscriptions: store.clone(),
-            cursors: store,
-            kind,
-        }
+    fn of<S: InboxStorage>(store: Arc<S>, kind: &'static str) -> Self {
+        Self { store, kind }
     }
 }
 
@@ -465,8 +455,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
     let clock = Arc::new(SystemClock);
 
     let mut builder = WebhookProcessor::builder(config.verifier())
-        .ledger(stores.ledger)
-        .subscriptions(stores.subscriptions)
+        .store(stores.store)
         .handler(handler.clone())
         .clock(clock.clone());
     if let Some(livemode) = config.livemode {
@@ -496,8 +485,12 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
 
     let reconcile = budget.map(|budget| {
         Arc::new(ReconcileJob {
-            reconciler: Reconciler::new(processor.clone(), stores.cursors, budget.clone())
-                .with_shared_budget(budget.clone()),
+            reconciler: Reconciler::new(
+                processor.clone(),
+                processor.store().clone(),
+                budget.clone(),
+            )
+            .with_shared_budget(budget.clone()),
             budget,
             running: Arc::new(tokio::sync::Mutex::new(())),
         })
@@ -631,7 +624,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn subscription(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.processor.subscriptions().load(&id).await {
+    match state.processor.store().load(&id).await {
         Ok(Some(record)) => Json(record).into_response(),
         Ok(None) => json_error(StatusCode::NOT_FOUND, "not_found", false, ""),
         Err(e) => {
@@ -647,7 +640,7 @@ async fn subscription(State(state): State<AppState>, Path(id): Path<String>) -> 
 }
 
 async fn customer_access(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.processor.subscriptions().find_by_customer(&id).await {
+    match state.processor.store().find_by_customer(&id).await {
         Ok(records) => {
             let now = state.processor.clock().now();
             Json(state.policy.decide_customer(&records, now)).into_response()

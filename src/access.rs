@@ -239,7 +239,7 @@ impl AccessPolicy {
         if !record.has_snapshot() {
             return self.decide_without_snapshot(record, t);
         }
-        match &record.status {
+        match &record.state.status {
             S::Canceled => AccessDecision::denied(AccessReason::Canceled),
             S::IncompleteExpired => AccessDecision::denied(AccessReason::Expired),
             S::Unpaid => AccessDecision::denied(AccessReason::Unpaid),
@@ -263,12 +263,12 @@ impl AccessPolicy {
             // A paid invoice that reaches further than the period we know of
             // (the renewal's own update was lost or is late) counts.
             S::Active => {
-                let end = later(record.current_period_end, record.paid_through);
+                let end = later(record.state.current_period_end, record.paid_through);
                 self.time_limited(record, t, end, AccessReason::Active)
             }
             S::Trialing => {
                 let end = later(
-                    record.trial_end.or(record.current_period_end),
+                    record.state.trial_end.or(record.state.current_period_end),
                     record.paid_through,
                 );
                 self.time_limited(record, t, end, AccessReason::Trialing)
@@ -279,7 +279,7 @@ impl AccessPolicy {
                 // renewal's payment fails when the period starts).
                 let start = record
                     .dunning_since()
-                    .or(record.current_period_start)
+                    .or(record.state.current_period_start)
                     .or(record.watermark.as_ref().map(|w| w.created));
                 let Some(start) = start else {
                     return AccessDecision::denied(AccessReason::PaymentFailed);
@@ -324,10 +324,11 @@ impl AccessPolicy {
     ) -> AccessDecision {
         let scheduled = [
             record
+                .state
                 .cancel_at_period_end
-                .then_some(record.current_period_end)
+                .then_some(record.state.current_period_end)
                 .flatten(),
-            record.cancel_at,
+            record.state.cancel_at,
         ]
         .into_iter()
         .flatten()
@@ -346,7 +347,7 @@ impl AccessPolicy {
                 Ending::Scheduled(_) => AccessReason::CancelScheduled,
                 // Paused collection: Stripe keeps the status and the periods;
                 // the merchant offers the service without charging.
-                Ending::Renewal if record.pause_collection.is_some() => {
+                Ending::Renewal if record.state.pause_collection.is_some() => {
                     AccessReason::CollectionPaused
                 }
                 Ending::Renewal => reason,
@@ -479,15 +480,15 @@ mod tests {
 
     fn record(status: S) -> SubscriptionRecord {
         let mut r = SubscriptionRecord::new("sub_1");
-        r.status = status;
-        r.current_period_start = Some(T0 - 30 * DAY);
-        r.current_period_end = Some(T0);
-        r.trial_end = Some(T0);
+        r.state.status = status;
+        r.state.current_period_start = Some(T0 - 30 * DAY);
+        r.state.current_period_end = Some(T0);
+        r.state.trial_end = Some(T0);
         r.watermark = Some(Watermark {
             created: T0 - 30 * DAY,
             event_id: "evt_1".into(),
             rank: TieRank {
-                terminal: status_terminal(&r.status),
+                terminal: status_terminal(&r.state.status),
                 period_end: T0,
                 phase: 1,
             },
@@ -544,7 +545,7 @@ mod tests {
                 "active, cancel at period end",
                 {
                     let mut r = record(S::Active);
-                    r.cancel_at_period_end = true;
+                    r.state.cancel_at_period_end = true;
                     r
                 },
                 vec![
@@ -557,7 +558,7 @@ mod tests {
                 "active, cancel_at before the period end",
                 {
                     let mut r = record(S::Active);
-                    r.cancel_at = Some(T0 - DAY);
+                    r.state.cancel_at = Some(T0 - DAY);
                     r
                 },
                 vec![
@@ -569,7 +570,7 @@ mod tests {
                 "active, collection paused",
                 {
                     let mut r = record(S::Active);
-                    r.pause_collection = Some(crate::event::PauseCollection {
+                    r.state.pause_collection = Some(crate::subscription::PauseCollection {
                         behavior: Some("void".into()),
                         resumes_at: None,
                     });

@@ -20,43 +20,11 @@ use serde::Serialize;
 use time::Duration;
 
 use crate::event::Event;
-use crate::ledger::{ClaimRequest, Failure, IgnoreRequest, LedgerState};
-use crate::processor::{Error, IgnoreReason, Outcome, WebhookProcessor};
+use crate::ledger::{ClaimRequest, Failure};
+use crate::processor::{Error, Outcome, Screened, WebhookProcessor};
+use crate::rt::catch_unwind::poll_now;
 use crate::store::{EnqueueOutcome, InboxRequest, InboxStore, StoreError};
 use crate::subscription;
-
-/// What [`Inbox::receive`] did. Every receipt is answered with 200.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "receipt", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Receipt {
-    /// Stored; a worker will process it.
-    Queued {
-        /// The event.
-        event_id: String,
-    },
-    /// Known already (queued, processing, done, or dead).
-    Duplicate {
-        /// The event.
-        event_id: String,
-        /// Its state.
-        state: LedgerState,
-    },
-    /// Filtered out (livemode, account, type).
-    Ignored {
-        /// The event.
-        event_id: String,
-        /// Why.
-        reason: IgnoreReason,
-    },
-}
-
-impl Receipt {
-    /// Always 200.
-    pub fn http_status(&self) -> u16 {
-        200
-    }
-}
 
 /// Inbox settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,56 +71,45 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    /// An inbox over `store`, processing with `processor`.
-    ///
-    /// # Panics
-    ///
-    /// When `store` is not the processor's ledger: workers take events from
-    /// `store` and complete them through the processor, so two different
-    /// stores would leave every event claimed and never completed.
-    pub fn new(processor: WebhookProcessor, store: Arc<dyn InboxStore>) -> Self {
-        let same = std::ptr::addr_eq(Arc::as_ptr(&store), Arc::as_ptr(processor.ledger()));
-        assert!(
-            same,
-            "Inbox::new: the inbox store must be the processor's ledger (build the processor with .store(same_store))"
-        );
+    /// Built by `ProcessorBuilder::build_inbox`, which guarantees that the
+    /// queue is the processor's own store.
+    pub(crate) fn from_parts(
+        processor: WebhookProcessor,
+        store: Arc<dyn InboxStore>,
+        config: InboxConfig,
+    ) -> Self {
         Self {
             processor,
             store,
-            config: InboxConfig::default(),
+            config,
         }
     }
 
-    /// The settings.
-    #[must_use]
-    pub fn config(mut self, config: InboxConfig) -> Self {
-        self.config = config;
-        self
+    /// The processor that workers run events through.
+    pub fn processor(&self) -> &WebhookProcessor {
+        &self.processor
     }
 
-    /// Verifies, parses and stores a delivery; answer Stripe with 200 on
-    /// `Ok`.
+    /// The settings.
+    pub fn config(&self) -> &InboxConfig {
+        &self.config
+    }
+
+    /// Verifies, parses, filters and stores a delivery, exactly as
+    /// [`WebhookProcessor::handle`] does up to the claim; answer Stripe with
+    /// 200 on `Ok`: [`Outcome::Queued`] (a worker will process it),
+    /// [`Outcome::Duplicate`] or [`Outcome::Ignored`].
     ///
     /// # Errors
     ///
     /// As [`WebhookProcessor::handle`]: bad signature or body (400),
     /// a conflicting payload (409), a store failure (503).
-    pub async fn receive(&self, body: &[u8], signature: Option<&str>) -> Result<Receipt, Error> {
-        let now = self.processor.clock().now();
-        let verified = self.processor.verifier().verify(body, signature, now)?;
-        let event = Event::parse(verified).map_err(Error::Parse)?;
-        let event_id = event.id().to_owned();
-        let store_err = |source: StoreError| Error::Store {
-            event_id: event_id.clone(),
-            source,
+    pub async fn receive(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
+        let (event, verified) = match self.processor.screen(body, signature).await? {
+            Screened::Answered(outcome) => return Ok(outcome),
+            Screened::Admit { event, verified } => (event, verified),
         };
-        if let Some(reason) = self.processor.filter_reason(&event) {
-            self.store
-                .ignore(&IgnoreRequest::for_event(&event, reason.as_str()))
-                .await
-                .map_err(store_err)?;
-            return Ok(Receipt::Ignored { event_id, reason });
-        }
+        let event_id = event.id().to_owned();
         let request = InboxRequest {
             claim: ClaimRequest::for_event(
                 &event,
@@ -161,11 +118,15 @@ impl Inbox {
             ),
             payload: verified.payload_str().to_owned(),
             subscription_id: subscription::subscription_id_of(&event).ok().flatten(),
-            available_at: now,
+            available_at: self.processor.clock().now(),
         };
-        match self.store.enqueue(&request).await.map_err(store_err)? {
-            EnqueueOutcome::Queued => Ok(Receipt::Queued { event_id }),
-            EnqueueOutcome::Duplicate { state } => Ok(Receipt::Duplicate { event_id, state }),
+        let queued = self.store.enqueue(&request).await;
+        match queued.map_err(|source| Error::Store {
+            event_id: event_id.clone(),
+            source,
+        })? {
+            EnqueueOutcome::Queued => Ok(Outcome::Queued { event_id }),
+            EnqueueOutcome::Duplicate { state } => Ok(Outcome::Duplicate { event_id, state }),
             EnqueueOutcome::Conflict => Err(Error::PayloadConflict { event_id }),
         }
     }
@@ -331,16 +292,12 @@ impl Worker {
         }
     }
 
+    /// The delay before retrying an event whose attempt `attempt` failed:
+    /// the crate's back-off with jitter over the configured base and cap.
     fn backoff(&self, attempt: u32) -> Duration {
         let c = &self.inbox.config;
-        let factor = 1i32 << attempt.saturating_sub(1).min(20);
-        (c.base_backoff * factor).min(c.max_backoff)
+        let std = |d: Duration| d.try_into().unwrap_or(std::time::Duration::ZERO);
+        let delay = crate::rt::backoff(attempt, std(c.base_backoff), std(c.max_backoff));
+        Duration::try_from(delay).unwrap_or(c.max_backoff)
     }
-}
-
-/// Whether a future is ready, polled once with a no-op waker.
-fn poll_now<F: std::future::Future<Output = ()>>(fut: std::pin::Pin<&mut F>) -> bool {
-    use std::task::{Context, Poll, Waker};
-    let mut cx = Context::from_waker(Waker::noop());
-    matches!(fut.poll(&mut cx), Poll::Ready(()))
 }

@@ -40,7 +40,7 @@
 //! // Stripe delivers it twice: one effect, two 200s.
 //! let first = processor.handle(body.as_bytes(), Some(&header)).await.unwrap();
 //! let again = processor.handle(body.as_bytes(), Some(&header)).await.unwrap();
-//! assert_eq!((first.label(), again.label()), ("applied", "duplicate"));
+//! assert_eq!((first.as_str(), again.as_str()), ("applied", "duplicate"));
 //!
 //! let records = store.find_by_customer("cus_1").await.unwrap();
 //! let decision = AccessPolicy::default().decide_customer(&records, now);

@@ -51,7 +51,7 @@ use crate::clock::Clock;
 use crate::event::{Event, SubscriptionStatus, SubscriptionView};
 use crate::ledger::{EventKey, LedgerQuery, LedgerState};
 use crate::processor::{Error as ProcessError, Outcome, WebhookProcessor};
-use crate::store::{CursorStore, StoreError, StoreErrorKind, SubscriptionQuery, SubscriptionStore};
+use crate::store::{CursorStore, StoreError, StoreErrorKind, SubscriptionQuery};
 use crate::subscription::{self, Anomaly, AnomalyKind, SubscriptionRecord, SubscriptionState};
 
 /// The cursor name `catch_up` keeps in the [`CursorStore`].
@@ -247,7 +247,7 @@ pub fn plan(
     reverify_after: Duration,
 ) -> Plan {
     let truth = SubscriptionState::from_view(stripe);
-    let before = local.map(|r| (r.status.clone(), policy.decide(r, now).access));
+    let before = local.map(|r| (r.state.status.clone(), policy.decide(r, now).access));
     if let Some(r) = local
         && r.has_snapshot()
         && r.matches(&truth)
@@ -262,7 +262,7 @@ pub fn plan(
             touched
         });
         let saved = record.as_ref().unwrap_or(r);
-        let after = (saved.status.clone(), policy.decide(saved, now).access);
+        let after = (saved.state.status.clone(), policy.decide(saved, now).access);
         let change = before
             .as_ref()
             .and_then(|(_, b)| access_change(*b, after.1));
@@ -278,18 +278,21 @@ pub fn plan(
     let mut repaired = subscription::from_stripe(local, stripe, now, None).record;
     let mut detail = None;
     if let Some(r) = local {
-        if r.status.is_terminal() && !truth.status.is_terminal() {
+        if r.state.status.is_terminal() && !truth.status.is_terminal() {
             detail = Some(format!(
                 "record was {}, Stripe says {}",
-                r.status, truth.status
+                r.state.status, truth.status
             ));
-        } else if let (Some(a), Some(b)) = (&r.customer, &truth.customer)
+        } else if let (Some(a), Some(b)) = (&r.state.customer, &truth.customer)
             && a != b
         {
             detail = Some(format!("record had customer {a}, Stripe says {b}"));
         }
         if r.has_snapshot() {
-            let text = format!("record said {}, Stripe says {}", r.status, truth.status);
+            let text = format!(
+                "record said {}, Stripe says {}",
+                r.state.status, truth.status
+            );
             push_anomaly(&mut repaired, now, AnomalyKind::Diverged, text);
         }
     }
@@ -303,7 +306,7 @@ pub fn plan(
         PlanKind::Repair
     };
     let after = (
-        repaired.status.clone(),
+        repaired.state.status.clone(),
         policy.decide(&repaired, now).access,
     );
     let change = match (&before, kind) {
@@ -875,8 +878,8 @@ impl Reconciler {
         self.budget.as_ref()
     }
 
-    fn store(&self) -> &Arc<dyn SubscriptionStore> {
-        self.processor.subscriptions()
+    fn store(&self) -> &Arc<dyn crate::store::Storage> {
+        self.processor.store()
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -968,7 +971,7 @@ impl Reconciler {
                 if self.config.dry_run {
                     let known = self
                         .processor
-                        .ledger()
+                        .store()
                         .get(&EventKey::of(event))
                         .await?
                         .is_some_and(|e| e.state.is_settled());
@@ -1233,7 +1236,7 @@ impl Reconciler {
         account: Option<&str>,
     ) -> Result<Outcome, ReconcileError> {
         let key = EventKey::new(event_id, account);
-        let entry = self.processor.ledger().get(&key).await?;
+        let entry = self.processor.store().get(&key).await?;
         let event = match entry.as_ref().and_then(|e| e.payload.clone()) {
             Some(payload) => Event::from_bytes(payload.as_bytes())
                 .map_err(|_| ReconcileError::NotReplayable(event_id.to_owned()))?,
@@ -1249,7 +1252,7 @@ impl Reconciler {
                 state: entry.map_or(LedgerState::Failed, |e| e.state),
             });
         }
-        self.processor.ledger().requeue(&key).await?;
+        self.processor.store().requeue(&key).await?;
         let sub = subscription::subscription_id_of(&event).ok().flatten();
         let before = match &sub {
             Some(id) => self.store().load(id).await?,
@@ -1279,7 +1282,7 @@ impl Reconciler {
         loop {
             let page = self
                 .processor
-                .ledger()
+                .store()
                 .list(&LedgerQuery {
                     states: vec![LedgerState::Dead],
                     after: after.clone(),
@@ -1325,7 +1328,7 @@ impl Reconciler {
                 customer: view
                     .customer
                     .clone()
-                    .or(local.as_ref().and_then(|l| l.customer.clone())),
+                    .or(local.as_ref().and_then(|l| l.state.customer.clone())),
                 before_status: p.before.as_ref().map(|b| b.0.clone()),
                 after_status: p.after.0.clone(),
                 before_access: p.before.as_ref().map(|b| b.1),
@@ -1415,9 +1418,9 @@ impl Reconciler {
             kind: ChangeKind::NeedsReview,
             source: ChangeSource::Sweep,
             subscription_id: id.to_owned(),
-            customer: record.customer.clone(),
-            before_status: Some(record.status.clone()),
-            after_status: record.status.clone(),
+            customer: record.state.customer.clone(),
+            before_status: Some(record.state.status.clone()),
+            after_status: record.state.status.clone(),
             before_access: Some(access),
             after_access: access,
             detail: Some("Stripe does not know this subscription".to_owned()),
@@ -1449,7 +1452,7 @@ impl Reconciler {
         let now = self.now();
         let before_access = before.map(|b| self.policy.decide(b, now).access);
         let after_access = self.policy.decide(after, now).access;
-        let before_status = before.map(|b| b.status.clone());
+        let before_status = before.map(|b| b.state.status.clone());
         let kind = match (before_access, &before_status) {
             _ if after.needs_review && !before.is_some_and(|b| b.needs_review) => {
                 ChangeKind::NeedsReview
@@ -1457,7 +1460,7 @@ impl Reconciler {
             (None, _) => ChangeKind::Discovered,
             (Some(b), Some(s)) => match access_change(b, after_access) {
                 Some(kind) => kind,
-                None if *s != after.status => ChangeKind::StatusChanged,
+                None if *s != after.state.status => ChangeKind::StatusChanged,
                 None => return None,
             },
             (Some(_), None) => return None,
@@ -1466,9 +1469,9 @@ impl Reconciler {
             kind,
             source,
             subscription_id: after.id.clone(),
-            customer: after.customer.clone(),
+            customer: after.state.customer.clone(),
             before_status,
-            after_status: after.status.clone(),
+            after_status: after.state.status.clone(),
             before_access,
             after_access,
             detail: None,
@@ -1489,7 +1492,7 @@ impl Reconciler {
 
 /// Whether [`SweepScope::StaleFor`] retrieves `record`.
 fn worth_retrieving(record: &SubscriptionRecord) -> bool {
-    let settled = record.status.is_terminal()
+    let settled = record.state.status.is_terminal()
         && record.last_verified_with_stripe.is_some()
         && !record.needs_reconcile;
     record.account.is_none() && !record.needs_review && !settled
@@ -1614,7 +1617,7 @@ mod tests {
         assert_eq!(past_due.change, Some(ChangeKind::StatusChanged));
         // A canceled record that Stripe reports active: review.
         let mut canceled = record.clone();
-        canceled.status = SubscriptionStatus::Canceled;
+        canceled.state.status = SubscriptionStatus::Canceled;
         let review = plan(Some(&canceled), &view("active", 20_000), now, &p, hour);
         assert_eq!(review.kind, PlanKind::Review);
         assert!(review.record.unwrap().needs_review);
@@ -1645,7 +1648,7 @@ mod tests {
         );
         assert_eq!(
             same.after,
-            (saved.status.clone(), p.decide(&saved, now).access)
+            (saved.state.status.clone(), p.decide(&saved, now).access)
         );
         assert_eq!(same.after.1, Access::Denied);
         // Recently verified and unchanged: nothing saved, nothing reported,

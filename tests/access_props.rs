@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
-use stripe_webhook_guard::event::{PauseCollection, SubscriptionStatus};
+use stripe_webhook_guard::event::SubscriptionStatus;
+use stripe_webhook_guard::subscription::PauseCollection;
 use stripe_webhook_guard::subscription::{SubscriptionRecord, TieRank, Watermark, WatermarkSource};
 use time::{Duration, OffsetDateTime};
 
@@ -33,13 +34,13 @@ prop_compose! {
                 paid_through in opt_time(), last_paid in opt_time(), failed in opt_time(),
                 verified in opt_time(), seen in T0 - 60 * 86_400..T0 + 60 * 86_400) -> SubscriptionRecord {
         let mut r = SubscriptionRecord::new("sub_p");
-        r.status = status;
-        r.current_period_end = period_end;
-        r.current_period_start = period_end.map(|e| e - 30 * 86_400);
-        r.trial_end = trial_end;
-        r.cancel_at = cancel_at;
-        r.cancel_at_period_end = cancel_at_period_end;
-        r.pause_collection = paused.then(|| PauseCollection { behavior: Some("void".into()), resumes_at: None });
+        r.state.status = status;
+        r.state.current_period_end = period_end;
+        r.state.current_period_start = period_end.map(|e| e - 30 * 86_400);
+        r.state.trial_end = trial_end;
+        r.state.cancel_at = cancel_at;
+        r.state.cancel_at_period_end = cancel_at_period_end;
+        r.state.pause_collection = paused.then(|| PauseCollection { behavior: Some("void".into()), resumes_at: None });
         r.paid_through = paid_through;
         r.last_paid_at = last_paid;
         r.last_payment_failed_at = failed;

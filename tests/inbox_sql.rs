@@ -29,12 +29,11 @@ use stripe_webhook_guard::client::fake::{
     Card, FakeConfig, FakeEvent, FakeStripe, ShapeMix, Subscribe,
 };
 use stripe_webhook_guard::clock::ManualClock;
-use stripe_webhook_guard::inbox::{Inbox, InboxConfig, Receipt, RoundStats};
+use stripe_webhook_guard::inbox::{Inbox, InboxConfig, RoundStats};
 use stripe_webhook_guard::ledger::{LedgerQuery, LedgerState};
-use stripe_webhook_guard::processor::WebhookProcessor;
+use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::{Verifier, test_header};
 use stripe_webhook_guard::sim::Rng;
-use stripe_webhook_guard::store::{EventLedger, InboxStore, SubscriptionStore};
 use stripe_webhook_guard::subscription::SubscriptionState;
 use time::{Duration, OffsetDateTime};
 
@@ -117,7 +116,7 @@ async fn run_inbox<S>(
     budget: StdDuration,
 ) -> Figures
 where
-    S: EventLedger + SubscriptionStore + InboxStore + 'static,
+    S: stripe_webhook_guard::store::InboxStorage,
 {
     assert_eq!(stores.len(), WORKERS);
     let World {
@@ -140,13 +139,12 @@ where
         .map(|store| {
             // The system clock (the default): leases and retry times are on
             // the database's clock, which is real time.
-            let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+            WebhookProcessor::builder(Verifier::new(common::secret()))
                 .store(store.clone())
                 .client(fake.clone())
                 .handler(handler.clone())
                 .max_attempts(MAX_ATTEMPTS)
-                .build();
-            Inbox::new(processor, store.clone()).config(config)
+                .build_inbox(config)
         })
         .collect();
 
@@ -163,11 +161,11 @@ where
             for body in deliveries.iter().skip(k).step_by(WORKERS) {
                 let header = test_header(&secret, body.as_bytes(), OffsetDateTime::now_utc());
                 match inbox.receive(body.as_bytes(), Some(&header)).await {
-                    Ok(r @ Receipt::Queued { .. }) => {
+                    Ok(r @ Outcome::Queued { .. }) => {
                         assert_eq!(r.http_status(), 200);
                         queued += 1;
                     }
-                    Ok(Receipt::Duplicate { .. }) => duplicates += 1,
+                    Ok(Outcome::Duplicate { .. }) => duplicates += 1,
                     other => panic!("{other:?}"),
                 }
             }

@@ -148,7 +148,7 @@ async fn a_refetch_settles_an_impossible_transition() {
     );
     p.handle(body.as_bytes(), Some(&header)).await.unwrap();
     let r = store.load(&sub).await.unwrap().unwrap();
-    assert_eq!(r.status, S::Active, "Stripe's truth");
+    assert_eq!(r.state.status, S::Active, "Stripe's truth");
     assert!(
         r.anomalies
             .iter()

@@ -195,13 +195,13 @@ async fn deliver(
         for r in store.all_subscriptions() {
             if terminal_seen.contains(&r.id) {
                 prop_assert!(
-                    r.status.is_terminal(),
+                    r.state.status.is_terminal(),
                     "{} left a terminal state: {}",
                     r.id,
-                    r.status
+                    r.state.status
                 );
             }
-            if r.status.is_terminal() {
+            if r.state.status.is_terminal() {
                 terminal_seen.insert(r.id.clone());
             }
         }
@@ -222,7 +222,7 @@ async fn deliver(
         prop_assert!(
             record.matches(state),
             "{id}: record {:?} != expected {:?}",
-            record.state(),
+            record.state.clone(),
             state
         );
     }
@@ -231,12 +231,11 @@ async fn deliver(
     let before: HashMap<String, SubscriptionState> = store
         .all_subscriptions()
         .into_iter()
-        .map(|r| (r.id.clone(), r.state()))
+        .map(|r| (r.id.clone(), r.state.clone()))
         .collect();
     let fresh_ledger = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
     let mut builder = WebhookProcessor::builder(Verifier::new(common::secret()))
-        .ledger(fresh_ledger)
-        .subscriptions(store.clone())
+        .store(common::split::Split::new(fresh_ledger, store.clone()))
         .clock(Arc::new(clock.clone()));
     if with_client {
         builder = builder.client(fake.clone());
@@ -253,7 +252,7 @@ async fn deliver(
             "{} changed on re-application: {:?} -> {:?}",
             r.id,
             was,
-            r.state()
+            r.state.clone()
         );
     }
     Ok(())

@@ -135,7 +135,7 @@ async fn fail_then_retry() {
         assert_eq!(handler.effects_of(&id), 1);
         // The subscription effect ran on every attempt but applied once.
         let sub = store.load("sub_1").await.unwrap().unwrap();
-        assert_eq!(sub.status, SubscriptionStatus::Active);
+        assert_eq!(sub.state.status, SubscriptionStatus::Active);
         assert_eq!(sub.version, 1);
     }
 }
@@ -681,8 +681,7 @@ async fn store_outage_is_retryable_and_loses_nothing() {
     });
     let handler = CountingHandler::new();
     let p = WebhookProcessor::builder(Verifier::new(secret()))
-        .ledger(memory.clone())
-        .subscriptions(flaky)
+        .store(common::split::Split::new(memory.clone(), flaky))
         .handler(handler.clone())
         .clock(Arc::new(clock.clone()))
         .build();
@@ -724,7 +723,7 @@ async fn store_outage_is_retryable_and_loses_nothing() {
     ));
     assert_eq!(handler.effects_of("evt_outage"), 1);
     assert_eq!(
-        memory.load("sub_o").await.unwrap().unwrap().status,
+        memory.load("sub_o").await.unwrap().unwrap().state.status,
         SubscriptionStatus::Active
     );
     let _ = at(0);
@@ -735,8 +734,8 @@ async fn store_outage_is_retryable_and_loses_nothing() {
 #[tokio::test]
 async fn a_retried_handler_still_sees_the_status_change() {
     use std::sync::Mutex;
-    use stripe_webhook_guard::processor::Effect;
     use stripe_webhook_guard::subscription::ApplyReason;
+    use stripe_webhook_guard::subscription::Effect;
     struct FailOnce(Mutex<Vec<Effect>>);
     #[async_trait]
     impl EventHandler for FailOnce {
@@ -861,8 +860,10 @@ async fn attempts_lost_to_lease_expiry_count() {
     let memory = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
     let handler = CountingHandler::new();
     let p = WebhookProcessor::builder(Verifier::new(secret()))
-        .ledger(memory.clone())
-        .subscriptions(Arc::new(SlowStore(memory.clone(), clock.clone())))
+        .store(common::split::Split::new(
+            memory.clone(),
+            Arc::new(SlowStore(memory.clone(), clock.clone())),
+        ))
         .handler(handler.clone())
         .clock(Arc::new(clock.clone()))
         .max_attempts(3)
@@ -897,14 +898,6 @@ async fn attempts_lost_to_lease_expiry_count() {
             .state,
         LedgerState::Dead
     );
-}
-
-#[test]
-#[should_panic(expected = "a ledger was set without a subscription store")]
-fn half_configured_stores_are_refused() {
-    let _ = WebhookProcessor::builder(Verifier::new(secret()))
-        .ledger(Arc::new(MemoryStore::new()))
-        .build();
 }
 
 /// An event accepted earlier and not finished is finished even if the

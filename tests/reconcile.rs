@@ -668,7 +668,7 @@ fn access_snapshot(w: &World) -> HashMap<String, (SubscriptionStatus, Access)> {
         .into_iter()
         .map(|r| {
             let access = policy.decide(&r, w.clock.now()).access;
-            (r.id.clone(), (r.status.clone(), access))
+            (r.id.clone(), (r.state.status.clone(), access))
         })
         .collect()
 }
@@ -1029,8 +1029,7 @@ async fn paged_reconciler(
         limits: Mutex::new(Vec::new()),
     });
     let p = WebhookProcessor::builder(Verifier::new(common::secret()))
-        .ledger(store.clone())
-        .subscriptions(paged.clone())
+        .store(common::split::Split::new(store.clone(), paged.clone()))
         .clock(Arc::new(clock.clone()))
         .build();
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));

@@ -185,7 +185,7 @@ pub fn response_for(result: &Result<Outcome, Error>) -> Response {
         Ok(outcome) => {
             let status = StatusCode::from_u16(outcome.http_status()).unwrap_or(StatusCode::OK);
             let body = Acknowledged {
-                outcome: outcome.label(),
+                outcome: outcome.as_str(),
                 event_id: outcome.event_id(),
             };
             (status, Json(body)).into_response()
@@ -193,7 +193,7 @@ pub fn response_for(result: &Result<Outcome, Error>) -> Response {
         Err(error) => {
             let status = StatusCode::from_u16(error.http_status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            refusal(status, error.label(), error.is_retryable())
+            refusal(status, error.as_str(), error.is_retryable())
         }
     }
 }
@@ -282,7 +282,7 @@ fn log(result: &Result<Outcome, Error>, body: Option<&Bytes>) {
             tracing::info!(
                 event_id = outcome.event_id(),
                 event_type = event_type.as_deref(),
-                outcome = outcome.label(),
+                outcome = outcome.as_str(),
                 status = outcome.http_status(),
                 "stripe webhook"
             );
@@ -294,7 +294,7 @@ fn log(result: &Result<Outcome, Error>, body: Option<&Bytes>) {
             if status == 500 {
                 tracing::error!(
                     event_id,
-                    error = error.label(),
+                    error = error.as_str(),
                     status,
                     retryable = error.is_retryable(),
                     detail = %error,
@@ -303,7 +303,7 @@ fn log(result: &Result<Outcome, Error>, body: Option<&Bytes>) {
             } else {
                 tracing::warn!(
                     event_id,
-                    error = error.label(),
+                    error = error.as_str(),
                     status,
                     retryable = error.is_retryable(),
                     detail = %error,

@@ -2,6 +2,8 @@
 //! (in submodules) the few future combinators the crate needs without
 //! depending on an async runtime. Private: nothing here is public API.
 
+pub(crate) mod catch_unwind;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,7 +60,10 @@ mod tests {
             let full = (base * (1u32 << (retry - 1).min(20))).min(cap);
             for _ in 0..200 {
                 let d = backoff(retry, base, cap);
-                assert!(d >= full / 2 && d <= full, "retry {retry}: {d:?} vs {full:?}");
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "retry {retry}: {d:?} vs {full:?}"
+                );
             }
         }
     }

@@ -334,7 +334,7 @@ impl Simulator {
                 }
                 Err(e) => DeliveryResult::Refused {
                     status: e.http_status(),
-                    label: e.label(),
+                    label: e.as_str(),
                 },
             }
         };

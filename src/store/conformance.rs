@@ -29,7 +29,7 @@ use super::{
     SubscriptionQuery, SubscriptionStore,
 };
 use crate::clock::Clock;
-use crate::event::{ItemView, PauseCollection, SubscriptionStatus};
+use crate::event::SubscriptionStatus;
 use crate::ledger::{
     ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreRequest, Lease,
     LedgerQuery, LedgerState,
@@ -38,6 +38,7 @@ use crate::subscription::{
     Anomaly, AnomalyKind, CustomerEntitlements, SubscriptionRecord, TieRank, Watermark,
     WatermarkSource,
 };
+use crate::subscription::{PauseCollection, SubscriptionItem};
 
 /// The lease the suite takes.
 pub const LEASE: Duration = Duration::milliseconds(300);
@@ -465,17 +466,17 @@ pub async fn account_is_part_of_the_key<S: EventLedger + ?Sized>(store: &S, cloc
 /// A record with every field set, to check nothing is lost in storage.
 pub fn full_record(id: &str, customer: &str) -> SubscriptionRecord {
     let mut r = SubscriptionRecord::new(id);
-    r.customer = Some(customer.into());
-    r.status = SubscriptionStatus::PastDue;
-    r.items = vec![
-        ItemView {
+    r.state.customer = Some(customer.into());
+    r.state.status = SubscriptionStatus::PastDue;
+    r.state.items = vec![
+        SubscriptionItem {
             id: Some("si_1".into()),
             price_id: Some("price_1".into()),
             quantity: Some(2),
             current_period_start: Some(1_700_000_000),
             current_period_end: Some(1_702_592_000),
         },
-        ItemView {
+        SubscriptionItem {
             id: Some("si_2".into()),
             price_id: None,
             quantity: None,
@@ -483,19 +484,19 @@ pub fn full_record(id: &str, customer: &str) -> SubscriptionRecord {
             current_period_end: None,
         },
     ];
-    r.current_period_start = Some(1_700_000_000);
-    r.current_period_end = Some(1_702_592_000);
-    r.trial_start = Some(1);
-    r.trial_end = Some(2);
-    r.cancel_at_period_end = true;
-    r.cancel_at = Some(3);
-    r.canceled_at = Some(4);
-    r.ended_at = None;
-    r.pause_collection = Some(PauseCollection {
+    r.state.current_period_start = Some(1_700_000_000);
+    r.state.current_period_end = Some(1_702_592_000);
+    r.state.trial_start = Some(1);
+    r.state.trial_end = Some(2);
+    r.state.cancel_at_period_end = true;
+    r.state.cancel_at = Some(3);
+    r.state.canceled_at = Some(4);
+    r.state.ended_at = None;
+    r.state.pause_collection = Some(PauseCollection {
         behavior: Some("void".into()),
         resumes_at: Some(5),
     });
-    r.latest_invoice = Some("in_1".into());
+    r.state.latest_invoice = Some("in_1".into());
     r.latest_invoice_paid = Some(false);
     r.paid_through = Some(1_702_592_000);
     r.last_paid_at = Some(6);
@@ -544,22 +545,34 @@ pub async fn subscription_save_is_versioned<S: SubscriptionStore + ?Sized>(store
     let err = store.save(&record).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Conflict);
     let mut next = loaded.clone();
-    next.status = SubscriptionStatus::Active;
+    next.state.status = SubscriptionStatus::Active;
     assert_eq!(store.save(&next).await.unwrap(), 2);
     // A stale writer loses.
     let err = store.save(&loaded).await.unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Conflict);
     assert_eq!(
-        store.load("sub_conf_a").await.unwrap().unwrap().status,
+        store
+            .load("sub_conf_a")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .status,
         SubscriptionStatus::Active
     );
     assert!(store.load("sub_conf_missing").await.unwrap().is_none());
     // Unknown statuses survive storage.
     let mut odd = full_record("sub_conf_odd", "cus_conf_odd");
-    odd.status = SubscriptionStatus::Unknown("frozen".into());
+    odd.state.status = SubscriptionStatus::Unknown("frozen".into());
     store.save(&odd).await.unwrap();
     assert_eq!(
-        store.load("sub_conf_odd").await.unwrap().unwrap().status,
+        store
+            .load("sub_conf_odd")
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .status,
         SubscriptionStatus::Unknown("frozen".into())
     );
 }
@@ -619,7 +632,7 @@ pub async fn subscription_lookups<S: SubscriptionStore + ?Sized>(store: &S) {
     );
     // Moving a record to another customer updates both lookups.
     let mut moved = store.load("sub_conf_l2").await.unwrap().unwrap();
-    moved.customer = Some("cus_conf_other".into());
+    moved.state.customer = Some("cus_conf_other".into());
     moved.client_reference_id = Some("user_moved".into());
     store.save(&moved).await.unwrap();
     assert_eq!(

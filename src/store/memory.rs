@@ -201,7 +201,7 @@ impl MemoryStore {
 
     fn index(inner: &mut Inner, old: Option<&SubscriptionRecord>, new: &SubscriptionRecord) {
         if let Some(old) = old {
-            if let Some(c) = &old.customer
+            if let Some(c) = &old.state.customer
                 && let Some(set) = inner.by_customer.get_mut(c)
             {
                 set.remove(&old.id);
@@ -212,7 +212,7 @@ impl MemoryStore {
                 set.remove(&old.id);
             }
         }
-        if let Some(c) = &new.customer {
+        if let Some(c) = &new.state.customer {
             inner
                 .by_customer
                 .entry(c.clone())

@@ -435,3 +435,68 @@ pub trait InboxStore: EventLedger {
     /// [`StoreError`] when the store fails.
     async fn backlog(&self) -> Result<u64, StoreError>;
 }
+
+/// Everything the pipeline stores, handed over once: the ledger, the
+/// subscription records and the reconciler's cursors. Implemented for every
+/// type that implements the three traits (`MemoryStore`, the database
+/// stores, your own), and usable as `Arc<dyn Storage>` when the store is
+/// chosen at run time.
+pub trait Storage: EventLedger + SubscriptionStore + CursorStore + 'static {}
+
+impl<T> Storage for T where T: EventLedger + SubscriptionStore + CursorStore + ?Sized + 'static {}
+
+/// A [`Storage`] that can also queue events for inbox mode, usable as
+/// `Arc<dyn InboxStorage>` when the store is chosen at run time.
+pub trait InboxStorage: Storage + InboxStore {}
+
+impl<T> InboxStorage for T where T: Storage + InboxStore + ?Sized {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<T: super::Storage> Sealed for std::sync::Arc<T> {}
+    impl Sealed for std::sync::Arc<dyn super::Storage> {}
+    impl Sealed for std::sync::Arc<dyn super::InboxStorage> {}
+}
+
+/// A shared handle to a [`Storage`]: `Arc<S>` for a concrete store,
+/// `Arc<dyn Storage>` or `Arc<dyn InboxStorage>`. Sealed.
+pub trait StoreHandle: sealed::Sealed {
+    /// The store as the pipeline holds it.
+    fn storage(&self) -> std::sync::Arc<dyn Storage>;
+}
+
+/// A [`StoreHandle`] whose store can queue events (inbox mode). Sealed.
+pub trait InboxHandle: StoreHandle {
+    /// The store as the inbox holds it.
+    fn queue(&self) -> std::sync::Arc<dyn InboxStore>;
+}
+
+impl<T: Storage> StoreHandle for std::sync::Arc<T> {
+    fn storage(&self) -> std::sync::Arc<dyn Storage> {
+        self.clone()
+    }
+}
+
+impl StoreHandle for std::sync::Arc<dyn Storage> {
+    fn storage(&self) -> std::sync::Arc<dyn Storage> {
+        self.clone()
+    }
+}
+
+impl StoreHandle for std::sync::Arc<dyn InboxStorage> {
+    fn storage(&self) -> std::sync::Arc<dyn Storage> {
+        self.clone()
+    }
+}
+
+impl<T: Storage + InboxStore> InboxHandle for std::sync::Arc<T> {
+    fn queue(&self) -> std::sync::Arc<dyn InboxStore> {
+        self.clone()
+    }
+}
+
+impl InboxHandle for std::sync::Arc<dyn InboxStorage> {
+    fn queue(&self) -> std::sync::Arc<dyn InboxStore> {
+        self.clone()
+    }
+}

@@ -1144,7 +1144,7 @@ impl PgStore {
         };
         let mut query = q(sql)
             .bind(&record.id)
-            .bind(record.customer.as_deref())
+            .bind(record.state.customer.as_deref())
             .bind(record.client_reference_id.as_deref())
             .bind(record.needs_review)
             .bind(record.needs_reconcile)

@@ -1131,7 +1131,7 @@ impl SqliteStore {
         };
         let mut query = q(sql)
             .bind(&record.id)
-            .bind(record.customer.as_deref())
+            .bind(record.state.customer.as_deref())
             .bind(record.client_reference_id.as_deref())
             .bind(record.needs_review)
             .bind(record.needs_reconcile)

@@ -1,464 +1,15 @@
-//! The subscription state machine: a pure function from (what we hold, an
-//! event, now) to what to do.
-//!
-//! # Statuses and transitions
-//!
-//! Stripe's eight statuses ([`SubscriptionStatus`]) move only along these
-//! edges ([`transition`]):
-//!
-//! | from | to |
-//! |---|---|
-//! | (new) | incomplete, trialing, active |
-//! | incomplete | active, incomplete_expired |
-//! | trialing | active, past_due, paused, canceled |
-//! | active | past_due, canceled, trialing (a future `trial_end` was set), paused |
-//! | past_due | active, canceled, unpaid, paused |
-//! | unpaid | active, canceled |
-//! | paused | active, past_due, canceled |
-//! | canceled, incomplete_expired | nothing: terminal and absorbing |
-//!
-//! A newer event whose status is reachable only through statuses we never
-//! saw (active → unpaid, missing the past_due in between) is applied and
-//! reported as a [`TransitionKind::Gap`]: events get lost, and the newest
-//! state is still Stripe's. A status that cannot follow at all (anything out
-//! of a terminal status, anything into `incomplete`, `incomplete_expired`
-//! from anything but `incomplete`) is **impossible**: the state is kept, an
-//! [`Anomaly`] recorded, and the record refetched from Stripe when a client
-//! is configured (or flagged `needs_review` when not).
-//! `pause_collection` and `cancel_at_period_end` do not change `status`; they
-//! are recorded as they are.
-//!
-//! # Ordering
-//!
-//! Every record keeps a watermark: the `created` time and id of the
-//! subscription snapshot it reflects ([`Watermark`]). For a
-//! `customer.subscription.*` event:
-//!
-//! - same event id as the watermark → [`Decision::NoChange`] (a duplicate);
-//! - older `created` → [`Decision::Stale`], ignored;
-//! - newer `created` → applied (subject to the transition check);
-//! - same second, different event → a **tie**. `created` has one-second
-//!   resolution and one payment emits several events in the same second, so
-//!   the order of a tie is unknown. A tie that would change nothing is a
-//!   no-op. Otherwise the decision is [`Decision::Refetch`]: with a Stripe
-//!   client the record is replaced by Stripe's current object; without one,
-//!   the deterministic rule below picks a winner and the record is flagged
-//!   `needs_reconcile` so the reconciler checks it first. Ties are never
-//!   silently dropped.
-//!
-//! The deterministic tie rule ([`TieRank`]) orders events of the same second
-//! by: a terminal status first, then the later current-period end (a renewal
-//! moves the period forward, never back), then the event kind
-//! (`customer.subscription.created` < other updates < `deleted`), then the
-//! event id. It is a total order computed from each event alone, so the
-//! winner does not depend on arrival order.
-//!
-//! An unknown subscription is refetched and upserted (with a client) or
-//! created from the event's snapshot (without one). Thin events carry no
-//! snapshot and always need a refetch.
-//!
-//! # Other events
-//!
-//! - `invoice.paid` / `invoice.payment_succeeded` extend `paid_through` (a
-//!   maximum, so order does not matter), move `last_paid_at` forward, and
-//!   restore a `past_due` or `unpaid` record to `active` when the payment is
-//!   newer than the snapshot that said so.
-//! - `invoice.payment_failed` / `invoice.payment_action_required` start the
-//!   dunning clock (`last_payment_failed_at`); status changes come from the
-//!   subscription events Stripe sends with them.
-//! - `checkout.session.*` links `client_reference_id` and the customer to the
-//!   subscription and never sets a status by itself.
-//! - `entitlements.active_entitlement_summary.updated` is per customer; see
-//!   [`decide_entitlements`].
+//! The state machine: the transition table and the pure decision of what a
+//! subscription event does to a record (see the [parent module](super) for
+//! the rules).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::event::{
-    Event, EventType, InvoiceView, ItemView, PauseCollection, SubscriptionStatus, SubscriptionView,
+use super::model::{
+    AnomalyKind, SubscriptionRecord, SubscriptionState, TieRank, Watermark, WatermarkSource,
 };
-
-/// How many anomalies a record keeps (the oldest are dropped).
-pub const MAX_ANOMALIES: usize = 16;
-
-/// How many failed payments a record remembers per dunning cycle.
-pub const MAX_FAILURES: usize = 32;
-
-/// A status change and the event that made it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusChange {
-    /// The event (empty for a refetch or a repair).
-    pub event_id: String,
-    /// The status before.
-    pub from: SubscriptionStatus,
-    /// The status after.
-    pub to: SubscriptionStatus,
-}
-
-/// The fields of a record that mirror Stripe's subscription object: what
-/// "equals Stripe's truth" compares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionState {
-    /// The customer id.
-    pub customer: Option<String>,
-    /// The status.
-    pub status: SubscriptionStatus,
-    /// Items with price ids and (basil and later) per-item periods.
-    pub items: Vec<ItemView>,
-    /// The current period's start (Unix seconds).
-    pub current_period_start: Option<i64>,
-    /// The current period's end (Unix seconds); the earliest item end on
-    /// basil and later.
-    pub current_period_end: Option<i64>,
-    /// Trial start.
-    pub trial_start: Option<i64>,
-    /// Trial end.
-    pub trial_end: Option<i64>,
-    /// Cancels at period end.
-    pub cancel_at_period_end: bool,
-    /// Scheduled cancellation.
-    pub cancel_at: Option<i64>,
-    /// When cancellation was requested.
-    pub canceled_at: Option<i64>,
-    /// When it ended.
-    pub ended_at: Option<i64>,
-    /// Paused collection.
-    pub pause_collection: Option<PauseCollection>,
-    /// The latest invoice id.
-    pub latest_invoice: Option<String>,
-}
-
-impl SubscriptionState {
-    /// The state a subscription object describes.
-    pub fn from_view(view: &SubscriptionView) -> Self {
-        Self {
-            customer: view.customer.clone(),
-            status: view.status.clone(),
-            items: view.items.clone(),
-            current_period_start: view.current_period_start,
-            current_period_end: view.current_period_end,
-            trial_start: view.trial_start,
-            trial_end: view.trial_end,
-            cancel_at_period_end: view.cancel_at_period_end,
-            cancel_at: view.cancel_at,
-            canceled_at: view.canceled_at,
-            ended_at: view.ended_at,
-            pause_collection: view.pause_collection.clone(),
-            latest_invoice: view.latest_invoice.clone(),
-        }
-    }
-
-    fn placeholder(customer: Option<String>) -> Self {
-        Self {
-            customer,
-            status: SubscriptionStatus::Incomplete,
-            items: Vec::new(),
-            current_period_start: None,
-            current_period_end: None,
-            trial_start: None,
-            trial_end: None,
-            cancel_at_period_end: false,
-            cancel_at: None,
-            canceled_at: None,
-            ended_at: None,
-            pause_collection: None,
-            latest_invoice: None,
-        }
-    }
-}
-
-/// Where a watermark came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WatermarkSource {
-    /// A subscription event's snapshot.
-    Event,
-    /// An invoice payment that restored a past-due record.
-    Payment,
-    /// Stripe's object, fetched at `created` (our clock).
-    Refetch,
-}
-
-/// The deterministic order of events within one second; see the
-/// [module docs](self). Compared field by field, in declaration order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct TieRank {
-    /// A terminal status ranks above any other.
-    pub terminal: bool,
-    /// The later current-period end ranks higher (`i64::MIN` when unknown).
-    pub period_end: i64,
-    /// `0` created / payment restore, `1` other subscription events, `2` deleted.
-    pub phase: u8,
-}
-
-/// What a record's subscription fields reflect: the `created` second and id
-/// of the event (or refetch) that last set them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Watermark {
-    /// Unix seconds (Stripe's `created`, or our clock for a refetch).
-    pub created: i64,
-    /// The event id (empty for a refetch).
-    pub event_id: String,
-    /// The tie rank of that event.
-    pub rank: TieRank,
-    /// Where it came from.
-    pub source: WatermarkSource,
-}
-
-impl Watermark {
-    /// The total order of the deterministic rule: `created`, then the tie
-    /// rank, then the event id.
-    pub fn order_key(&self) -> (i64, TieRank, &str) {
-        (self.created, self.rank, &self.event_id)
-    }
-}
-
-/// Something a human (or the reconciler) should look at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Anomaly {
-    /// When it was recorded (our clock, Unix seconds).
-    pub at: i64,
-    /// The event that caused it.
-    pub event_id: Option<String>,
-    /// What kind.
-    pub kind: AnomalyKind,
-    /// Details (statuses, ids; never a body).
-    pub detail: String,
-}
-
-/// Kinds of [`Anomaly`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum AnomalyKind {
-    /// A status that cannot follow the current one.
-    ImpossibleTransition,
-    /// A status reachable only through statuses we never saw.
-    MissedTransition,
-    /// A status this crate does not know.
-    UnknownStatus,
-    /// A refetch from Stripe failed; a fallback was applied.
-    RefetchFailed,
-    /// Stripe's object disagreed with the record (found by a refetch or the
-    /// reconciler).
-    Diverged,
-    /// Events disagree about the customer.
-    CustomerMismatch,
-    /// Stripe does not know the subscription.
-    NotFoundAtStripe,
-}
-
-/// A subscription as this crate keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionRecord {
-    /// `sub_…`
-    pub id: String,
-    /// The customer id.
-    pub customer: Option<String>,
-    /// The status.
-    pub status: SubscriptionStatus,
-    /// Items with price ids and per-item periods.
-    pub items: Vec<ItemView>,
-    /// Current period start (Unix seconds).
-    pub current_period_start: Option<i64>,
-    /// Current period end (Unix seconds).
-    pub current_period_end: Option<i64>,
-    /// Trial start.
-    pub trial_start: Option<i64>,
-    /// Trial end.
-    pub trial_end: Option<i64>,
-    /// Cancels at the end of the period.
-    pub cancel_at_period_end: bool,
-    /// Scheduled cancellation time.
-    pub cancel_at: Option<i64>,
-    /// When cancellation was requested.
-    pub canceled_at: Option<i64>,
-    /// When it ended.
-    pub ended_at: Option<i64>,
-    /// Paused collection (does not change `status`).
-    pub pause_collection: Option<PauseCollection>,
-    /// The latest invoice id (from the subscription or invoice events).
-    pub latest_invoice: Option<String>,
-    /// Whether that invoice is known to be paid.
-    pub latest_invoice_paid: Option<bool>,
-    /// The furthest service-period end any paid invoice covered.
-    pub paid_through: Option<i64>,
-    /// The newest successful payment's event time.
-    pub last_paid_at: Option<i64>,
-    /// The newest failed payment's event time.
-    pub last_payment_failed_at: Option<i64>,
-    /// Failed payments newer than the last successful one (event times,
-    /// ascending, at most [`MAX_FAILURES`]): the first one started the
-    /// dunning clock ([`SubscriptionRecord::dunning_since`]).
-    #[serde(default)]
-    pub payment_failures: Vec<i64>,
-    /// The last status change and the event that made it, so a retried event
-    /// can still tell its handler what it changed.
-    #[serde(default)]
-    pub last_change: Option<StatusChange>,
-    /// The ordering watermark of the subscription fields (`None` until a
-    /// snapshot or a refetch set them).
-    pub watermark: Option<Watermark>,
-    /// The watermark of `latest_invoice` / `latest_invoice_paid`.
-    pub invoice_watermark: Option<(i64, String)>,
-    /// When the record last matched Stripe's object (a refetch or a sweep).
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub last_verified_with_stripe: Option<OffsetDateTime>,
-    /// The application's reference from Checkout (a user id, say).
-    pub client_reference_id: Option<String>,
-    /// The Checkout Session that created it.
-    pub checkout_session: Option<String>,
-    /// Live or test mode.
-    pub livemode: Option<bool>,
-    /// The Connect account, if any.
-    pub account: Option<String>,
-    /// Recent anomalies, oldest first (at most [`MAX_ANOMALIES`]).
-    pub anomalies: Vec<Anomaly>,
-    /// A human should look at this record.
-    pub needs_review: bool,
-    /// The record holds a guess (a tie decided by rule, a failed refetch):
-    /// the reconciler should confirm it with Stripe.
-    pub needs_reconcile: bool,
-    /// Optimistic-concurrency version: 0 before the first save; stores
-    /// refuse a save whose version is not the stored one.
-    pub version: u64,
-}
-
-impl SubscriptionRecord {
-    /// A record for `id` with nothing known yet (no snapshot).
-    pub fn new(id: &str) -> Self {
-        let s = SubscriptionState::placeholder(None);
-        let mut r = Self {
-            id: id.to_owned(),
-            customer: None,
-            status: s.status.clone(),
-            items: Vec::new(),
-            current_period_start: None,
-            current_period_end: None,
-            trial_start: None,
-            trial_end: None,
-            cancel_at_period_end: false,
-            cancel_at: None,
-            canceled_at: None,
-            ended_at: None,
-            pause_collection: None,
-            latest_invoice: None,
-            latest_invoice_paid: None,
-            paid_through: None,
-            last_paid_at: None,
-            last_payment_failed_at: None,
-            payment_failures: Vec::new(),
-            last_change: None,
-            watermark: None,
-            invoice_watermark: None,
-            last_verified_with_stripe: None,
-            client_reference_id: None,
-            checkout_session: None,
-            livemode: None,
-            account: None,
-            anomalies: Vec::new(),
-            needs_review: false,
-            needs_reconcile: false,
-            version: 0,
-        };
-        r.set_state(s);
-        r
-    }
-
-    /// When the current dunning cycle started: the first failed payment
-    /// after the last successful one, if any.
-    pub fn dunning_since(&self) -> Option<i64> {
-        self.payment_failures.first().copied()
-    }
-
-    /// Whether a subscription snapshot (event or Stripe object) has set the
-    /// status; before that, the record only holds invoice or Checkout facts.
-    pub fn has_snapshot(&self) -> bool {
-        self.watermark.is_some()
-    }
-
-    /// The fields that mirror Stripe's object.
-    pub fn state(&self) -> SubscriptionState {
-        SubscriptionState {
-            customer: self.customer.clone(),
-            status: self.status.clone(),
-            items: self.items.clone(),
-            current_period_start: self.current_period_start,
-            current_period_end: self.current_period_end,
-            trial_start: self.trial_start,
-            trial_end: self.trial_end,
-            cancel_at_period_end: self.cancel_at_period_end,
-            cancel_at: self.cancel_at,
-            canceled_at: self.canceled_at,
-            ended_at: self.ended_at,
-            pause_collection: self.pause_collection.clone(),
-            latest_invoice: self.latest_invoice.clone(),
-        }
-    }
-
-    fn set_state(&mut self, s: SubscriptionState) {
-        if s.customer.is_some() {
-            self.customer = s.customer;
-        }
-        self.status = s.status;
-        self.items = s.items;
-        self.current_period_start = s.current_period_start;
-        self.current_period_end = s.current_period_end;
-        self.trial_start = s.trial_start;
-        self.trial_end = s.trial_end;
-        self.cancel_at_period_end = s.cancel_at_period_end;
-        self.cancel_at = s.cancel_at;
-        self.canceled_at = s.canceled_at;
-        self.ended_at = s.ended_at;
-        self.pause_collection = s.pause_collection;
-    }
-
-    /// Whether the subscription fields equal `state`, independent of the API
-    /// shape either side was read from: the customer is compared when both
-    /// know it, items by id, price and quantity (and their own periods when
-    /// both sides have them), and the latest invoice is left out (invoice
-    /// events track it on their own clock).
-    pub fn matches(&self, state: &SubscriptionState) -> bool {
-        let customer_ok = match (&self.customer, &state.customer) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        };
-        let same_option = |a: Option<i64>, b: Option<i64>| a.is_none() || b.is_none() || a == b;
-        let items_ok = self.items.len() == state.items.len()
-            && self.items.iter().zip(&state.items).all(|(a, b)| {
-                a.id == b.id
-                    && a.price_id == b.price_id
-                    && a.quantity == b.quantity
-                    && same_option(a.current_period_start, b.current_period_start)
-                    && same_option(a.current_period_end, b.current_period_end)
-            });
-        customer_ok
-            && items_ok
-            && self.status == state.status
-            && self.current_period_start == state.current_period_start
-            && self.current_period_end == state.current_period_end
-            && self.trial_start == state.trial_start
-            && self.trial_end == state.trial_end
-            && self.cancel_at_period_end == state.cancel_at_period_end
-            && self.cancel_at == state.cancel_at
-            && self.canceled_at == state.canceled_at
-            && self.ended_at == state.ended_at
-            && self.pause_collection == state.pause_collection
-    }
-
-    fn note(&mut self, now: i64, event_id: Option<&str>, kind: AnomalyKind, detail: String) {
-        self.anomalies.push(Anomaly {
-            at: now,
-            event_id: event_id.map(str::to_owned),
-            kind,
-            detail,
-        });
-        if self.anomalies.len() > MAX_ANOMALIES {
-            let excess = self.anomalies.len() - MAX_ANOMALIES;
-            self.anomalies.drain(..excess);
-        }
-    }
-}
+use super::payments::{apply_checkout, apply_invoice};
+use crate::event::{Event, EventType, ParseError, SubscriptionStatus, SubscriptionView};
 
 /// How one status relates to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,7 +122,7 @@ pub struct Applied {
     pub status_change: Option<(SubscriptionStatus, SubscriptionStatus)>,
 }
 
-/// What to do with an event, from [`apply`].
+/// What to do with an event, from [`decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Decision {
@@ -609,13 +160,13 @@ pub enum Decision {
 ///
 /// # Errors
 ///
-/// [`crate::event::ParseError`] when the event's object cannot be read as
+/// [`ParseError`] when the event's object cannot be read as
 /// the kind its type promises.
-pub fn apply(
+pub fn decide(
     current: Option<&SubscriptionRecord>,
     event: &Event,
     now: OffsetDateTime,
-) -> Result<Decision, crate::event::ParseError> {
+) -> Result<Decision, ParseError> {
     let t = event.event_type();
     if event.is_thin() {
         if !t.has_subscription_effect() {
@@ -656,8 +207,8 @@ pub fn apply(
 ///
 /// # Errors
 ///
-/// [`crate::event::ParseError`] when the object cannot be read.
-pub fn subscription_id_of(event: &Event) -> Result<Option<String>, crate::event::ParseError> {
+/// [`ParseError`] when the object cannot be read.
+pub fn subscription_id_of(event: &Event) -> Result<Option<String>, ParseError> {
     let t = event.event_type();
     if event.is_thin() {
         return Ok(event
@@ -721,7 +272,7 @@ fn apply_snapshot(
         adopt(&mut record, incoming, mark);
         if kind == TransitionKind::Gap {
             // Not a first status: earlier events are missing. Fine, but say so.
-            let detail = format!("first event seen shows status {}", record.status);
+            let detail = format!("first event seen shows status {}", record.state.status);
             record.note(
                 now_s,
                 Some(event.id()),
@@ -734,7 +285,7 @@ fn apply_snapshot(
             customer: view.customer.clone(),
             reason: RefetchReason::UnknownSubscription,
             fallback: Some(Box::new(Applied {
-                status_change: Some((SubscriptionStatus::Incomplete, record.status.clone()))
+                status_change: Some((SubscriptionStatus::Incomplete, record.state.status.clone()))
                     .filter(|(a, b)| a != b),
                 record,
                 reason: ApplyReason::Created,
@@ -745,10 +296,10 @@ fn apply_snapshot(
     let Some(wm) = &cur.watermark else {
         // A stub made from invoice or Checkout facts: the first snapshot.
         let mut record = cur.clone();
-        let before = record.status.clone();
+        let before = record.state.status.clone();
         adopt(&mut record, incoming, mark);
         return Decision::Apply(Box::new(Applied {
-            status_change: change(&before, &record.status),
+            status_change: change(&before, &record.state.status),
             record,
             reason: ApplyReason::Created,
         }));
@@ -767,12 +318,12 @@ fn apply_snapshot(
     }
 
     // Newer.
-    let kind = transition(Some(&cur.status), &incoming.status);
+    let kind = transition(Some(&cur.state.status), &incoming.status);
     if kind == TransitionKind::Impossible {
         let mut record = cur.clone();
         let detail = format!(
             "{} -> {} is impossible; state kept",
-            cur.status, incoming.status
+            cur.state.status, incoming.status
         );
         record.note(
             now_s,
@@ -783,7 +334,7 @@ fn apply_snapshot(
         record.needs_review = true;
         return Decision::Refetch {
             subscription_id: Some(cur.id.clone()),
-            customer: cur.customer.clone(),
+            customer: cur.state.customer.clone(),
             reason: RefetchReason::ImpossibleTransition,
             fallback: Some(Box::new(Applied {
                 record,
@@ -793,7 +344,7 @@ fn apply_snapshot(
         };
     }
     let mut record = cur.clone();
-    let before = record.status.clone();
+    let before = record.state.status.clone();
     if kind == TransitionKind::Gap {
         let (anomaly, detail) = if matches!(incoming.status, SubscriptionStatus::Unknown(_))
             || matches!(before, SubscriptionStatus::Unknown(_))
@@ -816,7 +367,7 @@ fn apply_snapshot(
     check_customer(&mut record, incoming.customer.as_deref(), now_s, event.id());
     adopt(&mut record, incoming, mark);
     Decision::Apply(Box::new(Applied {
-        status_change: change(&before, &record.status),
+        status_change: change(&before, &record.state.status),
         record,
         reason: ApplyReason::Snapshot,
     }))
@@ -845,17 +396,17 @@ fn decide_tie(
         }));
     }
     let mut record = cur.clone();
-    let before = record.status.clone();
+    let before = record.state.status.clone();
     if incoming_wins {
         adopt(&mut record, incoming, mark);
     }
     record.needs_reconcile = true;
     Decision::Refetch {
         subscription_id: Some(cur.id.clone()),
-        customer: cur.customer.clone(),
+        customer: cur.state.customer.clone(),
         reason: RefetchReason::Tie,
         fallback: Some(Box::new(Applied {
-            status_change: change(&before, &record.status),
+            status_change: change(&before, &record.state.status),
             record,
             reason: ApplyReason::TieRule,
         })),
@@ -873,17 +424,20 @@ fn adopt(record: &mut SubscriptionRecord, state: SubscriptionState, mark: Waterm
             .as_ref()
             .is_none_or(|w| invoice_mark > *w)
     {
-        if state.latest_invoice != record.latest_invoice {
+        if state.latest_invoice != record.state.latest_invoice {
             record.latest_invoice_paid = None;
         }
-        record.latest_invoice.clone_from(&state.latest_invoice);
+        record
+            .state
+            .latest_invoice
+            .clone_from(&state.latest_invoice);
         record.invoice_watermark = Some(invoice_mark);
     }
     record.set_state(state);
     record.watermark = Some(mark);
 }
 
-fn change(
+pub(super) fn change(
     before: &SubscriptionStatus,
     after: &SubscriptionStatus,
 ) -> Option<(SubscriptionStatus, SubscriptionStatus)> {
@@ -896,193 +450,13 @@ fn check_customer(
     now: i64,
     event_id: &str,
 ) {
-    if let (Some(have), Some(got)) = (record.customer.as_deref(), incoming)
+    if let (Some(have), Some(got)) = (record.state.customer.as_deref(), incoming)
         && have != got
     {
         let detail = format!("customer {have} -> {got}");
         record.note(now, Some(event_id), AnomalyKind::CustomerMismatch, detail);
         record.needs_review = true;
     }
-}
-
-fn apply_invoice(
-    current: Option<&SubscriptionRecord>,
-    event: &Event,
-    view: &InvoiceView,
-) -> Decision {
-    let Some(sub_id) = view
-        .subscription_id
-        .clone()
-        .or_else(|| current.map(|c| c.id.clone()))
-    else {
-        return Decision::NotApplicable {
-            reason: "invoice is not for a subscription",
-        };
-    };
-    let fresh = current.is_none();
-    let mut record = current
-        .cloned()
-        .unwrap_or_else(|| SubscriptionRecord::new(&sub_id));
-    if fresh {
-        record.customer.clone_from(&view.customer);
-        record.account = event.account().map(str::to_owned);
-        record.livemode = Some(event.livemode());
-    }
-    let before = record.clone();
-    let created = event.created();
-    let paid_event = matches!(
-        event.event_type(),
-        EventType::InvoicePaid | EventType::InvoicePaymentSucceeded
-    ) && view.paid;
-    let failed_event = matches!(
-        event.event_type(),
-        EventType::InvoicePaymentFailed | EventType::InvoicePaymentActionRequired
-    );
-
-    // Latest invoice: last writer wins by (created, event id).
-    let inv_mark = (created, event.id().to_owned());
-    if view.id.is_some()
-        && record
-            .invoice_watermark
-            .as_ref()
-            .is_none_or(|w| inv_mark > *w)
-    {
-        record.latest_invoice.clone_from(&view.id);
-        record.latest_invoice_paid = Some(view.paid);
-        record.invoice_watermark = Some(inv_mark);
-    }
-    let mut reason = ApplyReason::Payment;
-    if paid_event {
-        if let Some(end) = view.service_period_end {
-            record.paid_through = Some(record.paid_through.map_or(end, |p| p.max(end)));
-        }
-        record.last_paid_at = Some(record.last_paid_at.map_or(created, |p| p.max(created)));
-        let paid = record.last_paid_at.unwrap_or(created);
-        record.payment_failures.retain(|f| *f > paid);
-        // A payment newer than the snapshot that said past_due / unpaid, by
-        // the same total order as snapshots (a payment ranks below any
-        // subscription event of its second).
-        let mark = Watermark {
-            created,
-            event_id: event.id().to_owned(),
-            rank: TieRank {
-                terminal: false,
-                period_end: view.service_period_end.unwrap_or(i64::MIN),
-                phase: 0,
-            },
-            source: WatermarkSource::Payment,
-        };
-        let newer = record
-            .watermark
-            .as_ref()
-            .is_some_and(|w| mark.order_key() > w.order_key());
-        if newer
-            && matches!(
-                record.status,
-                SubscriptionStatus::PastDue
-                    | SubscriptionStatus::Unpaid
-                    | SubscriptionStatus::Incomplete
-            )
-        {
-            record.status = SubscriptionStatus::Active;
-            record.watermark = Some(mark);
-            reason = ApplyReason::PaymentRestored;
-        }
-    }
-    if failed_event {
-        record.last_payment_failed_at = Some(
-            record
-                .last_payment_failed_at
-                .map_or(created, |p| p.max(created)),
-        );
-        // Only failures after the last payment belong to the dunning cycle;
-        // kept as a set so the first one does not depend on arrival order.
-        if record.last_paid_at.is_none_or(|p| created > p)
-            && let Err(pos) = record.payment_failures.binary_search(&created)
-            && pos < MAX_FAILURES
-        {
-            record.payment_failures.insert(pos, created);
-            record.payment_failures.truncate(MAX_FAILURES);
-        }
-    }
-    if record == before && !fresh {
-        return Decision::NoChange;
-    }
-    let applied = Applied {
-        status_change: change(&before.status, &record.status),
-        record,
-        reason,
-    };
-    if fresh {
-        return Decision::Refetch {
-            subscription_id: Some(sub_id),
-            customer: view.customer.clone(),
-            reason: RefetchReason::UnknownSubscription,
-            fallback: Some(Box::new(applied)),
-        };
-    }
-    if reason == ApplyReason::PaymentRestored {
-        // The status came from a payment, not from Stripe's subscription:
-        // confirm it when a client is configured.
-        let mut fallback = applied.clone();
-        fallback.record.needs_reconcile = true;
-        return Decision::Refetch {
-            subscription_id: Some(sub_id),
-            customer: applied.record.customer.clone(),
-            reason: RefetchReason::ConfirmRestore,
-            fallback: Some(Box::new(fallback)),
-        };
-    }
-    Decision::Apply(Box::new(applied))
-}
-
-fn apply_checkout(
-    current: Option<&SubscriptionRecord>,
-    event: &Event,
-    view: &crate::event::CheckoutSessionView,
-) -> Decision {
-    let Some(sub_id) = view.subscription.clone() else {
-        return Decision::NotApplicable {
-            reason: "Checkout Session has no subscription",
-        };
-    };
-    let fresh = current.is_none();
-    let mut record = current
-        .cloned()
-        .unwrap_or_else(|| SubscriptionRecord::new(&sub_id));
-    let before = record.clone();
-    if record.customer.is_none() {
-        record.customer.clone_from(&view.customer);
-    }
-    if record.client_reference_id.is_none() {
-        record
-            .client_reference_id
-            .clone_from(&view.client_reference_id);
-    }
-    if record.checkout_session.is_none() {
-        record.checkout_session.clone_from(&view.id);
-    }
-    if fresh {
-        record.account = event.account().map(str::to_owned);
-        record.livemode = Some(event.livemode());
-    }
-    if record == before && !fresh {
-        return Decision::NoChange;
-    }
-    let applied = Applied {
-        record,
-        reason: ApplyReason::CheckoutLinked,
-        status_change: None,
-    };
-    if fresh {
-        return Decision::Refetch {
-            subscription_id: Some(sub_id),
-            customer: view.customer.clone(),
-            reason: RefetchReason::UnknownSubscription,
-            fallback: Some(Box::new(applied)),
-        };
-    }
-    Decision::Apply(Box::new(applied))
 }
 
 /// Replaces the subscription fields of `current` (or a new record) with
@@ -1105,7 +479,7 @@ pub fn from_stripe(
     let mut record = current
         .cloned()
         .unwrap_or_else(|| SubscriptionRecord::new(&id));
-    let before = record.status.clone();
+    let before = record.state.status.clone();
     let incoming = SubscriptionState::from_view(truth);
     let created = [
         Some(fetched_at.unix_timestamp()),
@@ -1140,61 +514,16 @@ pub fn from_stripe(
     record.last_verified_with_stripe = Some(fetched_at);
     record.needs_reconcile = false;
     Applied {
-        status_change: change(&before, &record.status),
+        status_change: change(&before, &record.state.status),
         record,
         reason: ApplyReason::Refetched,
     }
 }
 
-/// A customer's active entitlements, as last reported by Stripe.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CustomerEntitlements {
-    /// The customer id.
-    pub customer: String,
-    /// Active feature lookup keys.
-    pub lookup_keys: Vec<String>,
-    /// The `(created, event id)` of the summary event.
-    pub watermark: (i64, String),
-    /// Optimistic-concurrency version (0 before the first save).
-    pub version: u64,
-}
-
-impl CustomerEntitlements {
-    /// Whether `lookup_key` is active.
-    pub fn has(&self, lookup_key: &str) -> bool {
-        self.lookup_keys.iter().any(|k| k == lookup_key)
-    }
-}
-
-/// Last-writer-wins on `(created, event id)` for an entitlement summary
-/// event. `None` when the stored summary is newer or the same.
-///
-/// # Errors
-///
-/// [`crate::event::ParseError`] when the object is not an entitlement summary.
-pub fn decide_entitlements(
-    current: Option<&CustomerEntitlements>,
-    event: &Event,
-) -> Result<Option<CustomerEntitlements>, crate::event::ParseError> {
-    let view = event.entitlement_summary()?;
-    let mark = (event.created(), event.id().to_owned());
-    if current.is_some_and(|c| c.watermark >= mark) {
-        return Ok(None);
-    }
-    let mut keys = view.lookup_keys;
-    keys.sort();
-    keys.dedup();
-    Ok(Some(CustomerEntitlements {
-        customer: view.customer,
-        lookup_keys: keys,
-        watermark: mark,
-        version: current.map_or(0, |c| c.version),
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subscription::MAX_ANOMALIES;
     use SubscriptionStatus as S;
 
     fn now() -> OffsetDateTime {
@@ -1289,7 +618,7 @@ mod tests {
             "active",
             1000,
         );
-        match apply(None, &e, now()).unwrap() {
+        match decide(None, &e, now()).unwrap() {
             Decision::Refetch {
                 subscription_id,
                 reason: RefetchReason::UnknownSubscription,
@@ -1297,7 +626,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(subscription_id.as_deref(), Some("sub_1"));
-                assert_eq!(f.record.status, S::Active);
+                assert_eq!(f.record.state.status, S::Active);
                 assert_eq!(f.record.watermark.as_ref().unwrap().created, 100);
             }
             other => panic!("{other:?}"),
@@ -1307,7 +636,7 @@ mod tests {
     #[test]
     fn newer_applies_older_is_stale_same_is_noop() {
         let r = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_1",
@@ -1327,8 +656,8 @@ mod tests {
             "past_due",
             1000,
         );
-        let r2 = applied(apply(Some(&r), &newer, now()).unwrap());
-        assert_eq!(r2.status, S::PastDue);
+        let r2 = applied(decide(Some(&r), &newer, now()).unwrap());
+        assert_eq!(r2.state.status, S::PastDue);
         let older = sub_event(
             "evt_0",
             "customer.subscription.updated",
@@ -1337,16 +666,19 @@ mod tests {
             1000,
         );
         assert!(matches!(
-            apply(Some(&r2), &older, now()).unwrap(),
+            decide(Some(&r2), &older, now()).unwrap(),
             Decision::Stale { .. }
         ));
-        assert_eq!(apply(Some(&r2), &newer, now()).unwrap(), Decision::NoChange);
+        assert_eq!(
+            decide(Some(&r2), &newer, now()).unwrap(),
+            Decision::NoChange
+        );
     }
 
     #[test]
     fn ties_are_never_dropped() {
         let r = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_a",
@@ -1366,20 +698,20 @@ mod tests {
             "active",
             1000,
         );
-        match apply(Some(&r), &tie, now()).unwrap() {
+        match decide(Some(&r), &tie, now()).unwrap() {
             Decision::Refetch {
                 reason: RefetchReason::Tie,
                 fallback: Some(f),
                 ..
             } => {
                 // `updated` outranks `created` within a second.
-                assert_eq!(f.record.status, S::Active);
+                assert_eq!(f.record.state.status, S::Active);
                 assert!(f.record.needs_reconcile);
             }
             other => panic!("{other:?}"),
         }
         // The reverse arrival order gives the same winner.
-        let r = applied(apply(None, &tie, now()).unwrap());
+        let r = applied(decide(None, &tie, now()).unwrap());
         let created = sub_event(
             "evt_a",
             "customer.subscription.created",
@@ -1387,12 +719,12 @@ mod tests {
             "incomplete",
             1000,
         );
-        match apply(Some(&r), &created, now()).unwrap() {
+        match decide(Some(&r), &created, now()).unwrap() {
             Decision::Refetch {
                 reason: RefetchReason::Tie,
                 fallback: Some(f),
                 ..
-            } => assert_eq!(f.record.status, S::Active),
+            } => assert_eq!(f.record.state.status, S::Active),
             other => panic!("{other:?}"),
         }
         // A tie that agrees changes no state; a winning one moves the
@@ -1404,9 +736,9 @@ mod tests {
             "active",
             1000,
         );
-        match apply(Some(&r), &same, now()).unwrap() {
+        match decide(Some(&r), &same, now()).unwrap() {
             Decision::Apply(a) => {
-                assert_eq!(a.record.status, S::Active);
+                assert_eq!(a.record.state.status, S::Active);
                 assert!(!a.record.needs_reconcile);
                 assert_eq!(a.record.watermark.unwrap().event_id, "evt_c");
                 assert_eq!(a.status_change, None);
@@ -1420,13 +752,16 @@ mod tests {
             "active",
             1000,
         );
-        assert_eq!(apply(Some(&r), &losing, now()).unwrap(), Decision::NoChange);
+        assert_eq!(
+            decide(Some(&r), &losing, now()).unwrap(),
+            Decision::NoChange
+        );
     }
 
     #[test]
     fn impossible_transitions_keep_state_and_ask_stripe() {
         let r = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_1",
@@ -1446,13 +781,13 @@ mod tests {
             "active",
             2000,
         );
-        match apply(Some(&r), &back, now()).unwrap() {
+        match decide(Some(&r), &back, now()).unwrap() {
             Decision::Refetch {
                 reason: RefetchReason::ImpossibleTransition,
                 fallback: Some(f),
                 ..
             } => {
-                assert_eq!(f.record.status, S::Canceled);
+                assert_eq!(f.record.state.status, S::Canceled);
                 assert!(f.record.needs_review);
                 assert_eq!(
                     f.record.anomalies.last().unwrap().kind,
@@ -1467,7 +802,7 @@ mod tests {
     #[test]
     fn gaps_apply_with_a_note() {
         let r = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_1",
@@ -1481,7 +816,7 @@ mod tests {
             .unwrap(),
         );
         let r2 = applied(
-            apply(
+            decide(
                 Some(&r),
                 &sub_event(
                     "evt_2",
@@ -1494,7 +829,7 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!(r2.status, S::Unpaid);
+        assert_eq!(r2.state.status, S::Unpaid);
         assert_eq!(
             r2.anomalies.last().unwrap().kind,
             AnomalyKind::MissedTransition
@@ -1518,7 +853,7 @@ mod tests {
     #[test]
     fn dunning_clock_is_order_independent() {
         let base = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_s",
@@ -1548,7 +883,7 @@ mod tests {
         for order in orders {
             let mut r = base.clone();
             for i in order {
-                match apply(Some(&r), &events[i], now()).unwrap() {
+                match decide(Some(&r), &events[i], now()).unwrap() {
                     Decision::Apply(a) => r = a.record,
                     Decision::Refetch {
                         fallback: Some(f), ..
@@ -1566,7 +901,7 @@ mod tests {
     #[test]
     fn paid_first_invoice_restores_incomplete() {
         let r = applied(
-            apply(
+            decide(
                 None,
                 &sub_event(
                     "evt_c",
@@ -1579,7 +914,7 @@ mod tests {
             )
             .unwrap(),
         );
-        match apply(
+        match decide(
             Some(&r),
             &invoice_event("evt_paid", "invoice.paid", 101, true),
             now(),
@@ -1591,7 +926,7 @@ mod tests {
                 fallback: Some(f),
                 ..
             } => {
-                assert_eq!(f.record.status, S::Active);
+                assert_eq!(f.record.state.status, S::Active);
                 assert!(f.record.needs_reconcile);
                 assert_eq!(f.record.paid_through, Some(1101));
             }

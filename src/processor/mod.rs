@@ -1,0 +1,783 @@
+//! The webhook pipeline: raw request in, exactly-once effect out.
+//!
+//! [`WebhookProcessor::handle`] runs, in this order:
+//!
+//! 1. **verify** the signature ([`crate::signature`]) — nothing is parsed
+//!    before it passes;
+//! 2. **parse** the envelope ([`crate::event`]);
+//! 3. **filter**: livemode, Connect account, and types nobody acts on are
+//!    recorded as ignored and acknowledged;
+//! 4. **claim** the event in the ledger ([`crate::ledger`]) — no effect runs
+//!    without a claim;
+//! 5. the **subscription effect** ([`crate::subscription`]): load, decide,
+//!    refetch from Stripe when the decision asks and a client is configured,
+//!    save with optimistic concurrency;
+//! 6. the application's **handler** ([`EventHandler`]), with the attempt
+//!    number and the event id for its own idempotency; a panic is caught and
+//!    recorded as a failure;
+//! 7. **complete** the claim — only after every effect succeeded; on any
+//!    error the claim is **failed** instead (retryable until
+//!    `max_attempts`, then dead-lettered), so Stripe's retry processes the
+//!    event again and nothing is acknowledged before it is done.
+//!
+//! The HTTP answer comes from [`Outcome::http_status`] and
+//! [`Error::http_status`]: bad signature or unparseable → 400; duplicate,
+//! ignored, stale, dead-lettered, processed → 200; in flight, store or client
+//! failure, handler failure → 5xx so Stripe retries.
+
+mod types;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use time::{Duration, OffsetDateTime};
+
+use crate::client::StripeClient;
+use crate::clock::{Clock, SystemClock};
+use crate::event::Event;
+use crate::inbox::{Inbox, InboxConfig};
+use crate::ledger::{
+    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreRequest, Lease, LedgerState,
+};
+use crate::rt::catch_unwind::{CatchUnwind, panic_message};
+use crate::signature::{Verified, Verifier};
+use crate::store::{InboxHandle, Storage, StoreError, StoreErrorKind, StoreHandle};
+use crate::subscription::{
+    self, Effect, FetchOutcome, FetchTarget, Step, StepError, Subject, SubscriptionRecord,
+};
+
+pub use types::{
+    AccountFilter, Error, EventHandler, HandlerContext, HandlerError, IgnoreReason, Outcome, Stats,
+};
+use types::{Counters, bump};
+
+/// Default lease on a claimed event: 60 s.
+pub const DEFAULT_LEASE: Duration = Duration::seconds(60);
+
+/// Default attempts before an event is dead-lettered: 8.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+
+/// How many times a save is retried after losing an optimistic-concurrency
+/// race.
+const MAX_SAVE_RACES: usize = 8;
+
+/// The store of a [`ProcessorBuilder`] before one is chosen: a processor
+/// cannot be built without saying where its ledger and records live (use
+/// `MemoryStore` explicitly for the in-memory store).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStore;
+
+/// Builds a [`WebhookProcessor`] (and, over a store that can queue, an
+/// [`Inbox`]). Start with [`WebhookProcessor::builder`], choose the store
+/// with [`ProcessorBuilder::store`]: only then do `build` and `build_inbox`
+/// exist, so a half-configured pipeline does not compile.
+pub struct ProcessorBuilder<S = NoStore> {
+    verifier: Verifier,
+    store: S,
+    handler: Option<Arc<dyn EventHandler>>,
+    client: Option<Arc<dyn StripeClient>>,
+    clock: Arc<dyn Clock>,
+    livemode: Option<bool>,
+    accounts: AccountFilter,
+    lease: Duration,
+    max_attempts: u32,
+}
+
+impl<S> fmt::Debug for ProcessorBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessorBuilder")
+            .field("verifier", &self.verifier)
+            .field("livemode", &self.livemode)
+            .field("accounts", &self.accounts)
+            .field("lease", &self.lease)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessorBuilder<NoStore> {
+    /// The store of the ledger, the subscription records and the
+    /// reconciler's cursors: `MemoryStore` (in memory, lost on restart), a
+    /// database store, or your own implementation of the store traits. It
+    /// is handed over once; the inbox and the reconciler use the same one.
+    #[must_use]
+    pub fn store<H: StoreHandle>(self, store: H) -> ProcessorBuilder<H> {
+        ProcessorBuilder {
+            verifier: self.verifier,
+            store,
+            handler: self.handler,
+            client: self.client,
+            clock: self.clock,
+            livemode: self.livemode,
+            accounts: self.accounts,
+            lease: self.lease,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+impl<S> ProcessorBuilder<S> {
+    /// The application's handler.
+    #[must_use]
+    pub fn handler(mut self, handler: Arc<dyn EventHandler>) -> Self {
+        self.handler = Some(handler);
+        self
+    }
+
+    /// A Stripe client: enables refetches for ties, impossible transitions,
+    /// unknown subscriptions and thin events. Wrap it in a request budget to
+    /// pace it and retry rate limits.
+    #[must_use]
+    pub fn client(mut self, client: Arc<dyn StripeClient>) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// The clock (default: the system clock).
+    #[must_use]
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Accept only live (`true`) or only test (`false`) events; the other
+    /// mode is ignored. Default: both.
+    #[must_use]
+    pub fn livemode(mut self, livemode: bool) -> Self {
+        self.livemode = Some(livemode);
+        self
+    }
+
+    /// Which Connect accounts' events to process (default: the platform's only).
+    #[must_use]
+    pub fn accounts(mut self, filter: AccountFilter) -> Self {
+        self.accounts = filter;
+        self
+    }
+
+    /// The lease on a claimed event (default 60 s). Longer than your slowest
+    /// handler.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Attempts before dead-lettering (default 8; at least 1).
+    #[must_use]
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+}
+
+impl<H: StoreHandle> ProcessorBuilder<H> {
+    /// Builds the processor.
+    pub fn build(self) -> WebhookProcessor {
+        let store = self.store.storage();
+        WebhookProcessor {
+            inner: Arc::new(Inner {
+                verifier: self.verifier,
+                store,
+                handler: self.handler,
+                client: self.client,
+                clock: self.clock,
+                livemode: self.livemode,
+                accounts: self.accounts,
+                lease: self.lease,
+                max_attempts: self.max_attempts,
+                counters: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl<H: InboxHandle> ProcessorBuilder<H> {
+    /// Builds an [`Inbox`] over the store: deliveries are stored and
+    /// acknowledged at once, and workers process them with the processor
+    /// built here (available as [`Inbox::processor`]).
+    pub fn build_inbox(self, config: InboxConfig) -> Inbox {
+        let queue = self.store.queue();
+        Inbox::from_parts(self.build(), queue, config)
+    }
+}
+
+struct Inner {
+    verifier: Verifier,
+    store: Arc<dyn Storage>,
+    handler: Option<Arc<dyn EventHandler>>,
+    client: Option<Arc<dyn StripeClient>>,
+    clock: Arc<dyn Clock>,
+    livemode: Option<bool>,
+    accounts: AccountFilter,
+    lease: Duration,
+    max_attempts: u32,
+    counters: Counters,
+}
+
+/// The webhook pipeline. Cheap to clone (an `Arc` inside); share one per
+/// endpoint. See the [module docs](self) for the order of steps.
+#[derive(Clone)]
+pub struct WebhookProcessor {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for WebhookProcessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookProcessor")
+            .field("verifier", &self.inner.verifier)
+            .field("client", &self.inner.client.is_some())
+            .field("handler", &self.inner.handler.is_some())
+            .field("livemode", &self.inner.livemode)
+            .field("accounts", &self.inner.accounts)
+            .field("lease", &self.inner.lease)
+            .field("max_attempts", &self.inner.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified, parsed delivery that passed the filters and is not settled:
+/// what synchronous mode claims and inbox mode queues.
+pub(crate) enum Screened<'a> {
+    /// Claim or queue it.
+    Admit {
+        event: Event,
+        verified: Verified<'a>,
+    },
+    /// Answered already: ignored, or settled before.
+    Answered(Outcome),
+}
+
+impl WebhookProcessor {
+    /// Starts a builder around `verifier`; choose the store next with
+    /// [`ProcessorBuilder::store`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use stripe_webhook_guard::{MemoryStore, Verifier, WebhookProcessor};
+    ///
+    /// let processor = WebhookProcessor::builder(Verifier::new("whsec_doc"))
+    ///     .store(Arc::new(MemoryStore::new()))
+    ///     .build();
+    /// # let _ = processor;
+    /// ```
+    pub fn builder(verifier: Verifier) -> ProcessorBuilder {
+        ProcessorBuilder {
+            verifier,
+            store: NoStore,
+            handler: None,
+            client: None,
+            clock: Arc::new(SystemClock),
+            livemode: None,
+            accounts: AccountFilter::default(),
+            lease: DEFAULT_LEASE,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+
+    /// The store (ledger, subscription records, cursors): to answer access
+    /// questions and list dead letters.
+    pub fn store(&self) -> &Arc<dyn Storage> {
+        &self.inner.store
+    }
+
+    /// The configured Stripe client, if any.
+    pub fn client(&self) -> Option<&Arc<dyn StripeClient>> {
+        self.inner.client.as_ref()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The verifier.
+    pub fn verifier(&self) -> &Verifier {
+        &self.inner.verifier
+    }
+
+    /// The counters since start.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            received: get(&c.received),
+            rejected: get(&c.rejected),
+            applied: get(&c.applied),
+            duplicates: get(&c.duplicates),
+            stale: get(&c.stale),
+            no_change: get(&c.no_change),
+            ignored: get(&c.ignored),
+            refetches: get(&c.refetches),
+            in_flight: get(&c.in_flight),
+            failed: get(&c.failed),
+            dead: get(&c.dead),
+            handler_effects: get(&c.handler_effects),
+        }
+    }
+
+    /// Handles one webhook request: the raw body exactly as received and the
+    /// `Stripe-Signature` header. See the [module docs](self).
+    ///
+    /// # Errors
+    ///
+    /// [`Error`]; answer Stripe with [`Error::http_status`].
+    pub async fn handle(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
+        match self.screen(body, signature).await? {
+            Screened::Answered(outcome) => Ok(outcome),
+            Screened::Admit { event, verified } => {
+                self.claim_and_run(&event, Some(verified.payload_str()))
+                    .await
+            }
+        }
+    }
+
+    /// Processes an event that did not come through the webhook (fetched from
+    /// `/v1/events` by the reconciler, or replayed from the ledger). Same
+    /// ledger, same ids, same effects: an event that also arrives by webhook
+    /// is processed once.
+    ///
+    /// # Errors
+    ///
+    /// As [`WebhookProcessor::handle`], minus the signature errors.
+    pub async fn process_event(&self, event: &Event) -> Result<Outcome, Error> {
+        bump(&self.inner.counters.received);
+        if let Some(outcome) = self.settle_filtered(event).await? {
+            return Ok(outcome);
+        }
+        self.claim_and_run(event, None).await
+    }
+
+    /// The lease taken on claimed events.
+    pub fn lease_duration(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// Attempts before an event is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.inner.max_attempts
+    }
+
+    /// The filters: why `event` would be ignored, if it would (livemode
+    /// mismatch, an account the filter does not allow, or a type with no
+    /// subscription effect that the handler does not want).
+    pub fn filter_reason(&self, event: &Event) -> Option<IgnoreReason> {
+        if self.inner.livemode.is_some_and(|l| l != event.livemode()) {
+            return Some(IgnoreReason::LivemodeMismatch);
+        }
+        if !self.inner.accounts.allows(event.account()) {
+            return Some(IgnoreReason::ForeignAccount);
+        }
+        let t = event.event_type();
+        let wanted =
+            t.has_subscription_effect() || self.inner.handler.as_ref().is_some_and(|h| h.wants(t));
+        (!wanted).then_some(IgnoreReason::UnhandledType)
+    }
+
+    /// Steps 1–3, shared by synchronous and inbox mode: verify, parse,
+    /// filter (recording filtered events as ignored).
+    pub(crate) async fn screen<'a>(
+        &self,
+        body: &'a [u8],
+        signature: Option<&str>,
+    ) -> Result<Screened<'a>, Error> {
+        bump(&self.inner.counters.received);
+        let now = self.inner.clock.now();
+        let verified = self
+            .inner
+            .verifier
+            .verify(body, signature, now)
+            .inspect_err(|_| bump(&self.inner.counters.rejected))?;
+        let event = Event::parse(verified).map_err(|e| {
+            bump(&self.inner.counters.rejected);
+            Error::Parse(e)
+        })?;
+        Ok(match self.settle_filtered(&event).await? {
+            Some(outcome) => Screened::Answered(outcome),
+            None => Screened::Admit { event, verified },
+        })
+    }
+
+    /// Step 3: an event the filters refuse is recorded as ignored and
+    /// answered; one accepted before the filters changed and not finished is
+    /// let through, never acknowledged unprocessed.
+    async fn settle_filtered(&self, event: &Event) -> Result<Option<Outcome>, Error> {
+        let Some(reason) = self.filter_reason(event) else {
+            return Ok(None);
+        };
+        let state = self
+            .inner
+            .store
+            .ignore(&IgnoreRequest::for_event(event, reason.as_str()))
+            .await
+            .map_err(|source| Error::Store {
+                event_id: event.id().to_owned(),
+                source,
+            })?;
+        let event_id = event.id().to_owned();
+        if state == LedgerState::Ignored {
+            bump(&self.inner.counters.ignored);
+            trace(event, "ignored");
+            return Ok(Some(Outcome::Ignored { event_id, reason }));
+        }
+        if state.is_settled() {
+            bump(&self.inner.counters.duplicates);
+            return Ok(Some(Outcome::Duplicate { event_id, state }));
+        }
+        Ok(None)
+    }
+
+    /// Step 4, then steps 5–7.
+    async fn claim_and_run(&self, event: &Event, payload: Option<&str>) -> Result<Outcome, Error> {
+        let event_id = event.id().to_owned();
+        let request = ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts);
+        let claimed = self.inner.store.claim(&request).await;
+        let lease = match claimed.map_err(|source| Error::Store {
+            event_id: event_id.clone(),
+            source,
+        })? {
+            ClaimOutcome::Claimed(lease) => lease,
+            ClaimOutcome::Duplicate { state } => {
+                bump(&self.inner.counters.duplicates);
+                trace(event, "duplicate");
+                return Ok(Outcome::Duplicate { event_id, state });
+            }
+            ClaimOutcome::InFlight { until } => {
+                bump(&self.inner.counters.in_flight);
+                return Err(Error::InFlight { event_id, until });
+            }
+            ClaimOutcome::Conflict { .. } => return Err(Error::PayloadConflict { event_id }),
+            ClaimOutcome::DeadLettered { attempts } => {
+                bump(&self.inner.counters.dead);
+                return Ok(Outcome::DeadLettered {
+                    event_id,
+                    attempts,
+                    error: "lease expired on the last attempt".to_owned(),
+                });
+            }
+        };
+        self.run_claimed(event, payload, lease).await
+    }
+
+    /// Steps 5–7 for an event this worker holds. Used by the synchronous
+    /// path and by inbox workers.
+    pub(crate) async fn run_claimed(
+        &self,
+        event: &Event,
+        payload: Option<&str>,
+        lease: Lease,
+    ) -> Result<Outcome, Error> {
+        let event_id = event.id().to_owned();
+        let now = self.inner.clock.now();
+        let (effect, record) = match self.subscription_effect(event, now).await {
+            Ok(v) => v,
+            Err(EffectError::Store(e)) => {
+                let message = format!("subscription store: {e}");
+                let retryable = e.is_retryable();
+                return self
+                    .fail(event, payload, &lease, message, retryable, Some(e))
+                    .await;
+            }
+            Err(EffectError::Step(e)) => {
+                let retryable = e.is_retryable();
+                let fail = self
+                    .fail(event, payload, &lease, e.to_string(), retryable, None)
+                    .await;
+                return match (fail, e) {
+                    (Err(Error::Failed { .. }), StepError::Refetch(source)) => {
+                        Err(Error::Client { event_id, source })
+                    }
+                    (other, _) => other,
+                };
+            }
+        };
+        self.count_effect(&effect);
+        trace(event, effect.as_str());
+
+        let mut handled = false;
+        if let Some(handler) = self
+            .inner
+            .handler
+            .as_ref()
+            .filter(|h| h.wants(event.event_type()))
+        {
+            if self.inner.clock.now() >= lease.expires_at {
+                return self.lease_lost(event, &lease).await;
+            }
+            let ctx = HandlerContext {
+                event_id: event_id.clone(),
+                attempt: lease.attempt,
+                lease_expires_at: lease.expires_at,
+                effect: effect.clone(),
+                subscription: record,
+                lease: lease.clone(),
+                clock: self.inner.clock.clone(),
+            };
+            let result = CatchUnwind::new(handler.handle(event, &ctx)).await;
+            let failure = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((e.message, e.retryable)),
+                Err(panic) => Some((
+                    format!("handler panicked: {}", panic_message(&*panic)),
+                    true,
+                )),
+            };
+            if let Some((message, retryable)) = failure {
+                return self
+                    .fail(event, payload, &lease, message, retryable, None)
+                    .await;
+            }
+            handled = true;
+        }
+
+        match self.inner.store.complete(&lease).await {
+            Ok(()) => {
+                if handled {
+                    bump(&self.inner.counters.handler_effects);
+                }
+                Ok(Outcome::Processed {
+                    event_id,
+                    event_type: event.event_type().as_str().to_owned(),
+                    effect,
+                    attempt: lease.attempt,
+                    handled,
+                })
+            }
+            Err(e) if e.kind() == StoreErrorKind::LeaseLost => Err(Error::LeaseLost { event_id }),
+            Err(source) => Err(Error::Store { event_id, source }),
+        }
+    }
+
+    async fn lease_lost(&self, event: &Event, lease: &Lease) -> Result<Outcome, Error> {
+        // No handler ran. If nobody took the event over yet, record the
+        // attempt as failed: it counts, so an event whose effect always
+        // outlasts the lease ends dead-lettered instead of looping.
+        let failure = Failure {
+            error: "lease expired before the handler ran".to_owned(),
+            retryable: true,
+            max_attempts: self.inner.max_attempts,
+            payload: Some(event.to_json()),
+        };
+        if let Ok(FailOutcome::Dead { attempts }) = self.inner.store.fail(lease, &failure).await {
+            bump(&self.inner.counters.dead);
+            return Ok(Outcome::DeadLettered {
+                event_id: event.id().to_owned(),
+                attempts,
+                error: failure.error,
+            });
+        }
+        Err(Error::LeaseLost {
+            event_id: event.id().to_owned(),
+        })
+    }
+
+    fn count_effect(&self, effect: &Effect) {
+        let c = &self.inner.counters;
+        match effect {
+            Effect::Applied { .. } => bump(&c.applied),
+            Effect::Refetched { .. } => {
+                bump(&c.applied);
+                bump(&c.refetches);
+            }
+            Effect::Stale { .. } => bump(&c.stale),
+            Effect::NoChange { .. } => bump(&c.no_change),
+            Effect::Entitlements { changed, .. } => {
+                if *changed {
+                    bump(&c.applied);
+                } else {
+                    bump(&c.stale);
+                }
+            }
+            Effect::None => {}
+        }
+    }
+
+    async fn fail(
+        &self,
+        event: &Event,
+        payload: Option<&str>,
+        lease: &Lease,
+        message: String,
+        retryable: bool,
+        store_error: Option<StoreError>,
+    ) -> Result<Outcome, Error> {
+        let event_id = event.id().to_owned();
+        let failure = Failure {
+            error: message.clone(),
+            retryable,
+            max_attempts: self.inner.max_attempts,
+            payload: Some(payload.map_or_else(|| event.to_json(), str::to_owned)),
+        };
+        match self.inner.store.fail(lease, &failure).await {
+            Ok(FailOutcome::Dead { attempts }) => {
+                bump(&self.inner.counters.dead);
+                trace(event, "dead_lettered");
+                Ok(Outcome::DeadLettered {
+                    event_id,
+                    attempts,
+                    error: message,
+                })
+            }
+            Ok(FailOutcome::Failed { attempts }) => {
+                bump(&self.inner.counters.failed);
+                trace(event, "failed");
+                match store_error {
+                    Some(source) => Err(Error::Store { event_id, source }),
+                    None => Err(Error::Failed {
+                        event_id,
+                        attempt: attempts,
+                        message,
+                    }),
+                }
+            }
+            Err(e) if e.kind() == StoreErrorKind::LeaseLost => Err(Error::LeaseLost { event_id }),
+            // The failure could not be recorded: the lease will expire and the
+            // event will be claimed again.
+            Err(source) => Err(Error::Store { event_id, source }),
+        }
+    }
+
+    /// Step 5: the subscription effect. The decisions are the state
+    /// machine's ([`subscription::step`] and [`subscription::resume`]); this
+    /// only loads, asks Stripe and saves (again from a fresh load when
+    /// another writer saved first).
+    async fn subscription_effect(
+        &self,
+        event: &Event,
+        now: OffsetDateTime,
+    ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
+        let store = &self.inner.store;
+        let id = match subscription::subject(event).map_err(|e| StepError::Object(e))? {
+            Subject::None => return Ok((Effect::None, None)),
+            Subject::Entitlements(customer) => {
+                return self.entitlements_effect(event, customer).await;
+            }
+            Subject::Subscription(id) => id,
+        };
+        for _ in 0..MAX_SAVE_RACES {
+            let current = match &id {
+                Some(id) => store.load(id).await?,
+                None => None,
+            };
+            let mut step = subscription::step(current.as_ref(), event, now);
+            while let Step::Fetch(fetch) = step {
+                let outcome = self.fetch(fetch.target()).await;
+                let stored = match fetch.record_to_load(&outcome) {
+                    Some(id) => store.load(id).await?,
+                    None => None,
+                };
+                step = subscription::resume(fetch, event, outcome, stored, now);
+            }
+            match step {
+                Step::Done(effect) => return Ok((effect, current)),
+                Step::Failed(e) => return Err(EffectError::Step(e)),
+                Step::Save { mut record, effect } => match store.save(&record).await {
+                    Ok(version) => {
+                        record.version = version;
+                        return Ok((effect, Some(record)));
+                    }
+                    Err(e) if e.kind() == StoreErrorKind::Conflict => {}
+                    Err(e) => return Err(EffectError::Store(e)),
+                },
+                _ => unreachable!("fetches are resumed above"),
+            }
+        }
+        Err(EffectError::Store(StoreError::new(
+            StoreErrorKind::Conflict,
+            "subscription kept changing under concurrent writers",
+        )))
+    }
+
+    /// Asks Stripe what a fetch step wants.
+    async fn fetch(&self, target: &FetchTarget) -> FetchOutcome {
+        let Some(client) = &self.inner.client else {
+            return FetchOutcome::NoClient;
+        };
+        let objects = match target {
+            FetchTarget::Subscription(id) => {
+                client.retrieve_subscription(id).await.map(|s| vec![s])
+            }
+            FetchTarget::NewestOfCustomer(customer) => {
+                client.list_customer_subscriptions(customer).await
+            }
+        };
+        match objects {
+            // Stamped with the time the answer was read, not when the
+            // request began (it may have waited for the budget or retries).
+            Ok(objects) => FetchOutcome::Fetched {
+                objects,
+                at: self.inner.clock.now(),
+            },
+            Err(e) => FetchOutcome::Failed(e),
+        }
+    }
+
+    async fn entitlements_effect(
+        &self,
+        event: &Event,
+        customer: String,
+    ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
+        let store = &self.inner.store;
+        for _ in 0..MAX_SAVE_RACES {
+            let current = store.load_entitlements(&customer).await?;
+            let Some(next) = subscription::decide_entitlements(current.as_ref(), event)
+                .map_err(StepError::Object)?
+            else {
+                let effect = Effect::Entitlements {
+                    customer,
+                    changed: false,
+                };
+                return Ok((effect, None));
+            };
+            match store.save_entitlements(&next).await {
+                Ok(_) => {
+                    let effect = Effect::Entitlements {
+                        customer,
+                        changed: true,
+                    };
+                    return Ok((effect, None));
+                }
+                Err(e) if e.kind() == StoreErrorKind::Conflict => {}
+                Err(e) => return Err(EffectError::Store(e)),
+            }
+        }
+        Err(EffectError::Store(StoreError::new(
+            StoreErrorKind::Conflict,
+            "entitlements kept changing under concurrent writers",
+        )))
+    }
+}
+
+/// Why a subscription effect failed.
+enum EffectError {
+    /// The store failed.
+    Store(StoreError),
+    /// The state machine could not apply the event.
+    Step(StepError),
+}
+
+impl From<StoreError> for EffectError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<StepError> for EffectError {
+    fn from(e: StepError) -> Self {
+        Self::Step(e)
+    }
+}
+
+#[cfg(feature = "tracing")]
+fn trace(event: &Event, what: &str) {
+    tracing::debug!(
+        event_id = event.id(),
+        event_type = event.event_type().as_str(),
+        outcome = what,
+        "stripe webhook"
+    );
+}
+
+#[cfg(not(feature = "tracing"))]
+fn trace(_event: &Event, _what: &str) {}

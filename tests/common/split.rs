@@ -1,0 +1,100 @@
+//! A store whose subscription records live apart from its ledger and
+//! cursors: for tests that wrap the subscription store (to make it fail,
+//! stall or page) while the ledger stays a plain `MemoryStore`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stripe_webhook_guard::ledger::{
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest, Lease, LedgerEntry,
+    LedgerQuery, LedgerState,
+};
+use stripe_webhook_guard::store::{
+    CursorStore, EventLedger, MemoryStore, StoreError, SubscriptionQuery, SubscriptionStore,
+};
+use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord};
+use time::OffsetDateTime;
+
+/// The ledger and cursors of `ledger`, the records of `records`.
+pub struct Split {
+    pub ledger: Arc<MemoryStore>,
+    pub records: Arc<dyn SubscriptionStore>,
+}
+
+impl Split {
+    pub fn new(ledger: Arc<MemoryStore>, records: Arc<dyn SubscriptionStore>) -> Arc<Self> {
+        Arc::new(Self { ledger, records })
+    }
+}
+
+#[async_trait]
+impl EventLedger for Split {
+    async fn claim(&self, r: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        self.ledger.claim(r).await
+    }
+    async fn complete(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.ledger.complete(lease).await
+    }
+    async fn fail(&self, lease: &Lease, f: &Failure) -> Result<FailOutcome, StoreError> {
+        self.ledger.fail(lease, f).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.ledger.release(lease).await
+    }
+    async fn ignore(&self, r: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+        self.ledger.ignore(r).await
+    }
+    async fn get(&self, key: &EventKey) -> Result<Option<LedgerEntry>, StoreError> {
+        self.ledger.get(key).await
+    }
+    async fn list(&self, q: &LedgerQuery) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.ledger.list(q).await
+    }
+    async fn requeue(&self, key: &EventKey) -> Result<bool, StoreError> {
+        self.ledger.requeue(key).await
+    }
+    async fn prune(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        self.ledger.prune(before).await
+    }
+}
+
+#[async_trait]
+impl SubscriptionStore for Split {
+    async fn load(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        self.records.load(id).await
+    }
+    async fn save(&self, record: &SubscriptionRecord) -> Result<u64, StoreError> {
+        self.records.save(record).await
+    }
+    async fn find_by_customer(&self, c: &str) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.records.find_by_customer(c).await
+    }
+    async fn find_by_client_reference(
+        &self,
+        r: &str,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.records.find_by_client_reference(r).await
+    }
+    async fn list_subscriptions(
+        &self,
+        q: &SubscriptionQuery,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.records.list_subscriptions(q).await
+    }
+    async fn load_entitlements(&self, c: &str) -> Result<Option<CustomerEntitlements>, StoreError> {
+        self.records.load_entitlements(c).await
+    }
+    async fn save_entitlements(&self, e: &CustomerEntitlements) -> Result<u64, StoreError> {
+        self.records.save_entitlements(e).await
+    }
+}
+
+#[async_trait]
+impl CursorStore for Split {
+    async fn load_cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.ledger.load_cursor(name).await
+    }
+    async fn save_cursor(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        self.ledger.save_cursor(name, value).await
+    }
+}
