@@ -329,7 +329,12 @@ pub struct RelatedObject {
 ///
 /// Build one with [`Event::parse`] from a [`Verified`] delivery. Fields are
 /// read through accessors; the raw object is typed on demand by the views.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows the id, the type, `created`, `livemode`, the
+/// account and the **lengths** of `data.object` and
+/// `data.previous_attributes`, never their content: objects hold customers'
+/// names, e-mail and postal addresses, and `Debug` output ends up in logs.
+#[derive(Clone)]
 pub struct Event {
     id: String,
     event_type: EventType,
@@ -343,6 +348,23 @@ pub struct Event {
     related_object: Option<RelatedObject>,
     thin: bool,
     views: ViewCache,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("id", &self.id)
+            .field("event_type", &self.event_type.as_str())
+            .field("created", &self.created)
+            .field("livemode", &self.livemode)
+            .field("account", &self.account)
+            .field("object_len", &self.object.as_ref().map(|o| o.get().len()))
+            .field(
+                "previous_attributes_len",
+                &self.previous_attributes.as_ref().map(|p| p.get().len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl PartialEq for Event {
@@ -961,5 +983,37 @@ mod tests {
         .unwrap();
         let err = e.subscription().unwrap_err();
         assert!(!err.to_string().contains(secretish), "{err}");
+    }
+
+    #[test]
+    fn event_debug_never_prints_the_object() {
+        let e = event(
+            r#"{"id":"evt_pii","object":"event","type":"customer.updated","created":1700000000,
+            "livemode":true,"account":"acct_7",
+            "data":{"object":{"id":"cus_1","object":"customer","email":"jane.doe@example.com",
+                    "name":"Jane Doe","address":{"line1":"1 Secret Street"}},
+                    "previous_attributes":{"email":"old.address@example.com","name":"Jane Roe"}}}"#,
+        )
+        .unwrap();
+        // Type a view too: cached views must not leak through Debug either.
+        let _ = e.object_identity();
+        let text = format!("{e:?}");
+        assert!(text.contains("evt_pii"), "{text}");
+        assert!(text.contains("customer.updated"), "{text}");
+        assert!(text.contains("acct_7"), "{text}");
+        let object_len = e.object_json().unwrap().len().to_string();
+        assert!(text.contains(&object_len), "{text}");
+        for secret in [
+            "jane.doe@example.com",
+            "Jane Doe",
+            "1 Secret Street",
+            "old.address@example.com",
+            "Jane Roe",
+            "cus_1",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        let pretty = format!("{e:#?}");
+        assert!(!pretty.contains("jane.doe@example.com"), "{pretty}");
     }
 }

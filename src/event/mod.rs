@@ -66,7 +66,10 @@
 //! Parsing never panics. Nesting deeper than [`MAX_NESTING`] is refused
 //! anywhere in the body, including inside the raw object; a duplicated
 //! envelope field is an error, wrong types are errors, and a [`ParseError`]
-//! never quotes the body.
+//! never quotes the body. An event's `Debug` output shows its id, type,
+//! `created`, `livemode`, account and the lengths of the raw object and
+//! previous attributes, never their content (objects hold names, e-mail and
+//! postal addresses).
 
 mod envelope;
 mod status;

@@ -48,7 +48,8 @@ pub use invoice::InvoiceView;
 pub use subscription::{ItemView, PauseCollection, SubscriptionView};
 
 /// Views already typed from this event's object (each typed at most once).
-#[derive(Debug, Clone, Default)]
+/// Not `Debug`: an event's `Debug` output never shows what its object holds.
+#[derive(Clone, Default)]
 pub(super) struct ViewCache {
     identity: OnceLock<Result<ObjectIdentity, ParseError>>,
     subscription: OnceLock<Result<SubscriptionView, ParseError>>,
