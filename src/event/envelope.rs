@@ -93,9 +93,10 @@ fn syntax_reason(e: &serde_json::Error) -> String {
 }
 
 /// A data error's message with any quoted input removed. serde's messages
-/// have the forms "missing field `x`", "duplicate field `x`", "invalid type:
-/// <input>, expected <ours>", "invalid value: <input>, expected <ours>",
-/// "invalid length N, expected <ours>", and our own custom texts.
+/// have the forms `missing field X`, `duplicate field X` (X is our field name),
+/// `invalid type: INPUT, expected OURS`, `invalid value: INPUT, expected OURS`,
+/// `invalid length N, expected OURS`, and our own custom texts; INPUT is
+/// dropped, OURS (what this crate expected) is kept.
 fn data_reason(e: &serde_json::Error) -> String {
     let text = e.to_string();
     let text = match text.rfind(" at line ") {

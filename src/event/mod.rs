@@ -21,13 +21,16 @@
 //!
 //! # The raw object, typed lazily
 //!
-//! Views type `data.object` only when an event needs it, and each at most
-//! once per event: [`SubscriptionView`] ([`Event::subscription`]),
-//! [`InvoiceView`] ([`Event::invoice`]), [`CheckoutSessionView`]
+//! Views type `data.object` only when something asks for them:
+//! [`SubscriptionView`] ([`Event::subscription`]), [`InvoiceView`]
+//! ([`Event::invoice`]), [`CheckoutSessionView`]
 //! ([`Event::checkout_session`]) and [`EntitlementSummaryView`]
-//! ([`Event::entitlement_summary`]). An event of a type the crate does not act
-//! on is never typed beyond its envelope. A view asked for the wrong kind of
-//! object says so ([`ParseError::WrongObject`]).
+//! ([`Event::entitlement_summary`]). The first three are typed at most once
+//! per event and kept in it; the entitlement summary is typed on each call.
+//! Nothing types the object of an event nobody asks about, so an event of a
+//! type the crate does not act on costs only its envelope. A view asked for
+//! the wrong kind of object says so ([`ParseError::WrongObject`]) rather than
+//! reporting a missing field.
 //!
 //! # API versions
 //!

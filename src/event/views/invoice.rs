@@ -1,15 +1,6 @@
-//! [`InvoiceView`]: an invoice read from either API shape.
-//!
-//! | concept | up to 2025-02-24.acacia | 2025-03-31.basil and later |
-//! |---|---|---|
-//! | invoice → subscription | `invoice.subscription` | `invoice.parent.subscription_details.subscription` |
-//! | invoice paid? | `invoice.paid` | `invoice.status == "paid"` |
-//! | line → subscription | `line.subscription` | `line.parent.subscription_item_details.subscription` |
-//!
-//! A basil-or-later invoice may carry `"subscription": null` at the top level:
-//! the subscription is then taken from `parent`, and failing that from the
-//! first line that names one. 2012-era invoices list subscription lines under
-//! `lines.subscriptions` and are read too.
+//! [`InvoiceView`]: an invoice read from either API shape, with the raw
+//! serde structs it is read through. The field paths of each shape are
+//! documented on the type.
 
 use serde::Deserialize;
 
@@ -17,6 +8,38 @@ use super::{ApiShape, ObjectIdentity, ObjectView, id_or_object, opt_string, pre_
 use crate::event::ParseError;
 
 /// An invoice, read from either API shape.
+///
+/// | concept | up to 2025-02-24.acacia | 2025-03-31.basil and later |
+/// |---|---|---|
+/// | invoice → subscription | `invoice.subscription` | `invoice.parent.subscription_details.subscription` |
+/// | invoice paid? | `invoice.paid` | `invoice.status == "paid"` |
+/// | line → subscription | `line.subscription` | `line.parent.subscription_item_details.subscription` |
+///
+/// A basil-or-later invoice may carry `"subscription": null` at the top
+/// level: the subscription is then taken from `parent`, and failing that
+/// from the first line that names one. 2012-era invoices list subscription
+/// lines under `lines.subscriptions` and are read too.
+///
+/// ```
+/// use stripe_webhook_guard::event::{ApiShape, InvoiceView};
+///
+/// let basil = InvoiceView::from_json(
+///     r#"{"id":"in_1","object":"invoice","status":"paid","subscription":null,
+///         "parent":{"type":"subscription_details","subscription_details":{"subscription":"sub_1"}}}"#,
+/// )
+/// .unwrap();
+/// assert_eq!(basil.subscription_id.as_deref(), Some("sub_1"));
+/// assert!(basil.paid);
+/// assert_eq!(basil.shape, ApiShape::Basil);
+///
+/// let acacia = InvoiceView::from_json(
+///     r#"{"id":"in_1","object":"invoice","status":"open","paid":false,"subscription":"sub_1"}"#,
+/// )
+/// .unwrap();
+/// assert_eq!(acacia.subscription_id.as_deref(), Some("sub_1"));
+/// assert!(!acacia.paid);
+/// assert_eq!(acacia.shape, ApiShape::PreBasil);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct InvoiceView {
     /// `in_…`.

@@ -10,24 +10,12 @@
 //!
 //! # API versions
 //!
-//! A webhook endpoint receives events rendered in its own API version, and a
-//! 30-day replay from `/v1/events` mixes versions, so every view reads each
-//! object by the shape it has, never by a per-deployment setting:
-//!
-//! | concept | up to 2025-02-24.acacia | 2025-03-31.basil and later |
-//! |---|---|---|
-//! | invoice → subscription | `invoice.subscription` | `invoice.parent.subscription_details.subscription` |
-//! | billing period | `subscription.current_period_start/_end` | `subscription.items.data[].current_period_start/_end` (per item) |
-//! | invoice paid? | `invoice.paid` | `invoice.status == "paid"` |
-//! | line → subscription | `line.subscription` | `line.parent.subscription_item_details.subscription` |
-//!
-//! A basil-or-later invoice may carry `"subscription": null` at the top
-//! level; the subscription is then read from `parent` (and from the lines).
-//! Where items carry their own periods (flexible billing lets them differ),
-//! the subscription's period end is the **earliest** item end: it is the next
-//! moment a payment can be due, so access never outlives what was paid for.
-//! The 2012-era shape (no subscription id, `plan` instead of `items`,
-//! `lines.subscriptions[]` on invoices) is read too.
+//! Every view reads each object by the shape it has (up to
+//! 2025-02-24.acacia, or 2025-03-31.basil and later), never by a
+//! per-deployment setting, because one endpoint receives both (a replay from
+//! `/v1/events` mixes versions). The field paths each view reads are
+//! documented on [`SubscriptionView`] and [`InvoiceView`]; the shape read is
+//! recorded as an [`ApiShape`].
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -248,7 +236,7 @@ fn opt_bool_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApiShape {
-    /// ≤ 2025-02-24.acacia (including 2012-era objects).
+    /// Up to 2025-02-24.acacia (including 2012-era objects).
     PreBasil,
     /// 2025-03-31.basil and later.
     Basil,

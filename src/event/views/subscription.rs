@@ -1,15 +1,6 @@
-//! [`SubscriptionView`]: a subscription read from either API shape.
-//!
-//! The billing period is read from where the shape keeps it:
-//!
-//! | up to 2025-02-24.acacia | 2025-03-31.basil and later |
-//! |---|---|
-//! | `subscription.current_period_start/_end` | `subscription.items.data[].current_period_start/_end` (per item) |
-//!
-//! When the items carry the periods, the subscription's period is that of
-//! the item with the **earliest** end: it is the next moment a payment can be
-//! due, so access never outlives what was paid for. A 2012-era subscription
-//! (no id, a single `plan` instead of `items`) is read as one item.
+//! [`SubscriptionView`]: a subscription read from either API shape, with
+//! the raw serde structs it is read through. The field paths of each shape
+//! are documented on the type.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +36,40 @@ pub struct ItemView {
 }
 
 /// A subscription, read from either API shape.
+///
+/// The billing period is read from where the object's shape keeps it:
+///
+/// | up to 2025-02-24.acacia | 2025-03-31.basil and later |
+/// |---|---|
+/// | `subscription.current_period_start/_end` | `subscription.items.data[].current_period_start/_end` (per item) |
+///
+/// When the items carry the periods (flexible billing lets them differ), the
+/// subscription's period is that of the item with the **earliest** end: it
+/// is the next moment a payment can be due, so access never outlives what
+/// was paid for. A 2012-era subscription (no id, a single `plan` instead of
+/// `items`) is read as one item.
+///
+/// ```
+/// use stripe_webhook_guard::event::{ApiShape, SubscriptionStatus, SubscriptionView};
+///
+/// let basil = SubscriptionView::from_json(
+///     r#"{"id":"sub_1","object":"subscription","status":"active","items":{"data":[
+///         {"id":"si_1","price":{"id":"price_a"},"current_period_start":100,"current_period_end":300},
+///         {"id":"si_2","price":{"id":"price_b"},"current_period_start":100,"current_period_end":200}]}}"#,
+/// )
+/// .unwrap();
+/// assert_eq!(basil.status, SubscriptionStatus::Active);
+/// assert_eq!(basil.shape, ApiShape::Basil);
+/// assert_eq!(basil.current_period_end, Some(200)); // the earliest item end
+///
+/// let acacia = SubscriptionView::from_json(
+///     r#"{"id":"sub_1","object":"subscription","status":"active",
+///         "current_period_start":100,"current_period_end":300}"#,
+/// )
+/// .unwrap();
+/// assert_eq!(acacia.shape, ApiShape::PreBasil);
+/// assert_eq!(acacia.current_period_end, Some(300));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct SubscriptionView {
     /// `sub_…`; `None` only on 2012-era events, which had no subscription id.
