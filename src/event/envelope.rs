@@ -1,46 +1,15 @@
-//! The Stripe event envelope and version-tolerant views of the objects the
-//! crate acts on.
-//!
-//! [`Event::parse`] reads the envelope into typed fields (`id`, `type`,
-//! `created`, `livemode`, `api_version`, `account`, `request`) and keeps
-//! `data.object` and `data.previous_attributes` as raw JSON. Views type the
-//! object lazily, only when an event needs it:
-//! [`SubscriptionView`], [`InvoiceView`], [`CheckoutSessionView`] and
-//! [`EntitlementSummaryView`].
-//!
-//! # API versions
-//!
-//! A webhook endpoint receives events rendered in its own API version, and a
-//! 30-day replay from `/v1/events` mixes versions, so every view reads each
-//! object by the shape it has, never by a per-deployment setting:
-//!
-//! | concept | ≤ 2025-02-24.acacia | 2025-03-31.basil and later |
-//! |---|---|---|
-//! | invoice → subscription | `invoice.subscription` | `invoice.parent.subscription_details.subscription` |
-//! | billing period | `subscription.current_period_start/_end` | `subscription.items.data[].current_period_start/_end` |
-//! | invoice paid? | `invoice.paid` | `invoice.status == "paid"` |
-//! | line → subscription | `line.subscription` | `line.parent.subscription_item_details.subscription` |
-//!
-//! Where items carry their own periods (flexible billing lets them differ),
-//! the subscription's period end is the **earliest** item end: it is the next
-//! moment a payment can be due, so access never outlives what was paid for.
-//! The 2012-era shape (no subscription id, `plan` instead of `items`,
-//! `lines.subscriptions[]` on invoices) is read too.
-//!
-//! # Hostile input
-//!
-//! Parsing never panics. `serde_json`'s recursion limit (128) is kept, a
-//! duplicated envelope field is an error, wrong types are errors, and a
-//! [`ParseError`] never quotes the body.
+//! The event envelope: reading a delivery into an [`Event`], the nesting
+//! depth check that runs before `serde_json` sees the bytes, thin-event
+//! recognition, and [`ParseError`].
 
 use std::fmt;
-use std::sync::OnceLock;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
+use super::views::ViewCache;
 use crate::signature::{DEFAULT_MAX_BODY_BYTES, Verified};
 
 /// Why an event or an object could not be read. Never contains any part of
@@ -95,7 +64,9 @@ pub enum ParseError {
 }
 
 impl ParseError {
-    fn from_json(what: &'static str, e: &serde_json::Error) -> Self {
+    /// Turns a `serde_json` error about `what` into a [`ParseError`] that
+    /// never quotes the input.
+    pub(super) fn from_json(what: &'static str, e: &serde_json::Error) -> Self {
         use serde_json::error::Category;
         match e.classify() {
             Category::Syntax | Category::Eof | Category::Io => ParseError::Syntax {
@@ -122,9 +93,10 @@ fn syntax_reason(e: &serde_json::Error) -> String {
 }
 
 /// A data error's message with any quoted input removed. serde's messages
-/// have the forms "missing field `x`", "duplicate field `x`", "invalid type:
-/// <input>, expected <ours>", "invalid value: <input>, expected <ours>",
-/// "invalid length N, expected <ours>", and our own custom texts.
+/// have the forms `missing field X`, `duplicate field X` (X is our field name),
+/// `invalid type: INPUT, expected OURS`, `invalid value: INPUT, expected OURS`,
+/// `invalid length N, expected OURS`, and our own custom texts; INPUT is
+/// dropped, OURS (what this crate expected) is kept.
 fn data_reason(e: &serde_json::Error) -> String {
     let text = e.to_string();
     let text = match text.rfind(" at line ") {
@@ -152,7 +124,6 @@ fn data_reason(e: &serde_json::Error) -> String {
 
 /// Prefix of messages this module raises itself (known not to quote input).
 const OWN_MESSAGE: &str = "swg: ";
-
 /// The kinds of events this crate acts on, plus [`EventType::Other`] for every
 /// other type (which applications may still handle themselves).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -355,27 +326,16 @@ pub struct RelatedObject {
     pub url: Option<String>,
 }
 
-/// Views already typed from this event's object (each typed at most once).
-#[derive(Debug, Clone, Default)]
-struct ViewCache {
-    identity: OnceLock<Result<ObjectIdentity, ParseError>>,
-    subscription: OnceLock<Result<SubscriptionView, ParseError>>,
-    invoice: OnceLock<Result<InvoiceView, ParseError>>,
-    checkout: OnceLock<Result<CheckoutSessionView, ParseError>>,
-}
-
-/// A view typed from `data.object`: it says what kind of object it read.
-trait ObjectView: for<'de> Deserialize<'de> {
-    const KIND: &'static str;
-    fn identity(&self) -> ObjectIdentity;
-    fn finish(&mut self) {}
-}
-
 /// A Stripe event: a typed envelope with the object kept as raw JSON.
 ///
 /// Build one with [`Event::parse`] from a [`Verified`] delivery. Fields are
 /// read through accessors; the raw object is typed on demand by the views.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows the id, the type, `created`, `livemode`, the
+/// account and the **lengths** of `data.object` and
+/// `data.previous_attributes`, never their content: objects hold customers'
+/// names, e-mail and postal addresses, and `Debug` output ends up in logs.
+#[derive(Clone)]
 pub struct Event {
     id: String,
     event_type: EventType,
@@ -389,6 +349,23 @@ pub struct Event {
     related_object: Option<RelatedObject>,
     thin: bool,
     views: ViewCache,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("id", &self.id)
+            .field("event_type", &self.event_type.as_str())
+            .field("created", &self.created)
+            .field("livemode", &self.livemode)
+            .field("account", &self.account)
+            .field("object_len", &self.object.as_ref().map(|o| o.get().len()))
+            .field(
+                "previous_attributes_len",
+                &self.previous_attributes.as_ref().map(|p| p.get().len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl PartialEq for Event {
@@ -668,133 +645,9 @@ impl Event {
         self.related_object.as_ref()
     }
 
-    /// The `object` and `id` members of `data.object`, read without typing
-    /// the rest.
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the object is not a JSON object.
-    pub fn object_identity(&self) -> Result<ObjectIdentity, ParseError> {
-        self.views
-            .identity
-            .get_or_init(|| {
-                let Some(raw) = &self.object else {
-                    return Ok(ObjectIdentity {
-                        object: self.related_object.as_ref().map(|r| r.object_type.clone()),
-                        id: self.related_object.as_ref().map(|r| r.id.clone()),
-                    });
-                };
-                // Type the object once for the view this event needs, and
-                // take the identity from it.
-                let t = &self.event_type;
-                let from_view = if t.is_subscription() {
-                    self.subscription().ok().map(|v| v.identity())
-                } else if t.is_invoice() {
-                    self.invoice().ok().map(|v| v.identity())
-                } else if t.is_checkout() {
-                    self.checkout_session().ok().map(|v| v.identity())
-                } else {
-                    None
-                };
-                match from_view {
-                    Some(identity) => Ok(identity),
-                    None => serde_json::from_str(raw.get())
-                        .map_err(|e| ParseError::from_json("object", &e)),
-                }
-            })
-            .clone()
-    }
-
-    fn typed_object<T: ObjectView>(&self) -> Result<T, ParseError> {
-        let raw = self.object.as_deref().ok_or(ParseError::MissingObject)?;
-        let mut view: T = match serde_json::from_str(raw.get()) {
-            Ok(v) => v,
-            Err(e) => {
-                // Say "wrong kind of object" rather than "missing field" when
-                // that is the real problem.
-                let ident: Result<ObjectIdentity, _> = serde_json::from_str(raw.get());
-                if let Ok(ObjectIdentity {
-                    object: Some(found),
-                    ..
-                }) = ident
-                    && found != T::KIND
-                {
-                    return Err(ParseError::WrongObject {
-                        expected: T::KIND,
-                        found: Some(found),
-                    });
-                }
-                return Err(ParseError::from_json(T::KIND, &e));
-            }
-        };
-        if let Some(found) = view.identity().object
-            && found != T::KIND
-        {
-            return Err(ParseError::WrongObject {
-                expected: T::KIND,
-                found: Some(found),
-            });
-        }
-        view.finish();
-        Ok(view)
-    }
-
-    /// The object as a subscription (`customer.subscription.*` events).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the object is missing, of another kind, or malformed.
-    pub fn subscription(&self) -> Result<SubscriptionView, ParseError> {
-        self.views
-            .subscription
-            .get_or_init(|| self.typed_object())
-            .clone()
-    }
-
-    /// The object as an invoice (`invoice.*` events).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the object is missing, of another kind, or malformed.
-    pub fn invoice(&self) -> Result<InvoiceView, ParseError> {
-        self.views
-            .invoice
-            .get_or_init(|| self.typed_object())
-            .clone()
-    }
-
-    /// The object as a Checkout Session (`checkout.session.*` events).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the object is missing, of another kind, or malformed.
-    pub fn checkout_session(&self) -> Result<CheckoutSessionView, ParseError> {
-        self.views
-            .checkout
-            .get_or_init(|| self.typed_object())
-            .clone()
-    }
-
-    /// The object as an active-entitlement summary
-    /// (`entitlements.active_entitlement_summary.updated`).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the object is missing, of another kind, or malformed.
-    pub fn entitlement_summary(&self) -> Result<EntitlementSummaryView, ParseError> {
-        let raw = self.object.as_deref().ok_or(ParseError::MissingObject)?;
-        let kind = "entitlements.active_entitlement_summary";
-        let ident: ObjectIdentity =
-            serde_json::from_str(raw.get()).map_err(|e| ParseError::from_json(kind, &e))?;
-        if let Some(found) = ident.object
-            && found != kind
-        {
-            return Err(ParseError::WrongObject {
-                expected: kind,
-                found: Some(found),
-            });
-        }
-        serde_json::from_str(raw.get()).map_err(|e| ParseError::from_json(kind, &e))
+    /// The views already typed from this event's object.
+    pub(super) fn view_cache(&self) -> &ViewCache {
+        &self.views
     }
 }
 
@@ -869,18 +722,6 @@ fn position(bytes: &[u8], index: usize) -> (usize, usize) {
         + 1;
     (line, column)
 }
-
-/// The `object` and `id` members of an object.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct ObjectIdentity {
-    /// `subscription`, `invoice`, … (absent on 2012-era objects).
-    #[serde(default, deserialize_with = "opt_string")]
-    pub object: Option<String>,
-    /// The object's id (absent on 2012-era subscriptions).
-    #[serde(default, deserialize_with = "opt_string")]
-    pub id: Option<String>,
-}
-
 /// The envelope as it arrives. `deny_unknown_fields` is deliberately off:
 /// Stripe adds fields without a version change.
 #[derive(Deserialize)]
@@ -1023,643 +864,6 @@ impl<'de> Deserialize<'de> for RequestField {
         d.deserialize_any(V)
     }
 }
-
-/// A string, `null`, or an expanded object whose `id` is taken.
-fn id_or_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("an id, an expanded object or null")
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
-            d.deserialize_any(self)
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(v.to_owned()))
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            let ident = ObjectIdentity::deserialize(de::value::MapAccessDeserializer::new(map))?;
-            Ok(ident.id)
-        }
-    }
-    d.deserialize_any(V)
-}
-
-fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)
-}
-
-fn opt_bool_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
-}
-
-/// A subscription's `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-#[non_exhaustive]
-pub enum SubscriptionStatus {
-    /// First payment not (yet) made; expires after 23 hours.
-    Incomplete,
-    /// First payment never made: terminal.
-    IncompleteExpired,
-    /// In a free trial.
-    Trialing,
-    /// Paid and current.
-    Active,
-    /// A renewal payment failed; Stripe is retrying.
-    PastDue,
-    /// Retries exhausted; invoices left open.
-    Unpaid,
-    /// Trial ended without a payment method (status `paused`).
-    Paused,
-    /// Ended: terminal.
-    Canceled,
-    /// A status this version of the crate does not know, verbatim.
-    Unknown(String),
-}
-
-impl SubscriptionStatus {
-    /// Reads Stripe's spelling.
-    pub fn parse(text: &str) -> Self {
-        match text {
-            "incomplete" => Self::Incomplete,
-            "incomplete_expired" => Self::IncompleteExpired,
-            "trialing" => Self::Trialing,
-            "active" => Self::Active,
-            "past_due" => Self::PastDue,
-            "unpaid" => Self::Unpaid,
-            "paused" => Self::Paused,
-            "canceled" => Self::Canceled,
-            other => Self::Unknown(other.to_owned()),
-        }
-    }
-
-    /// Stripe's spelling.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Incomplete => "incomplete",
-            Self::IncompleteExpired => "incomplete_expired",
-            Self::Trialing => "trialing",
-            Self::Active => "active",
-            Self::PastDue => "past_due",
-            Self::Unpaid => "unpaid",
-            Self::Paused => "paused",
-            Self::Canceled => "canceled",
-            Self::Unknown(s) => s,
-        }
-    }
-
-    /// `canceled` and `incomplete_expired`: nothing follows them (a
-    /// resubscription is a new `sub_` id).
-    pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Canceled | Self::IncompleteExpired)
-    }
-
-    /// The eight statuses Stripe documents.
-    pub const ALL: [SubscriptionStatus; 8] = [
-        Self::Incomplete,
-        Self::IncompleteExpired,
-        Self::Trialing,
-        Self::Active,
-        Self::PastDue,
-        Self::Unpaid,
-        Self::Paused,
-        Self::Canceled,
-    ];
-}
-
-impl From<String> for SubscriptionStatus {
-    fn from(s: String) -> Self {
-        Self::parse(&s)
-    }
-}
-
-impl From<SubscriptionStatus> for String {
-    fn from(s: SubscriptionStatus) -> Self {
-        s.as_str().to_owned()
-    }
-}
-
-impl fmt::Display for SubscriptionStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which API shape an object was rendered in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ApiShape {
-    /// ≤ 2025-02-24.acacia (including 2012-era objects).
-    PreBasil,
-    /// 2025-03-31.basil and later.
-    Basil,
-}
-
-/// `pause_collection` on a subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PauseCollection {
-    /// `keep_as_draft`, `mark_uncollectible` or `void`.
-    #[serde(default)]
-    pub behavior: Option<String>,
-    /// When collection resumes automatically, in Unix seconds.
-    #[serde(default)]
-    pub resumes_at: Option<i64>,
-}
-
-/// One subscription item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ItemView {
-    /// `si_…` (absent on 2012-era objects).
-    pub id: Option<String>,
-    /// The price (or legacy plan) id.
-    pub price_id: Option<String>,
-    /// Quantity, when given.
-    pub quantity: Option<u64>,
-    /// The item's own period start (basil and later).
-    pub current_period_start: Option<i64>,
-    /// The item's own period end (basil and later).
-    pub current_period_end: Option<i64>,
-}
-
-/// A subscription, read from either API shape.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct SubscriptionView {
-    /// `sub_…`; `None` only on 2012-era events, which had no subscription id.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub id: Option<String>,
-    /// The customer id (expanded customers are reduced to their id).
-    #[serde(default, deserialize_with = "id_or_object")]
-    pub customer: Option<String>,
-    /// The status.
-    pub status: SubscriptionStatus,
-    /// Items with their prices and (basil and later) periods.
-    #[serde(skip)]
-    pub items: Vec<ItemView>,
-    /// The period start: top-level before basil, else the item with the
-    /// earliest end.
-    #[serde(default)]
-    pub current_period_start: Option<i64>,
-    /// The period end: top-level before basil, else the earliest item end.
-    #[serde(default)]
-    pub current_period_end: Option<i64>,
-    /// Trial start, if any.
-    #[serde(default)]
-    pub trial_start: Option<i64>,
-    /// Trial end, if any.
-    #[serde(default)]
-    pub trial_end: Option<i64>,
-    /// Cancels at the end of the current period.
-    #[serde(default, deserialize_with = "opt_bool_false")]
-    pub cancel_at_period_end: bool,
-    /// A scheduled cancellation time.
-    #[serde(default)]
-    pub cancel_at: Option<i64>,
-    /// When cancellation was requested.
-    #[serde(default)]
-    pub canceled_at: Option<i64>,
-    /// When the subscription ended.
-    #[serde(default)]
-    pub ended_at: Option<i64>,
-    /// Paused collection, if set (does not change `status`).
-    #[serde(default)]
-    pub pause_collection: Option<PauseCollection>,
-    /// The latest invoice's id.
-    #[serde(default, deserialize_with = "id_or_object")]
-    pub latest_invoice: Option<String>,
-    /// Creation time.
-    #[serde(default)]
-    pub created: Option<i64>,
-    /// Live or test mode.
-    #[serde(default)]
-    pub livemode: Option<bool>,
-    /// The shape it was rendered in.
-    #[serde(skip, default = "pre_basil")]
-    pub shape: ApiShape,
-    #[serde(default, rename = "object", deserialize_with = "opt_string")]
-    kind: Option<String>,
-    #[serde(default, rename = "items")]
-    raw_items: Option<RawItemList>,
-    #[serde(default, rename = "plan")]
-    raw_plan: Option<ObjectIdentity>,
-}
-
-fn pre_basil() -> ApiShape {
-    ApiShape::PreBasil
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawItemList {
-    #[serde(default)]
-    data: Vec<RawItem>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawItem {
-    #[serde(default, deserialize_with = "opt_string")]
-    id: Option<String>,
-    #[serde(default)]
-    price: Option<ObjectIdentity>,
-    #[serde(default)]
-    plan: Option<ObjectIdentity>,
-    #[serde(default)]
-    quantity: Option<u64>,
-    #[serde(default)]
-    current_period_start: Option<i64>,
-    #[serde(default)]
-    current_period_end: Option<i64>,
-}
-
-impl SubscriptionView {
-    /// Reads a subscription object (from the API or a fixture).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the JSON is not a subscription.
-    pub fn from_json(json: &str) -> Result<Self, ParseError> {
-        let mut view: Self =
-            serde_json::from_str(json).map_err(|e| ParseError::from_json("subscription", &e))?;
-        view.finish();
-        Ok(view)
-    }
-
-    fn finish(&mut self) {
-        let raw_items = self.raw_items.take().map(|l| l.data).unwrap_or_default();
-        self.items = raw_items
-            .into_iter()
-            .map(|i| ItemView {
-                id: i.id,
-                price_id: i.price.and_then(|p| p.id).or(i.plan.and_then(|p| p.id)),
-                quantity: i.quantity,
-                current_period_start: i.current_period_start,
-                current_period_end: i.current_period_end,
-            })
-            .collect();
-        if self.items.is_empty()
-            && let Some(plan) = self.raw_plan.take()
-        {
-            // 2012-era: a single plan, no items.
-            self.items.push(ItemView {
-                id: None,
-                price_id: plan.id,
-                quantity: None,
-                current_period_start: None,
-                current_period_end: None,
-            });
-        }
-        let item_periods = self.items.iter().any(|i| i.current_period_end.is_some());
-        if self.current_period_end.is_none() && item_periods {
-            self.shape = ApiShape::Basil;
-            let earliest = self
-                .items
-                .iter()
-                .filter(|i| i.current_period_end.is_some())
-                .min_by_key(|i| i.current_period_end);
-            if let Some(item) = earliest {
-                self.current_period_end = item.current_period_end;
-                self.current_period_start = item.current_period_start;
-            }
-        } else if self.current_period_end.is_none() && !self.items.is_empty() {
-            // Neither shape's period fields: a basil object without periods
-            // is possible (incomplete_expired), as is a sparse pre-basil one.
-            self.shape = if self.raw_plan.is_none() && self.items.iter().all(|i| i.id.is_some()) {
-                ApiShape::Basil
-            } else {
-                ApiShape::PreBasil
-            };
-        }
-    }
-}
-
-/// An invoice, read from either API shape.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct InvoiceView {
-    /// `in_…`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub id: Option<String>,
-    /// The customer id.
-    #[serde(default, deserialize_with = "id_or_object")]
-    pub customer: Option<String>,
-    /// The subscription this invoice bills, from whichever field the shape
-    /// has (`subscription`, `parent.subscription_details.subscription`, or a
-    /// line's subscription).
-    #[serde(skip)]
-    pub subscription_id: Option<String>,
-    /// `draft`, `open`, `paid`, `uncollectible` or `void`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub status: Option<String>,
-    /// Paid: `paid` before basil, `status == "paid"` from basil on.
-    #[serde(skip)]
-    pub paid: bool,
-    /// Why the invoice was created (`subscription_cycle`, `subscription_create`, …).
-    #[serde(default, deserialize_with = "opt_string")]
-    pub billing_reason: Option<String>,
-    /// The latest end of the service periods of this invoice's subscription
-    /// lines: how far a payment of this invoice pays for.
-    #[serde(skip)]
-    pub service_period_end: Option<i64>,
-    /// Invoice-level `period_end` (the usage period; not the service period).
-    #[serde(default)]
-    pub period_end: Option<i64>,
-    /// Creation time.
-    #[serde(default)]
-    pub created: Option<i64>,
-    /// Number of payment attempts.
-    #[serde(default)]
-    pub attempt_count: Option<u64>,
-    /// When Stripe will retry, if it will.
-    #[serde(default)]
-    pub next_payment_attempt: Option<i64>,
-    /// Amount paid, in the smallest currency unit.
-    #[serde(default)]
-    pub amount_paid: Option<i64>,
-    /// The shape it was rendered in.
-    #[serde(skip, default = "pre_basil")]
-    pub shape: ApiShape,
-    #[serde(default, rename = "object", deserialize_with = "opt_string")]
-    kind: Option<String>,
-    #[serde(default, rename = "paid")]
-    raw_paid: Option<bool>,
-    #[serde(default, rename = "subscription", deserialize_with = "id_or_object")]
-    raw_subscription: Option<String>,
-    #[serde(default, rename = "parent")]
-    raw_parent: Option<RawInvoiceParent>,
-    #[serde(default, rename = "lines")]
-    raw_lines: Option<RawLines>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawInvoiceParent {
-    #[serde(default)]
-    subscription_details: Option<RawSubscriptionDetails>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawSubscriptionDetails {
-    #[serde(default, deserialize_with = "id_or_object")]
-    subscription: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawLines {
-    #[serde(default)]
-    data: Vec<RawLine>,
-    /// 2012-era invoices list subscription lines here.
-    #[serde(default)]
-    subscriptions: Vec<RawLine>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawLine {
-    #[serde(default, deserialize_with = "id_or_object")]
-    subscription: Option<String>,
-    #[serde(default)]
-    parent: Option<RawLineParent>,
-    #[serde(default, rename = "type", deserialize_with = "opt_string")]
-    line_type: Option<String>,
-    #[serde(default)]
-    period: Option<RawPeriod>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawLineParent {
-    #[serde(default)]
-    subscription_item_details: Option<RawSubscriptionDetails>,
-    #[serde(default, rename = "type", deserialize_with = "opt_string")]
-    parent_type: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-struct RawPeriod {
-    #[serde(default)]
-    end: Option<i64>,
-}
-
-impl RawLine {
-    fn subscription_id(&self) -> Option<&str> {
-        self.subscription.as_deref().or_else(|| {
-            self.parent
-                .as_ref()?
-                .subscription_item_details
-                .as_ref()?
-                .subscription
-                .as_deref()
-        })
-    }
-
-    fn is_subscription_line(&self) -> bool {
-        self.line_type.as_deref() == Some("subscription")
-            || self.subscription_id().is_some()
-            || self.parent.as_ref().is_some_and(|p| {
-                p.parent_type.as_deref() == Some("subscription_item_details")
-                    || p.subscription_item_details.is_some()
-            })
-    }
-}
-
-impl InvoiceView {
-    /// Reads an invoice object (from the API or a fixture).
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the JSON is not an invoice.
-    pub fn from_json(json: &str) -> Result<Self, ParseError> {
-        let mut view: Self =
-            serde_json::from_str(json).map_err(|e| ParseError::from_json("invoice", &e))?;
-        view.finish();
-        Ok(view)
-    }
-
-    fn finish(&mut self) {
-        let from_parent = self
-            .raw_parent
-            .as_ref()
-            .and_then(|p| p.subscription_details.as_ref())
-            .and_then(|d| d.subscription.clone());
-        self.shape =
-            if self.raw_parent.is_some() || self.raw_paid.is_none() && self.status.is_some() {
-                ApiShape::Basil
-            } else {
-                ApiShape::PreBasil
-            };
-        // (line, listed under 2012-era `lines.subscriptions`)
-        let lines: Vec<(&RawLine, bool)> = self
-            .raw_lines
-            .as_ref()
-            .map(|l| {
-                l.data
-                    .iter()
-                    .map(|line| (line, false))
-                    .chain(l.subscriptions.iter().map(|line| (line, true)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let from_lines = lines
-            .iter()
-            .find_map(|(l, _)| l.subscription_id().map(str::to_owned));
-        self.subscription_id = self.raw_subscription.take().or(from_parent).or(from_lines);
-        self.paid = match self.raw_paid {
-            Some(paid) => paid,
-            None => self.status.as_deref() == Some("paid"),
-        };
-        let sub = self.subscription_id.as_deref();
-        self.service_period_end = lines
-            .iter()
-            .filter(|(l, legacy)| *legacy || l.is_subscription_line())
-            .filter(|(l, _)| match (sub, l.subscription_id()) {
-                (Some(s), Some(ls)) => s == ls,
-                _ => true,
-            })
-            .filter_map(|(l, _)| l.period.as_ref().and_then(|p| p.end))
-            .max();
-    }
-}
-
-/// A Checkout Session.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct CheckoutSessionView {
-    /// `cs_…`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub id: Option<String>,
-    /// The application's own reference (a user id, say) passed to Checkout.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub client_reference_id: Option<String>,
-    /// The customer id, once there is one.
-    #[serde(default, deserialize_with = "id_or_object")]
-    pub customer: Option<String>,
-    /// The subscription id (`mode == "subscription"`).
-    #[serde(default, deserialize_with = "id_or_object")]
-    pub subscription: Option<String>,
-    /// `payment`, `setup` or `subscription`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub mode: Option<String>,
-    /// `open`, `complete` or `expired`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub status: Option<String>,
-    /// `paid`, `unpaid` or `no_payment_required`.
-    #[serde(default, deserialize_with = "opt_string")]
-    pub payment_status: Option<String>,
-    /// Creation time.
-    #[serde(default)]
-    pub created: Option<i64>,
-    #[serde(default, rename = "object", deserialize_with = "opt_string")]
-    kind: Option<String>,
-}
-
-impl ObjectView for SubscriptionView {
-    const KIND: &'static str = "subscription";
-    fn identity(&self) -> ObjectIdentity {
-        ObjectIdentity {
-            object: self.kind.clone(),
-            id: self.id.clone(),
-        }
-    }
-    fn finish(&mut self) {
-        SubscriptionView::finish(self);
-    }
-}
-
-impl ObjectView for InvoiceView {
-    const KIND: &'static str = "invoice";
-    fn identity(&self) -> ObjectIdentity {
-        ObjectIdentity {
-            object: self.kind.clone(),
-            id: self.id.clone(),
-        }
-    }
-    fn finish(&mut self) {
-        InvoiceView::finish(self);
-    }
-}
-
-impl ObjectView for CheckoutSessionView {
-    const KIND: &'static str = "checkout.session";
-    fn identity(&self) -> ObjectIdentity {
-        ObjectIdentity {
-            object: self.kind.clone(),
-            id: self.id.clone(),
-        }
-    }
-}
-
-impl CheckoutSessionView {
-    /// Reads a Checkout Session object.
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the JSON is not a Checkout Session.
-    pub fn from_json(json: &str) -> Result<Self, ParseError> {
-        serde_json::from_str(json).map_err(|e| ParseError::from_json("checkout.session", &e))
-    }
-}
-
-/// A customer's active entitlements.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntitlementSummaryView {
-    /// The customer id.
-    pub customer: String,
-    /// The `lookup_key` of every active entitlement's feature.
-    pub lookup_keys: Vec<String>,
-    /// Whether the list was complete (`has_more == false`).
-    pub complete: bool,
-}
-
-impl<'de> Deserialize<'de> for EntitlementSummaryView {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        struct Raw {
-            customer: String,
-            #[serde(default)]
-            entitlements: Option<RawList>,
-        }
-        #[derive(Deserialize)]
-        struct RawList {
-            #[serde(default)]
-            data: Vec<RawEntitlement>,
-            #[serde(default)]
-            has_more: bool,
-        }
-        #[derive(Deserialize)]
-        struct RawEntitlement {
-            lookup_key: String,
-            #[serde(default, rename = "feature")]
-            _feature: IgnoredAny,
-        }
-        let raw = Raw::deserialize(d)?;
-        let (lookup_keys, complete) = match raw.entitlements {
-            Some(list) => (
-                list.data.into_iter().map(|e| e.lookup_key).collect(),
-                !list.has_more,
-            ),
-            None => (Vec::new(), true),
-        };
-        Ok(Self {
-            customer: raw.customer,
-            lookup_keys,
-            complete,
-        })
-    }
-}
-
-impl EntitlementSummaryView {
-    /// Reads an `entitlements.active_entitlement_summary` object.
-    ///
-    /// # Errors
-    ///
-    /// [`ParseError`] when the JSON is not an entitlement summary.
-    pub fn from_json(json: &str) -> Result<Self, ParseError> {
-        serde_json::from_str(json)
-            .map_err(|e| ParseError::from_json("entitlements.active_entitlement_summary", &e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1780,5 +984,37 @@ mod tests {
         .unwrap();
         let err = e.subscription().unwrap_err();
         assert!(!err.to_string().contains(secretish), "{err}");
+    }
+
+    #[test]
+    fn event_debug_never_prints_the_object() {
+        let e = event(
+            r#"{"id":"evt_pii","object":"event","type":"customer.updated","created":1700000000,
+            "livemode":true,"account":"acct_7",
+            "data":{"object":{"id":"cus_1","object":"customer","email":"jane.doe@example.com",
+                    "name":"Jane Doe","address":{"line1":"1 Secret Street"}},
+                    "previous_attributes":{"email":"old.address@example.com","name":"Jane Roe"}}}"#,
+        )
+        .unwrap();
+        // Type a view too: cached views must not leak through Debug either.
+        let _ = e.object_identity();
+        let text = format!("{e:?}");
+        assert!(text.contains("evt_pii"), "{text}");
+        assert!(text.contains("customer.updated"), "{text}");
+        assert!(text.contains("acct_7"), "{text}");
+        let object_len = e.object_json().unwrap().len().to_string();
+        assert!(text.contains(&object_len), "{text}");
+        for secret in [
+            "jane.doe@example.com",
+            "Jane Doe",
+            "1 Secret Street",
+            "old.address@example.com",
+            "Jane Roe",
+            "cus_1",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        let pretty = format!("{e:#?}");
+        assert!(!pretty.contains("jane.doe@example.com"), "{pretty}");
     }
 }

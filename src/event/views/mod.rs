@@ -1,0 +1,248 @@
+//! Views: the raw `data.object` of an [`Event`] typed lazily, only when an
+//! event needs it, and each object read by the shape it has.
+//!
+//! An event keeps `data.object` as raw JSON. The first call to
+//! [`Event::subscription`], [`Event::invoice`] or [`Event::checkout_session`]
+//! types it and keeps the result in the event, so each view is typed at most
+//! once per event; [`Event::entitlement_summary`] types it on every call.
+//! A view refuses an object whose `object` member names another kind
+//! ([`ParseError::WrongObject`]) rather than reporting a missing field.
+//!
+//! # API versions
+//!
+//! Every view reads each object by the shape it has (up to
+//! 2025-02-24.acacia, or 2025-03-31.basil and later), never by a
+//! per-deployment setting, because one endpoint receives both (a replay from
+//! `/v1/events` mixes versions). The field paths each view reads are
+//! documented on [`SubscriptionView`] and [`InvoiceView`]; the shape read is
+//! recorded as an [`ApiShape`].
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::{Event, ParseError};
+
+mod checkout;
+mod entitlement;
+mod invoice;
+mod subscription;
+
+pub use checkout::CheckoutSessionView;
+pub use entitlement::EntitlementSummaryView;
+pub use invoice::InvoiceView;
+pub use subscription::{ItemView, PauseCollection, SubscriptionView};
+
+/// Views already typed from this event's object (each typed at most once).
+/// Not `Debug`: an event's `Debug` output never shows what its object holds.
+#[derive(Clone, Default)]
+pub(super) struct ViewCache {
+    identity: OnceLock<Result<ObjectIdentity, ParseError>>,
+    subscription: OnceLock<Result<SubscriptionView, ParseError>>,
+    invoice: OnceLock<Result<InvoiceView, ParseError>>,
+    checkout: OnceLock<Result<CheckoutSessionView, ParseError>>,
+}
+
+/// A view typed from `data.object`: it says what kind of object it read.
+trait ObjectView: for<'de> Deserialize<'de> {
+    const KIND: &'static str;
+    fn identity(&self) -> ObjectIdentity;
+    fn finish(&mut self) {}
+}
+
+/// Typing the raw object into views, once per event.
+impl Event {
+    /// The `object` and `id` members of `data.object`, read without typing
+    /// the rest.
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError`] when the object is not a JSON object.
+    pub fn object_identity(&self) -> Result<ObjectIdentity, ParseError> {
+        self.view_cache()
+            .identity
+            .get_or_init(|| {
+                let Some(raw) = self.object_json() else {
+                    return Ok(ObjectIdentity {
+                        object: self.related_object().map(|r| r.object_type.clone()),
+                        id: self.related_object().map(|r| r.id.clone()),
+                    });
+                };
+                // Type the object once for the view this event needs, and
+                // take the identity from it.
+                let t = self.event_type();
+                let from_view = if t.is_subscription() {
+                    self.subscription().ok().map(|v| v.identity())
+                } else if t.is_invoice() {
+                    self.invoice().ok().map(|v| v.identity())
+                } else if t.is_checkout() {
+                    self.checkout_session().ok().map(|v| v.identity())
+                } else {
+                    None
+                };
+                match from_view {
+                    Some(identity) => Ok(identity),
+                    None => {
+                        serde_json::from_str(raw).map_err(|e| ParseError::from_json("object", &e))
+                    }
+                }
+            })
+            .clone()
+    }
+
+    fn typed_object<T: ObjectView>(&self) -> Result<T, ParseError> {
+        let raw = self.object_json().ok_or(ParseError::MissingObject)?;
+        let mut view: T = match serde_json::from_str(raw) {
+            Ok(v) => v,
+            Err(e) => {
+                // Say "wrong kind of object" rather than "missing field" when
+                // that is the real problem.
+                let ident: Result<ObjectIdentity, _> = serde_json::from_str(raw);
+                if let Ok(ObjectIdentity {
+                    object: Some(found),
+                    ..
+                }) = ident
+                    && found != T::KIND
+                {
+                    return Err(ParseError::WrongObject {
+                        expected: T::KIND,
+                        found: Some(found),
+                    });
+                }
+                return Err(ParseError::from_json(T::KIND, &e));
+            }
+        };
+        if let Some(found) = view.identity().object
+            && found != T::KIND
+        {
+            return Err(ParseError::WrongObject {
+                expected: T::KIND,
+                found: Some(found),
+            });
+        }
+        view.finish();
+        Ok(view)
+    }
+
+    /// The object as a subscription (`customer.subscription.*` events).
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError`] when the object is missing, of another kind, or malformed.
+    pub fn subscription(&self) -> Result<SubscriptionView, ParseError> {
+        self.view_cache()
+            .subscription
+            .get_or_init(|| self.typed_object())
+            .clone()
+    }
+
+    /// The object as an invoice (`invoice.*` events).
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError`] when the object is missing, of another kind, or malformed.
+    pub fn invoice(&self) -> Result<InvoiceView, ParseError> {
+        self.view_cache()
+            .invoice
+            .get_or_init(|| self.typed_object())
+            .clone()
+    }
+
+    /// The object as a Checkout Session (`checkout.session.*` events).
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError`] when the object is missing, of another kind, or malformed.
+    pub fn checkout_session(&self) -> Result<CheckoutSessionView, ParseError> {
+        self.view_cache()
+            .checkout
+            .get_or_init(|| self.typed_object())
+            .clone()
+    }
+
+    /// The object as an active-entitlement summary
+    /// (`entitlements.active_entitlement_summary.updated`).
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError`] when the object is missing, of another kind, or malformed.
+    pub fn entitlement_summary(&self) -> Result<EntitlementSummaryView, ParseError> {
+        let raw = self.object_json().ok_or(ParseError::MissingObject)?;
+        let kind = "entitlements.active_entitlement_summary";
+        let ident: ObjectIdentity =
+            serde_json::from_str(raw).map_err(|e| ParseError::from_json(kind, &e))?;
+        if let Some(found) = ident.object
+            && found != kind
+        {
+            return Err(ParseError::WrongObject {
+                expected: kind,
+                found: Some(found),
+            });
+        }
+        serde_json::from_str(raw).map_err(|e| ParseError::from_json(kind, &e))
+    }
+}
+
+/// The `object` and `id` members of an object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ObjectIdentity {
+    /// `subscription`, `invoice`, … (absent on 2012-era objects).
+    #[serde(default, deserialize_with = "opt_string")]
+    pub object: Option<String>,
+    /// The object's id (absent on 2012-era subscriptions).
+    #[serde(default, deserialize_with = "opt_string")]
+    pub id: Option<String>,
+}
+
+/// A string, `null`, or an expanded object whose `id` is taken.
+fn id_or_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an id, an expanded object or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let ident = ObjectIdentity::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            Ok(ident.id)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+fn opt_bool_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// Which API shape an object was rendered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiShape {
+    /// Up to 2025-02-24.acacia (including 2012-era objects).
+    PreBasil,
+    /// 2025-03-31.basil and later.
+    Basil,
+}
+
+/// The shape a view starts with, before its fields show basil's.
+fn pre_basil() -> ApiShape {
+    ApiShape::PreBasil
+}
