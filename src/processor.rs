@@ -425,7 +425,7 @@ impl Error {
     /// A short `snake_case` label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Verify(e) => e.kind_str(),
+            Self::Verify(e) => e.as_str(),
             Self::Parse(_) => "parse_error",
             Self::InFlight { .. } => "in_flight",
             Self::PayloadConflict { .. } => "payload_conflict",
