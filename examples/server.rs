@@ -234,7 +234,7 @@ impl Config {
         let first = secrets.next().unwrap_or_default();
         secrets
             .fold(Verifier::new(first), Verifier::with_secret)
-            .max_body_bytes(self.max_body_bytes)
+            .with_body_limit(self.max_body_bytes)
     }
 }
 

@@ -122,7 +122,7 @@ pub fn run_case(case: &Case) -> Result<Verdict, String> {
         .map_err(|e| format!("{}: now out of range: {e}", case.name))?;
     let got = match verifier.verify(&payload, case.header.as_deref(), now) {
         Ok(_) => "ok".to_owned(),
-        Err(e) => e.kind_str().to_owned(),
+        Err(e) => e.as_str().to_owned(),
     };
     Ok(Verdict {
         name: case.name.clone(),

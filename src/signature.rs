@@ -3,50 +3,75 @@
 //! Stripe signs every webhook delivery with HMAC-SHA256 over
 //! `"{t}.{raw body}"`, keyed with the endpoint's signing secret (`whsec_…`),
 //! and sends `Stripe-Signature: t=<unix seconds>,v1=<hex>[,v1=<hex>…][,v0=…]`.
-//! [`Verifier::verify`] checks a delivery step by step, in this order (the
-//! order decides which error a request that is wrong in several ways gets):
 //!
-//! 0. The body is larger than [`Verifier::max_body_bytes`] →
+//! [`Verifier::verify`] accepts a delivery exactly when both stripe-python
+//! (`WebhookSignature.verify_header`) and stripe-node
+//! (`webhooks.signature.verifyHeader`) would accept it with one of the
+//! configured secrets, and refuses it when either would refuse it. It checks
+//! these rules in this order (the order decides which error a delivery that
+//! is wrong in several ways gets):
+//!
+//! 0. The body is larger than [`Verifier::body_limit`] →
 //!    [`VerifyError::BodyTooLarge`] (checked before anything is hashed).
 //! 1. The header is absent or empty → [`VerifyError::MissingHeader`].
-//! 2. No usable secret (every one empty or only ASCII whitespace) →
+//! 2. No usable secret (every one empty or only ASCII space, tab, line feed,
+//!    vertical tab, form feed or carriage return) →
 //!    [`VerifyError::MissingSecret`]. Secrets are used verbatim as UTF-8 key
-//!    bytes, `whsec_` included: never trimmed, never base64-decoded.
-//! 3. The header is split on `,` only and never trimmed. An item without `=`
-//!    is ignored unless it is exactly `t` or `v1`
-//!    ([`VerifyError::MalformedHeader`]). The key is the text before the first
-//!    `=`, the value the text after it up to the next `=`. Keys are exact and
-//!    case-sensitive: only `t` and `v1` count (`v0`, `V1`, ` v1` are ignored).
-//! 4. No `t`, or a first `t` that is not optional surrounding ASCII whitespace,
-//!    an optional sign and ASCII digits, or that is `-1`, or whose value the
-//!    SDKs would not turn back into the same decimal digits (see below) →
-//!    [`VerifyError::MalformedHeader`].
+//!    bytes, `whsec_` included: never trimmed, never base64-decoded. Any
+//!    usable secret may match (for secret rotation).
+//! 3. The header is split on `,` only and never trimmed. The key of an item
+//!    is the text before its first `=`, the value the text after that `=` up
+//!    to the next `=`. Keys are exact and case-sensitive: only `t` and `v1`
+//!    count (`v0`, `V1`, ` v1` are ignored). An item without `=` is ignored
+//!    unless it is exactly `t` or `v1`. [`VerifyError::MalformedHeader`] when
+//!    an item is exactly `t` or `v1`, when a `v1` value is empty, or when a
+//!    `v1` value is not ASCII and is 64 UTF-16 code units long (stripe-node's
+//!    comparison throws on those two, wherever they are in the header).
+//! 4. [`VerifyError::MalformedHeader`] when there is no `t`, or when the first
+//!    `t` is not what Python's `int()` reads: optional whitespace, an
+//!    optional `+` or `-`, at most 4300 decimal digits with single `_`
+//!    between digits, optional whitespace. Whitespace here is ASCII tab to
+//!    carriage return, space, U+0085, U+00A0, U+1680, U+2000–U+200A, U+2028,
+//!    U+2029, U+202F, U+205F or U+3000; digits are any Unicode decimal digit
+//!    (category `Nd`, Unicode 14.0). Also when the last `t` reads as -1 the
+//!    way JavaScript's `parseInt(value, 10)` reads it (stripe-node's "no
+//!    timestamp" marker), e.g. `-1`, `-01` or `-1x`. Any size is accepted: both
+//!    SDKs bound only the age of a timestamp, not its size.
 //! 5. No `v1` → [`VerifyError::NoV1Signature`].
-//! 6. A body that is not UTF-8 → [`VerifyError::InvalidPayloadEncoding`]; a
-//!    body starting with a UTF-8 byte-order mark →
+//! 6. A body that is not UTF-8 → [`VerifyError::InvalidPayloadEncoding`].
+//! 7. stripe-python's check: the lower-case hex HMAC-SHA256 of
+//!    `"{P}.{body}"`, where `P` is the first `t`'s integer printed as plain
+//!    decimal digits (a `-` for negatives, no `+`, no leading zeros, ASCII
+//!    digits; `-0` is `0`), must equal a `v1`, compared in order, in constant
+//!    time, for some secret. A non-ASCII `v1` reached before a match ends the
+//!    search for that secret; if no secret matched and one was reached →
+//!    [`VerifyError::MalformedHeader`], else
 //!    [`VerifyError::SignatureMismatch`].
-//! 7. A later `t` with a different (or unreadable) value →
-//!    [`VerifyError::SignatureMismatch`] (stripe-python uses the first `t`,
-//!    stripe-node the last; we accept only headers on which both agree).
-//! 8. For each secret, the lower-case hex HMAC-SHA256 of `"{n}.{body}"` is
-//!    compared with each `v1` in order, in constant time. Upper-case or
-//!    malformed values simply do not match; a non-ASCII `v1` reached before a
-//!    match → [`VerifyError::MalformedHeader`]. No match →
-//!    [`VerifyError::SignatureMismatch`].
-//! 9. Only then the age: with a non-zero tolerance, `now - n > tolerance` →
-//!    [`VerifyError::TimestampExpired`] (an age equal to the tolerance
-//!    passes). Timestamps in the future pass, as in the SDKs, unless
-//!    [`Verifier::max_future_skew`] is set ([`VerifyError::TimestampInFuture`]).
+//! 8. stripe-node's check: the same, over `"{N}.{body without a leading
+//!    byte-order mark}"`, where `N` is JavaScript's `String(parseInt(v, 10))`
+//!    of the *last* `t` value `v`: leading whitespace (ASCII tab to carriage
+//!    return, space, U+00A0, U+1680, U+2000–U+200A, U+2028, U+2029, U+202F,
+//!    U+205F, U+3000, U+FEFF) is skipped, then an optional sign and the
+//!    longest run of ASCII digits, rounded to the nearest `f64`; anything after
+//!    them is ignored. `N` is `NaN` without digits, `Infinity` beyond the `f64`
+//!    range, the shortest round-trip digits padded with zeros below 10^21
+//!    (so `9007199254740993` signs as `9007199254740992`), and `1e+21` style
+//!    from 10^21 on. No match → [`VerifyError::SignatureMismatch`]. For the
+//!    headers Stripe sends (one `t` of plain digits, a body without BOM) `N`
+//!    and `P` are the same text and the MAC is computed once.
+//! 9. Only then the age: with a positive tolerance, a signature is expired
+//!    when `P + tolerance < now` (exactly, sub-seconds included:
+//!    stripe-python) or when `floor(now) - N > tolerance` in `f64`
+//!    (stripe-node; never for `NaN`) → [`VerifyError::TimestampExpired`]. An
+//!    age equal to the tolerance passes. Timestamps in the future pass, as in
+//!    the SDKs, unless [`Verifier::max_future_skew`] is set: then `P` or `N`
+//!    more than the skew after `now` → [`VerifyError::TimestampInFuture`].
 //!
-//! Timestamps: `n` is signed as its canonical decimal digits. stripe-python
-//! prints the exact integer, stripe-node the shortest decimal that round-trips
-//! through an `f64`; the two agree for every `|n| ≤ 2^53` and for some larger
-//! values. We accept exactly the values on which they agree and that fit in an
-//! `i64`; anything else is [`VerifyError::MalformedHeader`].
-//!
-//! The behaviour is pinned by the 44 cases of `tests/data/vectors/signatures.json`,
-//! whose expected results were decided by running stripe-python and
-//! stripe-node on each case.
+//! The behaviour is pinned by `tests/data/vectors/signatures.json`, whose
+//! expected results come from running stripe-python and stripe-node on each
+//! case (`scripts/sdk-vectors/run.sh`): a case is `ok` only when both SDKs
+//! accept it; otherwise it expects the refusing SDK's error, or the one that
+//! comes first in the order above when both refuse.
 //!
 //! # Performance
 //!
@@ -127,7 +152,7 @@ impl From<String> for WebhookSecret {
 /// Why a delivery was refused. Never contains the body, the header or a
 /// secret.
 ///
-/// [`VerifyError::kind_str`] gives the `snake_case` name used in the vector
+/// [`VerifyError::as_str`] gives the `snake_case` name used in the vector
 /// files and in metrics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -167,7 +192,7 @@ pub enum VerifyError {
         /// Seconds between `now` and the signed timestamp.
         ahead_seconds: i64,
     },
-    /// The body exceeds [`Verifier::max_body_bytes`]; it was not hashed.
+    /// The body exceeds [`Verifier::body_limit`]; it was not hashed.
     #[error("webhook payload of {len} bytes exceeds the limit of {limit} bytes")]
     BodyTooLarge {
         /// The body's length in bytes.
@@ -180,7 +205,7 @@ pub enum VerifyError {
 impl VerifyError {
     /// The `snake_case` name of this kind, as in `signatures.json`
     /// (`missing_header`, `signature_mismatch`, …).
-    pub fn kind_str(&self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Self::MissingHeader => "missing_header",
             Self::MissingSecret => "missing_secret",
@@ -231,7 +256,9 @@ impl<'p> Verified<'p> {
         std::str::from_utf8(self.payload).unwrap_or_default()
     }
 
-    /// The signed timestamp `t`, in Unix seconds.
+    /// The signed timestamp: the first `t`, in Unix seconds. A header may carry
+    /// any integer (both SDKs bound only its age), so values beyond `i64` are
+    /// reported as `i64::MIN` or `i64::MAX`.
     pub fn timestamp(&self) -> i64 {
         self.timestamp
     }
@@ -259,7 +286,7 @@ pub struct Verifier {
     configured: usize,
     tolerance: Duration,
     max_future_skew: Option<Duration>,
-    max_body_bytes: usize,
+    body_limit: usize,
 }
 
 impl fmt::Debug for Verifier {
@@ -269,7 +296,7 @@ impl fmt::Debug for Verifier {
             .field("usable_secrets", &self.keys.len())
             .field("tolerance", &self.tolerance)
             .field("max_future_skew", &self.max_future_skew)
-            .field("max_body_bytes", &self.max_body_bytes)
+            .field("body_limit", &self.body_limit)
             .finish()
     }
 }
@@ -283,7 +310,7 @@ impl Verifier {
             configured: 0,
             tolerance: DEFAULT_TOLERANCE,
             max_future_skew: None,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_limit: DEFAULT_MAX_BODY_BYTES,
         };
         verifier.with_secret(secret)
     }
@@ -322,17 +349,26 @@ impl Verifier {
         self
     }
 
-    /// The largest body that will be hashed (default 1 MiB). Larger bodies are
-    /// refused with [`VerifyError::BodyTooLarge`] before any work is done.
+    /// Sets the largest body, in bytes, that will be hashed (default 1 MiB,
+    /// [`DEFAULT_MAX_BODY_BYTES`]). Larger bodies are refused with
+    /// [`VerifyError::BodyTooLarge`] before any work is done; read the limit
+    /// back with [`Verifier::body_limit`].
+    ///
+    /// ```
+    /// use stripe_webhook_guard::signature::Verifier;
+    /// let verifier = Verifier::new("whsec_test_secret").with_body_limit(64 * 1024);
+    /// assert_eq!(verifier.body_limit(), 64 * 1024);
+    /// ```
     #[must_use]
-    pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.max_body_bytes = limit;
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
         self
     }
 
-    /// The configured body cap in bytes.
+    /// The largest body, in bytes, that will be hashed (set with
+    /// [`Verifier::with_body_limit`]).
     pub fn body_limit(&self) -> usize {
-        self.max_body_bytes
+        self.body_limit
     }
 
     /// Verifies one delivery: the raw body exactly as received, the value of
@@ -362,7 +398,7 @@ impl Verifier {
     /// // The same delivery ten minutes later is a replay.
     /// let later = now + time::Duration::minutes(10);
     /// let err = verifier.verify(body, Some(&header), later).unwrap_err();
-    /// assert_eq!(err.kind_str(), "timestamp_expired");
+    /// assert_eq!(err.as_str(), "timestamp_expired");
     ///
     /// // A changed body does not match.
     /// let err = verifier.verify(b"{}", Some(&header), now).unwrap_err();
@@ -374,10 +410,10 @@ impl Verifier {
         header: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Verified<'p>, VerifyError> {
-        if payload.len() > self.max_body_bytes {
+        if payload.len() > self.body_limit {
             return Err(VerifyError::BodyTooLarge {
                 len: payload.len(),
-                limit: self.max_body_bytes,
+                limit: self.body_limit,
             });
         }
         // Rule 1.
@@ -391,70 +427,102 @@ impl Verifier {
         }
         // Rules 3–5.
         let parsed = parse_header(header)?;
-        // Rule 6.
-        // Most bodies are ASCII, which `is_ascii` checks about twice as fast
-        // as a full UTF-8 validation.
+        // Rule 6. Most bodies are ASCII, which `is_ascii` checks about twice
+        // as fast as a full UTF-8 validation.
         if !payload.is_ascii() && std::str::from_utf8(payload).is_err() {
             return Err(VerifyError::InvalidPayloadEncoding);
         }
-        if payload.starts_with(UTF8_BOM) {
-            return Err(VerifyError::SignatureMismatch);
-        }
-        // Rule 7.
-        if parsed.later_t_differs {
-            return Err(VerifyError::SignatureMismatch);
-        }
-        // Rule 8. The signed text is the canonical decimal of `t`, which is
-        // the header's own text unless it had a sign, spaces or leading zeros.
-        let mut digits = [0u8; 20];
-        let t_text = if is_canonical_digits(parsed.t_text) {
-            parsed.t_text
-        } else {
-            format_i64(parsed.timestamp, &mut digits)
+        // Rule 7: what stripe-python signs and compares.
+        let python = self.match_python(header, &parsed, payload)?;
+        // Rule 8: what stripe-node signs and compares. It decodes the body
+        // with `TextDecoder`, which drops one leading byte-order mark.
+        let node_body = payload.strip_prefix(UTF8_BOM).unwrap_or(payload);
+        let node_matches = match (&parsed.node_text, node_body.len() == payload.len()) {
+            (None, true) => python.is_some(), // the very same text was checked
+            (text, _) => self.match_node(header, &parsed, text.as_ref(), node_body),
         };
-        let secret_index = self.match_signature(header, &parsed, t_text, payload)?;
+        let (Some(secret_index), true) = (python, node_matches) else {
+            return Err(VerifyError::SignatureMismatch);
+        };
         // Rule 9.
+        let timestamp = parsed.python.clamped();
         check_age(
-            parsed.timestamp,
-            now.unix_timestamp(),
+            timestamp,
+            parsed.node,
+            now.unix_timestamp_nanos(),
             self.tolerance,
             self.max_future_skew,
         )?;
         Ok(Verified {
             payload,
-            timestamp: parsed.timestamp,
+            timestamp: saturate(timestamp),
             secret_index,
         })
     }
 
-    fn match_signature(
+    /// Rule 7: the first secret whose MAC over stripe-python's signed text
+    /// equals a `v1` met before any non-ASCII `v1`. `Ok(None)`: no match;
+    /// `Err(MalformedHeader)`: no match and a non-ASCII `v1` was reached.
+    fn match_python(
         &self,
         header: &str,
         parsed: &ParsedHeader<'_>,
-        t_text: &[u8],
         payload: &[u8],
-    ) -> Result<usize, VerifyError> {
+    ) -> Result<Option<usize>, VerifyError> {
+        let mut non_ascii = false;
         for (index, keyed) in &self.keys {
             let mut mac = keyed.clone();
-            mac.update(t_text);
+            parsed.python.feed(&mut mac);
             mac.update(b".");
             mac.update(payload);
-            let tag = mac.finalize().into_bytes();
-            let expected = hex_words(tag.as_slice());
+            let expected = hex_words(mac.finalize().into_bytes().as_slice());
             for candidate in parsed.signatures(header) {
                 if !candidate.is_ascii() {
-                    return Err(VerifyError::MalformedHeader);
+                    non_ascii = true;
+                    break; // Python's compare_digest raises here
                 }
-                let Some(candidate) = hex_text_words(candidate) else {
-                    continue; // not 64 characters: cannot match
-                };
-                if bool::from(candidate.ct_eq(&expected)) {
-                    return Ok(*index);
+                if matches_hex(candidate, &expected) {
+                    return Ok(Some(*index));
                 }
             }
         }
-        Err(VerifyError::SignatureMismatch)
+        if non_ascii {
+            Err(VerifyError::MalformedHeader)
+        } else {
+            Ok(None)
+        }
     }
+
+    /// Rule 8: whether any secret's MAC over stripe-node's signed text
+    /// (`text`, or stripe-python's when `None`) equals any `v1`.
+    fn match_node(
+        &self,
+        header: &str,
+        parsed: &ParsedHeader<'_>,
+        text: Option<&StackText>,
+        body: &[u8],
+    ) -> bool {
+        self.keys.iter().any(|(_, keyed)| {
+            let mut mac = keyed.clone();
+            match text {
+                Some(text) => mac.update(text.as_bytes()),
+                None => parsed.python.feed(&mut mac),
+            }
+            mac.update(b".");
+            mac.update(body);
+            let expected = hex_words(mac.finalize().into_bytes().as_slice());
+            // Evaluated for every candidate, like stripe-node's `filter`.
+            parsed
+                .signatures(header)
+                .fold(false, |found, c| found | matches_hex(c, &expected))
+        })
+    }
+}
+
+/// Constant-time comparison of a `v1` value with the expected hex; values
+/// that are not 64 bytes long cannot match.
+fn matches_hex(candidate: &[u8], expected: &[u64; 8]) -> bool {
+    hex_text_words(candidate).is_some_and(|words| bool::from(words.ct_eq(expected)))
 }
 
 /// Builds a `Stripe-Signature` header value (`t=…,v1=…`) for `payload`, as
@@ -495,9 +563,12 @@ pub fn test_header(secret: &WebhookSecret, payload: &[u8], timestamp: OffsetDate
 const INLINE_V1: usize = 4;
 
 struct ParsedHeader<'h> {
-    timestamp: i64,
-    t_text: &'h [u8],
-    later_t_differs: bool,
+    /// The first `t`, as stripe-python reads it.
+    python: PyInt<'h>,
+    /// The last `t`, as stripe-node reads it (`NaN` included).
+    node: f64,
+    /// stripe-node's signed text for `t`, when it differs from stripe-python's.
+    node_text: Option<StackText>,
     v1: [&'h [u8]; INLINE_V1],
     v1_count: usize,
 }
@@ -589,18 +660,24 @@ fn find_delimiter(bytes: &[u8], set: DelimiterSet) -> Option<usize> {
     tail.iter().position(|&b| is_delim(b)).map(|p| offset + p)
 }
 
-/// Rules 3–5 and the input to rule 7, in one pass, without allocating.
+/// Rules 3–5 in one pass, without allocating on the usual header.
 fn parse_header(header: &str) -> Result<ParsedHeader<'_>, VerifyError> {
     let mut first_t: Option<&[u8]> = None;
-    let mut later_t = false;
+    let mut last_t: &[u8] = &[];
     let mut v1: [&[u8]; INLINE_V1] = [&[]; INLINE_V1];
     let mut v1_count = 0usize;
     for (key, value) in items(header) {
         match (key, value) {
             (b"t" | b"v1", None) => return Err(VerifyError::MalformedHeader),
-            (b"t", Some(v)) if first_t.is_none() => first_t = Some(v),
-            (b"t", Some(_)) => later_t = true,
+            (b"t", Some(v)) => {
+                first_t.get_or_insert(v);
+                last_t = v;
+            }
             (b"v1", Some(v)) => {
+                if v.is_empty() || utf16_len(v) == 64 && !v.is_ascii() {
+                    // stripe-node's compare throws on these wherever they are.
+                    return Err(VerifyError::MalformedHeader);
+                }
                 if let Some(slot) = v1.get_mut(v1_count) {
                     *slot = v;
                 }
@@ -609,109 +686,319 @@ fn parse_header(header: &str) -> Result<ParsedHeader<'_>, VerifyError> {
             _ => {}
         }
     }
-    let Some(first) = first_t else {
+    let Some(first_t) = first_t else {
         return Err(VerifyError::MalformedHeader);
     };
-    let timestamp = parse_timestamp(first).ok_or(VerifyError::MalformedHeader)?;
+    let python = PyInt::parse(first_t).ok_or(VerifyError::MalformedHeader)?;
+    let simple = first_t == last_t && is_canonical_digits(first_t) && first_t.len() <= 15;
+    let (node, node_text) = if simple {
+        // Below 10^15 every integer is an exact `f64` printed as its digits,
+        // so stripe-node signs the same text as stripe-python.
+        #[allow(clippy::cast_precision_loss)]
+        (python.clamped() as f64, None)
+    } else {
+        let node = node_parse_int(last_t);
+        #[allow(clippy::float_cmp)] // stripe-node tests `timestamp === -1`
+        if node == -1.0 {
+            return Err(VerifyError::MalformedHeader);
+        }
+        let text = node_number_text(node).ok_or(VerifyError::MalformedHeader)?;
+        let same = python.canonical_bytes().eq(text.as_bytes().iter().copied());
+        (node, (!same).then_some(text))
+    };
     if v1_count == 0 {
         return Err(VerifyError::NoV1Signature);
     }
-    let later_t_differs = later_t
-        && items(header)
-            .filter_map(|(k, v)| (k == b"t").then_some(v).flatten())
-            .skip(1)
-            .any(|v| parse_timestamp(v) != Some(timestamp));
     Ok(ParsedHeader {
-        timestamp,
-        t_text: first,
-        later_t_differs,
+        python,
+        node,
+        node_text,
         v1,
         v1_count,
     })
 }
 
-/// Whitespace that both stripe-python's `int()` and stripe-node's `parseInt`
-/// skip: ASCII space, tab, line feed, vertical tab, form feed, carriage return.
+/// A `v1` value's length in UTF-16 code units (what JavaScript's `length`
+/// counts): one per character, two for characters outside the BMP.
+fn utf16_len(text: &[u8]) -> usize {
+    text.iter()
+        .map(|&b| match b {
+            0x80..=0xBF => 0, // continuation byte
+            0xF0..=0xFF => 2, // starts a four-byte character
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Whitespace both SDKs ignore in a secret: ASCII space, tab, line feed,
+/// vertical tab, form feed, carriage return.
 fn is_sdk_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// Rule 4: `[ws][+-]digits[ws]`, not -1, in `i64`, and printed the same way by
-/// stripe-python (exact integer) and stripe-node (shortest `f64` round trip).
-fn parse_timestamp(bytes: &[u8]) -> Option<i64> {
-    let start = bytes.iter().position(|&b| !is_sdk_whitespace(b))?;
-    let end = bytes.iter().rposition(|&b| !is_sdk_whitespace(b))? + 1;
-    let mut digits = &bytes[start..end];
-    let negative = match digits.first() {
-        Some(b'-') => {
-            digits = &digits[1..];
-            true
+/// Whitespace Python's `int()` strips around a number: ASCII tab to carriage
+/// return and space, U+0085, U+00A0, U+1680, U+2000–U+200A, U+2028, U+2029,
+/// U+202F, U+205F and U+3000 (not U+FEFF, not U+001C–U+001F).
+fn is_python_int_space(c: char) -> bool {
+    matches!(
+        c,
+        '\t'..='\r'
+            | ' '
+            | '\u{85}'
+            | '\u{a0}'
+            | '\u{1680}'
+            | '\u{2000}'..='\u{200a}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202f}'
+            | '\u{205f}'
+            | '\u{3000}'
+    )
+}
+
+/// Whitespace JavaScript's `parseInt` skips before a number: ASCII tab to
+/// carriage return and space, U+00A0, U+1680, U+2000–U+200A, U+2028, U+2029,
+/// U+202F, U+205F, U+3000 and U+FEFF (not U+0085).
+fn is_node_space(c: char) -> bool {
+    matches!(
+        c,
+        '\t'..='\r'
+            | ' '
+            | '\u{a0}'
+            | '\u{1680}'
+            | '\u{2000}'..='\u{200a}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202f}'
+            | '\u{205f}'
+            | '\u{3000}'
+            | '\u{feff}'
+    )
+}
+
+/// The zero of every run of ten Unicode decimal digits (category `Nd`) that
+/// Python's `int()` reads, in Unicode 14.0 (Python 3.11).
+const DECIMAL_ZEROS: [u32; 66] = [
+    0x30, 0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66,
+    0xDE6, 0xE50, 0xED0, 0xF20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90,
+    0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10,
+    0x104A0, 0x10D30, 0x11066, 0x110F0, 0x11136, 0x111D0, 0x112F0, 0x11450, 0x114D0, 0x11650,
+    0x116C0, 0x11730, 0x118E0, 0x11950, 0x11C50, 0x11D50, 0x11DA0, 0x16A60, 0x16AC0, 0x16B50,
+    0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1E140, 0x1E2F0, 0x1E950, 0x1FBF0,
+];
+
+/// The value of a decimal digit as Python's `int()` reads it (any `Nd`).
+fn python_digit(c: char) -> Option<u8> {
+    let code = u32::from(c);
+    let run = DECIMAL_ZEROS.partition_point(|&zero| zero <= code);
+    let zero = *DECIMAL_ZEROS.get(run.checked_sub(1)?)?;
+    // Below 10, so the cast is lossless.
+    #[allow(clippy::cast_possible_truncation)]
+    (code - zero < 10).then_some((code - zero) as u8)
+}
+
+/// Python's `int()` refuses decimal strings with more digits than this.
+const PYTHON_MAX_DIGITS: usize = 4300;
+
+/// An integer as stripe-python's `int(text)` reads it: the text between the
+/// sign and the trailing whitespace, already checked.
+#[derive(Clone, Copy)]
+struct PyInt<'h> {
+    negative: bool,
+    /// Decimal digits (any `Nd`) with single `_` between them.
+    body: &'h str,
+}
+
+impl<'h> PyInt<'h> {
+    /// `[ws][+-]digit[[_]digit]…[ws]`, at most 4300 digits.
+    fn parse(text: &'h [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text)
+            .ok()?
+            .trim_matches(is_python_int_space);
+        let (negative, body) = match text.as_bytes().first() {
+            Some(b'-') => (true, &text[1..]),
+            Some(b'+') => (false, &text[1..]),
+            _ => (false, text),
+        };
+        let mut digits = 0usize;
+        let mut after_digit = false;
+        for c in body.chars() {
+            if c == '_' && after_digit {
+                after_digit = false;
+            } else if python_digit(c).is_some() {
+                after_digit = true;
+                digits += 1;
+            } else {
+                return None;
+            }
         }
-        Some(b'+') => {
-            digits = &digits[1..];
-            false
+        (after_digit && digits <= PYTHON_MAX_DIGITS).then_some(Self { negative, body })
+    }
+
+    /// The digits as ASCII, underscores dropped, leading zeros kept.
+    fn digits(self) -> impl Iterator<Item = u8> + 'h {
+        self.body.chars().filter_map(python_digit).map(|d| b'0' + d)
+    }
+
+    /// What stripe-python signs: `"%d" % int(text)`.
+    fn canonical_bytes(self) -> impl Iterator<Item = u8> + 'h {
+        let mut digits = self.digits().skip_while(|&d| d == b'0').peekable();
+        let zero = digits.peek().is_none();
+        let sign = (self.negative && !zero).then_some(b'-');
+        sign.into_iter().chain(digits).chain(zero.then_some(b'0'))
+    }
+
+    /// The value, clamped to ±10^20 (beyond any `now` plus tolerance).
+    fn clamped(self) -> i128 {
+        const LIMIT: i128 = 100_000_000_000_000_000_000;
+        let magnitude = self
+            .digits()
+            .fold(0i128, |acc, d| (acc * 10 + i128::from(d - b'0')).min(LIMIT));
+        if self.negative { -magnitude } else { magnitude }
+    }
+
+    /// Feeds the signed text into `mac` without allocating.
+    fn feed(self, mac: &mut HmacSha256) {
+        if is_canonical_digits(self.body.as_bytes()) && !self.negative {
+            mac.update(self.body.as_bytes());
+            return;
         }
-        _ => false,
+        let mut chunk = [0u8; 64];
+        let mut len = 0;
+        for b in self.canonical_bytes() {
+            if len == chunk.len() {
+                mac.update(&chunk);
+                len = 0;
+            }
+            chunk[len] = b;
+            len += 1;
+        }
+        mac.update(&chunk[..len]);
+    }
+}
+
+/// JavaScript's `parseInt(text, 10)`: skip leading whitespace, an optional
+/// sign, then the longest run of ASCII digits (the rest is ignored), rounded
+/// to the nearest `f64`; `NaN` when there is no digit.
+fn node_parse_int(text: &[u8]) -> f64 {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return f64::NAN;
     };
-    if digits.is_empty() {
-        return None;
+    let text = text.trim_start_matches(is_node_space);
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let end = rest
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    // Rust parses decimal digits correctly rounded, as V8 does.
+    let Ok(magnitude) = rest[..end].parse::<f64>() else {
+        return f64::NAN;
+    };
+    if negative { -magnitude } else { magnitude }
+}
+
+/// A short text on the stack.
+#[derive(Clone, Copy)]
+struct StackText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl StackText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
-    let mut magnitude: u64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        magnitude = magnitude
-            .checked_mul(10)?
-            .checked_add(u64::from(d - b'0'))?;
+}
+
+impl fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
-    let n = if negative {
-        0i64.checked_sub_unsigned(magnitude)?
+}
+
+/// JavaScript's `String(n)` for the integer-valued (or non-finite) `n` that
+/// `parseInt` returns: `NaN`, `Infinity`, `-Infinity`, `0` for ±0, the
+/// digits below 10^21 (shortest round-trip digits padded with zeros), and
+/// `d.ddde+NN` from 10^21 on. `None` only if the text would not fit, which
+/// no `f64` does.
+fn node_number_text(n: f64) -> Option<StackText> {
+    use fmt::Write;
+    let mut out = StackText {
+        buf: [0; 32],
+        len: 0,
+    };
+    let written = if n.is_nan() {
+        out.write_str("NaN")
+    } else if n.is_infinite() {
+        out.write_str(if n > 0.0 { "Infinity" } else { "-Infinity" })
+    } else if n == 0.0 {
+        out.write_str("0")
+    } else if n.abs() < 1e21 {
+        // Rust prints the shortest round-trip digits padded with zeros.
+        write!(out, "{n}")
     } else {
-        i64::try_from(magnitude).ok()?
+        // Rust writes `1.5e21`; JavaScript writes `1.5e+21`.
+        write!(out, "{n:e}").and_then(|()| {
+            let e = out
+                .as_bytes()
+                .iter()
+                .position(|&b| b == b'e')
+                .ok_or(fmt::Error)?;
+            let len = out.len;
+            if len + 1 > out.buf.len() {
+                return Err(fmt::Error);
+            }
+            out.buf.copy_within(e + 1..len, e + 2);
+            out.buf[e + 1] = b'+';
+            out.len += 1;
+            Ok(())
+        })
     };
-    if n == -1 {
-        return None;
-    }
-    if n.unsigned_abs() > (1u64 << 53) && !same_in_both_sdks(n) {
-        return None;
-    }
-    Some(n)
+    written.ok().map(|()| out)
 }
 
-/// For `|n| > 2^53`: is `n` an exact `f64` whose shortest round-trip decimal
-/// (what JavaScript prints) is `n`'s own digits (what Python prints)?
+/// Rule 9, overflow-safe. `python` is stripe-python's timestamp (clamped),
+/// `node` stripe-node's, `now_nanos` the current time in nanoseconds.
 #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-fn same_in_both_sdks(n: i64) -> bool {
-    let as_float = n as f64;
-    // `as i128` of an f64 below 2^127 is exact when the f64 is an integer.
-    if as_float as i128 != i128::from(n) {
-        return false;
-    }
-    // Rust's `Display` for f64 prints the shortest round-trip digits padded
-    // with zeros, like JavaScript's `Number#toString` below 1e21.
-    format!("{as_float}") == n.to_string()
-}
-
-/// Rule 9, overflow-safe.
 fn check_age(
-    signed: i64,
-    now: i64,
+    python: i128,
+    node: f64,
+    now_nanos: i128,
     tolerance: Duration,
     max_future_skew: Option<Duration>,
 ) -> Result<(), VerifyError> {
-    let age = i128::from(now) - i128::from(signed);
-    if tolerance.is_positive() && age * 1_000_000_000 > tolerance.whole_nanoseconds() {
+    const NANOS: i128 = 1_000_000_000;
+    let signed_nanos = python * NANOS;
+    // JavaScript floors `receivedAt` to whole seconds.
+    let now_seconds = now_nanos.div_euclid(NANOS);
+    let node_age = now_seconds as f64 - node;
+    if tolerance.is_positive()
+        && (signed_nanos + tolerance.whole_nanoseconds() < now_nanos
+            || node_age > tolerance.as_seconds_f64())
+    {
+        let python_age = saturate(now_seconds - python);
         return Err(VerifyError::TimestampExpired {
-            age_seconds: saturate(age),
+            age_seconds: python_age.max(node_age as i64),
             tolerance_seconds: tolerance.whole_seconds(),
         });
     }
     if let Some(skew) = max_future_skew {
-        let ahead = -age;
-        if ahead * 1_000_000_000 > skew.whole_nanoseconds().max(0) {
+        let skew_nanos = skew.whole_nanoseconds().max(0);
+        let node_ahead = -node_age;
+        if signed_nanos - now_nanos > skew_nanos || node_ahead > skew_nanos as f64 / 1e9 {
+            let python_ahead = saturate(python - now_seconds);
             return Err(VerifyError::TimestampInFuture {
-                ahead_seconds: saturate(ahead),
+                ahead_seconds: python_ahead.max(node_ahead as i64),
             });
         }
     }
@@ -850,63 +1137,249 @@ mod tests {
         }
     }
 
+    fn python_text(t: &str) -> Option<String> {
+        PyInt::parse(t.as_bytes())
+            .map(|p| String::from_utf8(p.canonical_bytes().collect()).unwrap())
+    }
+
+    fn node_text(t: &str) -> String {
+        let text = node_number_text(node_parse_int(t.as_bytes())).unwrap();
+        String::from_utf8(text.as_bytes().to_vec()).unwrap()
+    }
+
     #[test]
-    fn timestamp_rules() {
+    fn python_reads_t_like_int() {
+        let nines = "9".repeat(60);
+        let cases: Vec<(&str, Option<&str>)> = vec![
+            ("1700000000", Some("1700000000")),
+            (" 1700000000 ", Some("1700000000")),
+            ("+17", Some("17")),
+            ("0017", Some("17")),
+            ("-5", Some("-5")),
+            ("-0", Some("0")),
+            ("-000", Some("0")),
+            ("-1", Some("-1")),
+            ("", None),
+            ("+", None),
+            ("-", None),
+            ("1_000", Some("1000")),
+            ("0_0", Some("0")),
+            ("_1", None),
+            ("1_", None),
+            ("1__0", None),
+            ("+_1", None),
+            ("17abc", None),
+            ("1 7", None),
+            ("+ 1", None),
+            ("17.0", None),
+            ("1e3", None),
+            ("\u{a0}17\u{3000}", Some("17")),
+            ("\u{85}17\u{2003}", Some("17")),
+            ("\t\n\u{b}\u{c}\r 17", Some("17")),
+            ("\u{feff}17", None),
+            ("\u{1f}17", None),
+            ("\u{200b}17", None),
+            ("\u{661}\u{667}", Some("17")),
+            ("\u{ff11}\u{ff17}", Some("17")),
+            ("1\u{1D7CF}", Some("11")),
+            ("\u{2461}", None), // circled digit: numeric but not decimal
+            ("99999999999999999999", Some("99999999999999999999")),
+            (&nines, Some(&nines)),
+        ];
+        for (t, want) in cases {
+            assert_eq!(python_text(t).as_deref(), want, "{t:?}");
+        }
+        assert!(python_text(&"1".repeat(PYTHON_MAX_DIGITS)).is_some());
+        assert!(python_text(&"1".repeat(PYTHON_MAX_DIGITS + 1)).is_none());
+        assert!(python_text(&"0".repeat(PYTHON_MAX_DIGITS + 1)).is_none());
+        assert!(python_text(&format!("1{}", "_0".repeat(PYTHON_MAX_DIGITS - 1))).is_some());
+        assert_eq!(PyInt::parse(b"-12").unwrap().clamped(), -12);
         assert_eq!(
-            parse_timestamp("1700000000".as_bytes()),
-            Some(1_700_000_000)
+            PyInt::parse(nines.as_bytes()).unwrap().clamped(),
+            100_000_000_000_000_000_000
         );
+    }
+
+    #[test]
+    fn node_reads_t_like_parse_int() {
+        let cases = [
+            ("1700000000", "1700000000"),
+            (" 1700000000", "1700000000"),
+            ("\u{feff}\u{3000}17", "17"),
+            ("\u{85}17", "NaN"),
+            ("17abc", "17"),
+            ("17 ", "17"),
+            ("1_000", "1"),
+            ("+17", "17"),
+            ("-0", "0"),
+            ("-5", "-5"),
+            ("", "NaN"),
+            ("abc", "NaN"),
+            ("+ 1", "NaN"),
+            ("\u{661}\u{667}", "NaN"),
+            ("9007199254740992", "9007199254740992"),
+            ("9007199254740993", "9007199254740992"),
+            ("9007199254740994", "9007199254740994"),
+            ("1152921504606846976", "1152921504606847000"),
+            ("1000000000000000000", "1000000000000000000"),
+            ("9223372036854775807", "9223372036854776000"),
+            ("100000000000000000000", "100000000000000000000"),
+            ("999999999999999999999", "1e+21"),
+            ("1000000000000000000000", "1e+21"),
+            ("-1000000000000000000000", "-1e+21"),
+            ("12345678901234567890123", "1.2345678901234568e+22"),
+        ];
+        for (t, want) in cases {
+            assert_eq!(node_text(t), want, "{t:?}");
+        }
+        assert_eq!(node_text(&"9".repeat(400)), "Infinity");
+        assert_eq!(node_text(&format!("-{}", "9".repeat(400))), "-Infinity");
+        assert_eq!(node_text(&"9".repeat(308)), "1e+308");
+    }
+
+    #[test]
+    fn minus_one_for_stripe_node_is_malformed() {
+        let v = Verifier::new("whsec_a").tolerance(Duration::ZERO);
+        for t in ["-1", "-01", "-1x", " -1", "-1.5", "-1_000"] {
+            let header = format!("t={t},v1={}", "0".repeat(64));
+            assert_eq!(
+                v.verify(b"{}", Some(&header), at(0)),
+                Err(VerifyError::MalformedHeader),
+                "{t}"
+            );
+        }
+        // stripe-node reads the last t; a first -1 is fine for both.
+        let s = WebhookSecret::new("whsec_a");
+        let good = test_header(&s, b"{}", at(5));
+        let sig = good.split("v1=").nth(1).unwrap();
+        let h = format!("t=5,t=-1,v1={sig}");
         assert_eq!(
-            parse_timestamp(" 1700000000 ".as_bytes()),
-            Some(1_700_000_000)
+            v.verify(b"{}", Some(&h), at(5)),
+            Err(VerifyError::MalformedHeader)
         );
-        assert_eq!(parse_timestamp("+17".as_bytes()), Some(17));
-        assert_eq!(parse_timestamp("0017".as_bytes()), Some(17));
-        assert_eq!(parse_timestamp("-5".as_bytes()), Some(-5));
-        assert_eq!(parse_timestamp("-0".as_bytes()), Some(0));
-        assert_eq!(parse_timestamp("-1".as_bytes()), None);
-        assert_eq!(parse_timestamp("".as_bytes()), None);
-        assert_eq!(parse_timestamp("+".as_bytes()), None);
-        assert_eq!(parse_timestamp("1_000".as_bytes()), None);
-        assert_eq!(parse_timestamp("17abc".as_bytes()), None);
-        assert_eq!(parse_timestamp("1 7".as_bytes()), None);
-        assert_eq!(parse_timestamp("\u{a0}17".as_bytes()), None);
-        assert_eq!(parse_timestamp("99999999999999999999".as_bytes()), None);
-        assert_eq!(parse_timestamp("9".repeat(60).as_bytes()), None);
-        // 2^53 and 2^53 + 2 are fine; 2^53 + 1 is not an f64.
-        assert_eq!(
-            parse_timestamp("9007199254740992".as_bytes()),
-            Some(1 << 53)
-        );
-        assert_eq!(parse_timestamp("9007199254740993".as_bytes()), None);
-        assert_eq!(
-            parse_timestamp("9007199254740994".as_bytes()),
-            Some((1 << 53) + 2)
-        );
-        // 2^60 is an exact f64, but JavaScript prints 1152921504606847000.
-        assert_eq!(parse_timestamp("1152921504606846976".as_bytes()), None);
-        // 10^18 is exact and printed the same by both.
-        assert_eq!(
-            parse_timestamp("1000000000000000000".as_bytes()),
-            Some(1_000_000_000_000_000_000)
-        );
-        assert_eq!(parse_timestamp("9223372036854775807".as_bytes()), None);
-        assert_eq!(parse_timestamp("-9223372036854775808".as_bytes()), None);
+    }
+
+    /// Both SDKs' timestamps equal to `signed`, `now` in whole seconds.
+    fn age(
+        signed: i64,
+        now: i64,
+        tolerance: Duration,
+        skew: Option<Duration>,
+    ) -> Result<(), VerifyError> {
+        #[allow(clippy::cast_precision_loss)]
+        check_age(
+            i128::from(signed),
+            signed as f64,
+            i128::from(now) * 1_000_000_000,
+            tolerance,
+            skew,
+        )
     }
 
     #[test]
     fn age_is_overflow_safe() {
         let tol = Duration::seconds(300);
-        assert!(check_age(i64::MIN, i64::MAX, tol, None).is_err());
-        assert!(check_age(i64::MAX, i64::MIN, tol, None).is_ok());
-        assert!(check_age(i64::MAX, i64::MIN, tol, Some(Duration::ZERO)).is_err());
-        assert!(check_age(i64::MIN, i64::MAX, Duration::ZERO, None).is_ok());
-        assert!(check_age(i64::MIN, i64::MAX, Duration::MIN, None).is_ok());
-        assert!(check_age(0, 300, tol, None).is_ok());
-        assert!(check_age(0, 301, tol, None).is_err());
+        assert!(age(i64::MIN, i64::MAX, tol, None).is_err());
+        assert!(age(i64::MAX, i64::MIN, tol, None).is_ok());
+        assert!(age(i64::MAX, i64::MIN, tol, Some(Duration::ZERO)).is_err());
+        assert!(age(i64::MIN, i64::MAX, Duration::ZERO, None).is_ok());
+        assert!(age(i64::MIN, i64::MAX, Duration::MIN, None).is_ok());
+        assert!(age(0, 300, tol, None).is_ok());
+        assert!(age(0, 301, tol, None).is_err());
         // Sub-second tolerances still count.
-        assert!(check_age(0, 1, Duration::milliseconds(500), None).is_err());
-        assert!(check_age(0, 0, Duration::milliseconds(500), None).is_ok());
+        assert!(age(0, 1, Duration::milliseconds(500), None).is_err());
+        assert!(age(0, 0, Duration::milliseconds(500), None).is_ok());
+    }
+
+    #[test]
+    fn age_follows_each_sdk() {
+        let tol = Duration::seconds(300);
+        let ns = 1_000_000_000i128;
+        // stripe-python compares with the exact time: half a second past the
+        // tolerance is expired (stripe-node, flooring `now`, would pass it).
+        assert!(check_age(0, 0.0, 300 * ns + ns / 2, tol, None).is_err());
+        assert!(check_age(0, 0.0, 300 * ns, tol, None).is_ok());
+        // stripe-node's own (last, or differently read) t can expire alone.
+        assert_eq!(
+            check_age(1_700_000_000, 1.0, 1_700_000_000 * ns, tol, None),
+            Err(VerifyError::TimestampExpired {
+                age_seconds: 1_699_999_999,
+                tolerance_seconds: 300
+            })
+        );
+        // NaN never expires in stripe-node; Infinity is in the future.
+        assert!(check_age(1_700_000_000, f64::NAN, 1_700_000_000 * ns, tol, None).is_ok());
+        assert!(check_age(1_700_000_000, f64::INFINITY, 1_700_000_000 * ns, tol, None).is_ok());
+        assert!(
+            check_age(
+                1_700_000_000,
+                f64::NEG_INFINITY,
+                1_700_000_000 * ns,
+                tol,
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            check_age(
+                1_700_000_000,
+                f64::INFINITY,
+                1_700_000_000 * ns,
+                tol,
+                Some(Duration::seconds(60))
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn t_beyond_i64_verifies_with_one_signature_per_sdk() {
+        let s = WebhookSecret::new("whsec_a");
+        let v = Verifier::new(s.clone());
+        let sign = |text: &str| {
+            let mut mac = <HmacSha256 as KeyInit>::new_from_slice(s.key()).unwrap();
+            mac.update(text.as_bytes());
+            mac.update(b".{}");
+            let hex = hex_lower(mac.finalize().into_bytes().as_slice());
+            String::from_utf8(hex.to_vec()).unwrap()
+        };
+        let t = "9223372036854775808"; // 2^63
+        let py = sign(t);
+        let node = sign("9223372036854776000");
+        let both = format!("t={t},v1={py},v1={node}");
+        let verified = v.verify(b"{}", Some(&both), at(0)).unwrap();
+        assert_eq!(verified.timestamp(), i64::MAX);
+        for one in [&py, &node] {
+            let h = format!("t={t},v1={one}");
+            assert_eq!(
+                v.verify(b"{}", Some(&h), at(0)),
+                Err(VerifyError::SignatureMismatch)
+            );
+        }
+        // 10^20 is printed the same by both: one signature is enough.
+        let t = "100000000000000000000";
+        let h = format!("t={t},v1={}", sign(t));
+        assert!(v.verify(b"{}", Some(&h), at(0)).is_ok());
+    }
+
+    #[test]
+    fn unicode_whitespace_around_t() {
+        let s = WebhookSecret::new("whsec_a");
+        let v = Verifier::new(s.clone());
+        let good = test_header(&s, b"{}", at(1_700_000_000));
+        let sig = good.split("v1=").nth(1).unwrap();
+        for (t, ok) in [
+            ("\u{a0}1700000000", true),
+            ("1700000000\u{3000}", true),
+            ("\u{2003}1700000000\u{2028}", true),
+            ("\u{85}1700000000", false),   // stripe-node: NaN
+            ("\u{feff}1700000000", false), // stripe-python: not whitespace
+            ("1700000000\u{85}", true),
+        ] {
+            let h = format!("t={t},v1={sig}");
+            let r = v.verify(b"{}", Some(&h), at(1_700_000_000));
+            assert_eq!(r.is_ok(), ok, "{t:?}: {r:?}");
+        }
     }
 
     #[test]
@@ -941,7 +1414,7 @@ mod tests {
     #[test]
     fn body_cap_is_checked_first() {
         let s = WebhookSecret::new("whsec_a");
-        let v = Verifier::new(s.clone()).max_body_bytes(4);
+        let v = Verifier::new(s.clone()).with_body_limit(4);
         let h = test_header(&s, b"12345", at(0));
         assert_eq!(
             v.verify(b"12345", Some(&h), at(0)),

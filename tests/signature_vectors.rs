@@ -11,7 +11,7 @@ fn all_sdk_vectors_agree() {
         "/tests/data/vectors/signatures.json"
     );
     let verdicts = verify_vectors::run_file(path).expect("vector file loads");
-    assert_eq!(verdicts.len(), 44, "the vector file has 44 cases");
+    assert_eq!(verdicts.len(), 140, "the vector file has 140 cases");
     let failures: Vec<_> = verdicts.iter().filter(|v| !v.passed()).collect();
     assert!(failures.is_empty(), "disagreements: {failures:#?}");
 }
