@@ -18,7 +18,7 @@ pub(crate) fn backoff(retry: u32, base: Duration, cap: Duration) -> Duration {
     let factor = 1u32 << retry.saturating_sub(1).min(20);
     let full = base.saturating_mul(factor).min(cap);
     let half = full / 2;
-    let spread = u64::try_from((full - half).as_nanos()).unwrap_or(u64::MAX);
+    let spread = u64::try_from(full.saturating_sub(half).as_nanos()).unwrap_or(u64::MAX);
     let extra = if spread == 0 {
         0
     } else {
