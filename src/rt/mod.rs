@@ -5,6 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub(crate) mod join;
+pub(crate) mod semaphore;
+pub(crate) mod sleep;
+
 /// The delay before retry number `retry` (1 for the first retry) of an
 /// operation: exponential back-off with "equal jitter". The un-jittered delay
 /// is `base × 2^(retry − 1)`, capped at `cap` (and never below `base`); the
@@ -58,7 +62,10 @@ mod tests {
             let full = (base * (1u32 << (retry - 1).min(20))).min(cap);
             for _ in 0..200 {
                 let d = backoff(retry, base, cap);
-                assert!(d >= full / 2 && d <= full, "retry {retry}: {d:?} vs {full:?}");
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "retry {retry}: {d:?} vs {full:?}"
+                );
             }
         }
     }
