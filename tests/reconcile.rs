@@ -12,14 +12,15 @@ use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::client::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget, StripeClient,
+    SubscriptionListQuery,
 };
 use stripe_webhook_guard::clock::{BoxFuture, Clock, ManualClock};
 use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::reconcile::{
-    BudgetConfig, Change, ChangeKind, EVENTS_CURSOR, Notifier, ReconcileConfig, ReconcileError,
-    Reconciler, RequestBudget, SweepScope,
+    Change, ChangeKind, EVENTS_CURSOR, Notifier, ReconcileConfig, ReconcileError, Reconciler,
+    SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::sim::SimConfig;
