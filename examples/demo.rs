@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use stripe_webhook_guard::access::{Access, AccessPolicy};
+use stripe_webhook_guard::client::BudgetConfig;
 use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::clock::{Clock, ManualClock};
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
-use stripe_webhook_guard::reconcile::{BudgetConfig, ReconcileConfig, Reconciler, SweepScope};
+use stripe_webhook_guard::reconcile::{ReconcileConfig, Reconciler, SweepScope};
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret};
 use stripe_webhook_guard::sim::{DeliveryRecord, DeliveryResult, Rng, SimConfig, Simulator};
 use stripe_webhook_guard::store::MemoryStore;
@@ -161,7 +162,7 @@ impl Demo {
                 ..SimConfig::default()
             },
         );
-        let reconciler = Reconciler::new(processor, store.clone(), fake.clone())
+        let reconciler = Reconciler::new(processor, fake.clone())
             .with_budget(BudgetConfig::default())
             .config(ReconcileConfig {
                 lookback: Duration::days(30),

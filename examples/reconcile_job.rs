@@ -16,11 +16,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stripe_webhook_guard::client::http::HttpStripeClient;
+use stripe_webhook_guard::client::{BudgetConfig, RequestBudget};
 use stripe_webhook_guard::clock::SystemClock;
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::reconcile::{
-    BudgetConfig, Change, ChangeKind, Notifier, ReconcileConfig, Reconciler, RequestBudget,
-    SweepScope,
+    Change, ChangeKind, Notifier, ReconcileConfig, Reconciler, SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::store::MemoryStore;
@@ -59,9 +59,9 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     };
     let once = std::env::args().any(|a| a == "--once");
-    // The budget below retries; the HTTP client itself does not.
+    // The budget below retries; the HTTP client itself never does.
     let http = match HttpStripeClient::new(&key) {
-        Ok(c) => c.max_retries(0),
+        Ok(c) => c,
         Err(e) => {
             eprintln!("cannot build the Stripe client: {e}");
             return std::process::ExitCode::from(2);
@@ -79,7 +79,7 @@ async fn main() -> std::process::ExitCode {
         .store(store.clone())
         .client(budget.clone())
         .build();
-    let reconciler = Reconciler::new(processor, store, budget.clone())
+    let reconciler = Reconciler::new(processor, budget.clone())
         .with_shared_budget(budget)
         .notifier(Arc::new(EmailNotifier))
         .config(ReconcileConfig {

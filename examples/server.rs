@@ -61,17 +61,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use stripe_webhook_guard::access::AccessPolicy;
-use stripe_webhook_guard::client::StripeClient;
 use stripe_webhook_guard::client::http::{DEFAULT_BASE_URL, HttpStripeClient};
+use stripe_webhook_guard::client::{BudgetConfig, RequestBudget, StripeClient};
 use stripe_webhook_guard::clock::SystemClock;
 use stripe_webhook_guard::event::{Event, EventType};
 use stripe_webhook_guard::integrations::axum as stripe_axum;
 use stripe_webhook_guard::processor::{
     EventHandler, HandlerContext, HandlerError, Stats, WebhookProcessor,
 };
-use stripe_webhook_guard::reconcile::{
-    BudgetConfig, ReconcileError, Reconciler, RequestBudget, SweepScope,
-};
+use stripe_webhook_guard::reconcile::{ReconcileError, Reconciler, SweepScope};
 use stripe_webhook_guard::signature::{DEFAULT_MAX_BODY_BYTES, Verifier};
 use stripe_webhook_guard::store::{InboxStorage, MemoryStore};
 use tokio::net::TcpListener;
@@ -466,10 +464,9 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
     // under Stripe's rate limit.
     let budget = match &config.secret_key {
         Some(key) => {
-            // The budget retries (with pacing); the HTTP client does not.
+            // The budget retries (with pacing); the HTTP client never does.
             let http = HttpStripeClient::new(key)
                 .and_then(|c| c.base_url(&config.api_base))
-                .map(|c| c.max_retries(0))
                 .map_err(|e| StartError::new(format!("Stripe client: {e}")))?;
             let budget = Arc::new(RequestBudget::new(
                 Arc::new(http),
@@ -485,12 +482,8 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
 
     let reconcile = budget.map(|budget| {
         Arc::new(ReconcileJob {
-            reconciler: Reconciler::new(
-                processor.clone(),
-                processor.store().clone(),
-                budget.clone(),
-            )
-            .with_shared_budget(budget.clone()),
+            reconciler: Reconciler::new(processor.clone(), budget.clone())
+                .with_shared_budget(budget.clone()),
             budget,
             running: Arc::new(tokio::sync::Mutex::new(())),
         })

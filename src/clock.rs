@@ -42,63 +42,7 @@ impl Clock for SystemClock {
         }
         #[cfg(not(feature = "tokio"))]
         {
-            Box::pin(thread_sleep::ThreadSleep::new(std_duration))
-        }
-    }
-}
-
-#[cfg(not(feature = "tokio"))]
-mod thread_sleep {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex, PoisonError};
-    use std::task::{Context, Poll, Waker};
-
-    #[derive(Default)]
-    struct State {
-        done: bool,
-        waker: Option<Waker>,
-        started: bool,
-    }
-
-    /// A runtime-agnostic sleep: one short-lived thread per sleep. The
-    /// reconciler sleeps rarely (back-off, pacing), so this is cheap enough.
-    pub(super) struct ThreadSleep {
-        duration: std::time::Duration,
-        state: Arc<Mutex<State>>,
-    }
-
-    impl ThreadSleep {
-        pub(super) fn new(duration: std::time::Duration) -> Self {
-            Self {
-                duration,
-                state: Arc::default(),
-            }
-        }
-    }
-
-    impl Future for ThreadSleep {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if state.done || self.duration.is_zero() {
-                return Poll::Ready(());
-            }
-            state.waker = Some(cx.waker().clone());
-            if !state.started {
-                state.started = true;
-                let shared = Arc::clone(&self.state);
-                let duration = self.duration;
-                std::thread::spawn(move || {
-                    std::thread::sleep(duration);
-                    let mut state = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                    state.done = true;
-                    if let Some(w) = state.waker.take() {
-                        w.wake();
-                    }
-                });
-            }
-            Poll::Pending
+            Box::pin(crate::rt::sleep::ThreadSleep::new(std_duration))
         }
     }
 }

@@ -142,7 +142,7 @@
 //!     .store(store.clone())
 //!     .clock(Arc::new(clock.clone()))
 //!     .build();
-//! let reconciler = Reconciler::new(processor, store.clone(), stripe.clone())
+//! let reconciler = Reconciler::new(processor, stripe.clone())
 //!     .with_budget(BudgetConfig::default());
 //!
 //! // A customer subscribes while the webhook endpoint is down.

@@ -1,6 +1,8 @@
 //! `HttpStripeClient` against a small HTTP/1.1 server started inside each
 //! test: the bundled Stripe fixtures in both API shapes, the query strings
-//! and headers sent, error mapping, retries and redaction of the key.
+//! and headers sent, error mapping, redaction of the key, and retries, which
+//! happen in a `RequestBudget` around the client (the client itself sends
+//! one request per call).
 #![cfg(feature = "reqwest")]
 
 use std::fmt::Write as _;
@@ -10,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use stripe_webhook_guard::client::http::{DEFAULT_STRIPE_VERSION, HttpStripeClient};
 use stripe_webhook_guard::client::{
-    ClientError, ClientErrorKind, EventListQuery, StripeClient, SubscriptionListQuery,
+    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, RequestBudget, StripeClient,
+    SubscriptionListQuery,
 };
+use stripe_webhook_guard::clock::SystemClock;
 use stripe_webhook_guard::event::{ApiShape, Event, EventType, SubscriptionStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -174,8 +178,28 @@ impl Server {
             .unwrap()
             .base_url(&self.base)
             .unwrap()
-            .base_backoff(Duration::from_millis(2))
     }
+
+    /// [`Server::client`] in a budget that retries `max_retries` times with
+    /// a 2 ms base back-off, on the system clock.
+    fn budget(&self, max_retries: u32) -> RequestBudget {
+        budget(self.client(), max_retries)
+    }
+}
+
+/// `client` in a budget that retries `max_retries` times with a 2 ms base
+/// back-off and no noticeable pacing, on the system clock.
+fn budget(client: HttpStripeClient, max_retries: u32) -> RequestBudget {
+    RequestBudget::new(
+        Arc::new(client),
+        Arc::new(SystemClock),
+        BudgetConfig {
+            requests_per_second: 1000,
+            max_retries,
+            base_backoff: time::Duration::milliseconds(2),
+            ..BudgetConfig::default()
+        },
+    )
 }
 
 async fn serve(
@@ -516,10 +540,13 @@ async fn rate_limits_and_server_errors_are_retried() {
         _ => Reply::json(200, subscription(VERSIONS[1])),
     })
     .await;
-    let s = server.client().retrieve_subscription(SUB_ID).await.unwrap();
+    let budget = server.budget(BudgetConfig::default().max_retries);
+    let s = budget.retrieve_subscription(SUB_ID).await.unwrap();
     assert_eq!(s.id.as_deref(), Some(SUB_ID));
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
+    assert_eq!(budget.requests(), 3);
+    assert_eq!(budget.rate_limited(), 1);
     assert_headers(&requests, DEFAULT_STRIPE_VERSION);
 }
 
@@ -536,7 +563,7 @@ async fn retry_after_is_honoured() {
     .await;
     let started = Instant::now();
     server
-        .client()
+        .budget(BudgetConfig::default().max_retries)
         .list_events(&EventListQuery::default())
         .await
         .unwrap();
@@ -556,12 +583,7 @@ async fn rate_limit_error_after_retries_carries_retry_after() {
         .header("Retry-After", "0")
     })
     .await;
-    let err = server
-        .client()
-        .max_retries(1)
-        .retrieve_event("evt_1")
-        .await
-        .unwrap_err();
+    let err = server.budget(1).retrieve_event("evt_1").await.unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::RateLimited);
     assert_eq!(err.status(), Some(429));
     assert_eq!(err.retry_after(), Some(time::Duration::ZERO));
@@ -581,8 +603,7 @@ async fn server_errors_beyond_max_retries_fail_with_the_status() {
     })
     .await;
     let err = server
-        .client()
-        .max_retries(2)
+        .budget(2)
         .retrieve_subscription(SUB_ID)
         .await
         .unwrap_err();
@@ -599,15 +620,20 @@ async fn server_errors_beyond_max_retries_fail_with_the_status() {
     assert_headers(&server.requests(), DEFAULT_STRIPE_VERSION);
     assert_no_key(&err);
 
-    // The default is three retries.
+    // The budget's default is five retries.
     let server = Server::start(|_, _| Reply::json(503, "Service Unavailable")).await;
-    let err = server.client().retrieve_event("evt_1").await.unwrap_err();
+    let err = server
+        .budget(BudgetConfig::default().max_retries)
+        .retrieve_event("evt_1")
+        .await
+        .unwrap_err();
     assert_eq!(
         (err.kind(), err.status()),
         (ClientErrorKind::Api, Some(503))
     );
     assert!(!err.to_string().contains("Service Unavailable"));
-    assert_eq!(server.requests().len(), 4);
+    assert_eq!(BudgetConfig::default().max_retries, 5);
+    assert_eq!(server.requests().len(), 6);
 }
 
 #[tokio::test]
@@ -619,7 +645,7 @@ async fn stripe_should_retry_header_decides() {
     })
     .await;
     let err = server
-        .client()
+        .budget(BudgetConfig::default().max_retries)
         .retrieve_subscription(SUB_ID)
         .await
         .unwrap_err();
@@ -637,8 +663,14 @@ async fn stripe_should_retry_header_decides() {
             .header("Retry-After", "0")
     })
     .await;
-    let err = server.client().retrieve_event("evt_1").await.unwrap_err();
+    let err = server
+        .budget(BudgetConfig::default().max_retries)
+        .retrieve_event("evt_1")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::RateLimited);
+    assert_eq!(err.retry_after(), Some(time::Duration::ZERO));
+    assert!(!err.is_retryable());
     assert_eq!(server.requests().len(), 1);
 
     // true: even a 400 is retried.
@@ -651,7 +683,11 @@ async fn stripe_should_retry_header_decides() {
         _ => Reply::json(200, subscription(VERSIONS[0])),
     })
     .await;
-    server.client().retrieve_subscription(SUB_ID).await.unwrap();
+    server
+        .budget(BudgetConfig::default().max_retries)
+        .retrieve_subscription(SUB_ID)
+        .await
+        .unwrap();
     assert_eq!(server.requests().len(), 2);
 }
 
@@ -781,9 +817,7 @@ async fn closed_port_is_a_transport_error() {
     let client = HttpStripeClient::new(KEY)
         .unwrap()
         .base_url(&format!("http://{addr}"))
-        .unwrap()
-        .base_backoff(Duration::from_millis(1))
-        .max_retries(1);
+        .unwrap();
     let err = client.retrieve_subscription(SUB_ID).await.unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Transport);
     assert_eq!(err.status(), None);
@@ -798,10 +832,7 @@ async fn a_slow_answer_times_out_as_transport() {
     })
     .await;
     let started = Instant::now();
-    let err = server
-        .client()
-        .timeout(Duration::from_millis(100))
-        .max_retries(1)
+    let err = budget(server.client().timeout(Duration::from_millis(100)), 1)
         .retrieve_subscription(SUB_ID)
         .await
         .unwrap_err();
@@ -810,6 +841,96 @@ async fn a_slow_answer_times_out_as_transport() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(server.requests().len(), 2, "a timeout is retried");
     assert_no_key(&err);
+}
+
+/// The client alone never retries: one request per call, whatever the
+/// answer, and the error says what the server asked for.
+#[tokio::test]
+async fn the_client_alone_sends_one_request_per_call() {
+    let server = Server::start(|_, i| match i {
+        0 => Reply::json(500, stripe_error("api_error", "x", "oops")),
+        1 => Reply::json(
+            429,
+            stripe_error("rate_limit_error", "rate_limit", "Slow down"),
+        )
+        .header("Retry-After", "7"),
+        2 => Reply::json(
+            400,
+            stripe_error("invalid_request_error", "lock_timeout", "x"),
+        )
+        .header("Stripe-Should-Retry", "true"),
+        _ => Reply::json(503, "x").header("Stripe-Should-Retry", "false"),
+    })
+    .await;
+    let client = server.client();
+
+    let err = client.retrieve_subscription(SUB_ID).await.unwrap_err();
+    assert_eq!(err.status(), Some(500));
+    assert!(err.is_retryable());
+    assert_eq!(err.retry_after(), None);
+    assert_eq!(server.requests().len(), 1);
+
+    let err = client.retrieve_event("evt_1").await.unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::RateLimited);
+    assert_eq!(err.retry_after(), Some(time::Duration::seconds(7)));
+    assert!(err.is_retryable());
+    assert_eq!(server.requests().len(), 2);
+
+    let err = client
+        .list_events(&EventListQuery::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400));
+    assert!(
+        err.is_retryable(),
+        "Stripe-Should-Retry: true overrides 400"
+    );
+    assert_eq!(server.requests().len(), 3);
+
+    let err = client
+        .list_subscriptions(&SubscriptionListQuery::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(503));
+    assert!(
+        !err.is_retryable(),
+        "Stripe-Should-Retry: false overrides 503"
+    );
+    assert_eq!(server.requests().len(), 4);
+
+    // A timeout is not retried by the client either.
+    let slow = Server::start(|_, _| {
+        Reply::json(200, subscription(VERSIONS[0])).delayed(Duration::from_secs(5))
+    })
+    .await;
+    let err = slow
+        .client()
+        .timeout(Duration::from_millis(100))
+        .retrieve_subscription(SUB_ID)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::Transport);
+    assert!(err.is_retryable());
+    assert_eq!(slow.requests().len(), 1);
+}
+
+/// One call through a budget around the HTTP client sends at most
+/// `max_retries + 1` requests: only the budget retries.
+#[tokio::test]
+async fn one_call_through_budget_and_client_sends_at_most_max_retries_plus_one() {
+    for max_retries in [0, 1, 3, BudgetConfig::default().max_retries] {
+        let server = Server::start(|_, _| Reply::json(503, "unavailable")).await;
+        let budget = server.budget(max_retries);
+        let err = budget.retrieve_event("evt_1").await.unwrap_err();
+        assert_eq!(err.status(), Some(503));
+        let expected = usize::try_from(max_retries).unwrap() + 1;
+        assert_eq!(
+            server.requests().len(),
+            expected,
+            "max_retries {max_retries}"
+        );
+        assert_eq!(budget.requests(), u64::from(max_retries) + 1);
+    }
 }
 
 #[tokio::test]

@@ -12,19 +12,20 @@ use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::client::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget, StripeClient,
+    SubscriptionListQuery,
 };
 use stripe_webhook_guard::clock::{BoxFuture, Clock, ManualClock};
 use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::reconcile::{
-    BudgetConfig, Change, ChangeKind, EVENTS_CURSOR, Notifier, ReconcileConfig, ReconcileError,
-    Reconciler, RequestBudget, SweepScope,
+    Change, ChangeKind, EVENTS_CURSOR, Notifier, ReconcileConfig, ReconcileError, Reconciler,
+    SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::sim::SimConfig;
 use stripe_webhook_guard::store::{
-    CursorStore, MemoryStore, StoreError, StoreErrorKind, SubscriptionQuery, SubscriptionStore,
+    CursorStore, MemoryStore, StoreError, SubscriptionQuery, SubscriptionStore,
 };
 use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord, from_stripe};
 use time::{Duration, OffsetDateTime};
@@ -40,7 +41,7 @@ impl Notifier for Collect {
 }
 
 fn reconciler(w: &World, notifier: Option<Arc<Collect>>) -> Reconciler {
-    let mut r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), w.fake.clone())
+    let mut r = Reconciler::new(w.sim.processor().clone(), w.fake.clone())
         .with_budget(BudgetConfig::default())
         .config(ReconcileConfig {
             lookback: Duration::days(30),
@@ -234,11 +235,10 @@ async fn catch_up_racing_live_webhooks() {
     }
     fake.advance(Duration::days(40));
     sim.collect();
-    let r =
-        Reconciler::new(processor.clone(), store.clone(), fake.clone()).config(ReconcileConfig {
-            lookback: Duration::days(30),
-            ..ReconcileConfig::default()
-        });
+    let r = Reconciler::new(processor.clone(), fake.clone()).config(ReconcileConfig {
+        lookback: Duration::days(30),
+        ..ReconcileConfig::default()
+    });
     let ((), report) = tokio::join!(sim.flush(), r.catch_up());
     let report = report.unwrap();
     sim.flush().await;
@@ -284,7 +284,7 @@ async fn rate_limits_are_absorbed_within_the_budget() {
         max_in_flight: 2,
         ..BudgetConfig::default()
     };
-    let r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), w.fake.clone())
+    let r = Reconciler::new(w.sim.processor().clone(), w.fake.clone())
         .with_budget(budget)
         .config(ReconcileConfig {
             lookback: Duration::days(30),
@@ -454,7 +454,7 @@ async fn dead_letters_are_replayed_after_a_fix() {
     // The bug is fixed.
     handler.always_fail.lock().unwrap().clear();
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
-    let r = Reconciler::new(p.clone(), store.clone(), fake);
+    let r = Reconciler::new(p.clone(), fake);
     let replayed = r.replay_dead_letters().await.unwrap();
     assert_eq!(replayed.len(), 1);
     assert!(replayed[0].1.is_ok(), "{:?}", replayed[0].1);
@@ -710,8 +710,7 @@ async fn a_sweep_failing_part_way_notifies_what_it_saved() {
     let mut probe = Probe::new(w.fake.clone());
     probe.fail_at = Some(("retrieve", n - 1));
     let notes = Arc::new(Collect::default());
-    let r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), Arc::new(probe))
-        .notifier(notes.clone());
+    let r = Reconciler::new(w.sim.processor().clone(), Arc::new(probe)).notifier(notes.clone());
     let result = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await;
     assert!(
         matches!(result, Err(ReconcileError::Client(_))),
@@ -721,20 +720,6 @@ async fn a_sweep_failing_part_way_notifies_what_it_saved() {
     assert_saved_changes_notified(&before, &access_snapshot(&w), &notes);
 }
 
-/// A cursor store that cannot save.
-struct NoCursorSaves(Arc<MemoryStore>);
-
-#[async_trait]
-impl CursorStore for NoCursorSaves {
-    async fn load_cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.0.load_cursor(name).await
-    }
-
-    async fn save_cursor(&self, _: &str, _: &str) -> Result<(), StoreError> {
-        Err(StoreError::new(StoreErrorKind::Unavailable, "injected"))
-    }
-}
-
 /// Catch-up processed events (and saved their effects) but failed to save
 /// its cursor: the changes are still notified before the error.
 #[tokio::test]
@@ -742,16 +727,23 @@ async fn a_catch_up_failing_at_the_end_notifies_what_it_saved() {
     let w = outage_world(Duration::days(4), 52).await;
     let before = access_snapshot(&w);
     let notes = Arc::new(Collect::default());
-    let r = Reconciler::new(
-        w.sim.processor().clone(),
-        Arc::new(NoCursorSaves(w.store.clone())),
-        w.fake.clone(),
-    )
-    .config(ReconcileConfig {
-        lookback: Duration::days(30),
-        ..ReconcileConfig::default()
-    })
-    .notifier(notes.clone());
+    // The same store, except that cursor saves fail.
+    let failing = Arc::new(common::split::Split {
+        ledger: w.store.clone(),
+        records: w.store.clone(),
+        fail_cursor_saves: true,
+    });
+    let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(failing)
+        .clock(Arc::new(w.clock.clone()))
+        .client(w.fake.clone())
+        .build();
+    let r = Reconciler::new(processor, w.fake.clone())
+        .config(ReconcileConfig {
+            lookback: Duration::days(30),
+            ..ReconcileConfig::default()
+        })
+        .notifier(notes.clone());
     let result = r.catch_up().await;
     assert!(
         matches!(result, Err(ReconcileError::Store(_))),
@@ -780,7 +772,7 @@ async fn records_unknown_locally_are_discovered_not_restored() {
             .clock(Arc::new(clock.clone()))
             .build();
         let notes = Arc::new(Collect::default());
-        let r = Reconciler::new(p, store.clone(), fake.clone())
+        let r = Reconciler::new(p, fake.clone())
             .config(ReconcileConfig {
                 lookback: Duration::days(30),
                 ..ReconcileConfig::default()
@@ -812,12 +804,10 @@ async fn sweeps_stamp_each_object_with_its_fetch_time() {
         let mut probe = Probe::new(w.fake.clone());
         probe.advance = Some((w.clock.clone(), step));
         let probe = Arc::new(probe);
-        let r = Reconciler::new(w.sim.processor().clone(), w.store.clone(), probe.clone()).config(
-            ReconcileConfig {
-                reverify_after: Duration::ZERO,
-                ..ReconcileConfig::default()
-            },
-        );
+        let r = Reconciler::new(w.sim.processor().clone(), probe.clone()).config(ReconcileConfig {
+            reverify_after: Duration::ZERO,
+            ..ReconcileConfig::default()
+        });
         let start = w.clock.now();
         r.sweep(scope).await.unwrap();
         let stamps: BTreeSet<OffsetDateTime> = w
@@ -906,7 +896,7 @@ async fn only_retryable_catch_up_failures_hold_the_cursor() {
         event("evt_retry", updated, t0 + 100, "sub_r"),
         event("evt_conflict", updated, t0, "sub_a"),
     ];
-    let r = Reconciler::new(p.clone(), store.clone(), Arc::new(Events(listed.clone())));
+    let r = Reconciler::new(p.clone(), Arc::new(Events(listed.clone())));
     let report = r.catch_up().await.unwrap();
     assert_eq!(report.events_processed, 1);
     assert_eq!(report.events_failed, 2);
@@ -951,7 +941,7 @@ async fn connect_records_are_left_alone() {
         .clock(Arc::new(clock.clone()))
         .build();
     let probe = Arc::new(Probe::new(fake.clone()));
-    let r = Reconciler::new(p, store.clone(), probe.clone());
+    let r = Reconciler::new(p, probe.clone());
     let all = r.sweep(SweepScope::All).await.unwrap();
     let stale = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await.unwrap();
     let refresh = r.refresh_customer("cus_sub_connect").await.unwrap();
@@ -1034,7 +1024,7 @@ async fn paged_reconciler(
         .build();
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
     let probe = Arc::new(Probe::new(fake));
-    let r = Reconciler::new(p, store, probe.clone());
+    let r = Reconciler::new(p, probe.clone());
     (r, paged, probe)
 }
 
@@ -1156,7 +1146,7 @@ async fn records_created_during_the_listing_are_not_flagged() {
         processor: processor.clone(),
         clock: clock.clone(),
     });
-    let report = Reconciler::new(processor, store.clone(), client)
+    let report = Reconciler::new(processor, client)
         .sweep(SweepScope::All)
         .await
         .unwrap();

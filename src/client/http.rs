@@ -20,12 +20,16 @@
 //! Stripe's error `type`, `code` and (shortened, sanitised) `message` and the
 //! `Request-Id`, never the response body itself.
 //!
-//! A request is retried up to [`HttpStripeClient::max_retries`] times while
-//! [`ClientError::is_retryable`] holds (rate limits, transport failures, 409,
-//! 5xx, or whatever Stripe's `Stripe-Should-Retry` header says), with
-//! exponential back-off and jitter. A `Retry-After` header (seconds) is
-//! honoured, up to [`MAX_RETRY_AFTER`]. All four calls are `GET`s, so
-//! retrying them is always safe.
+//! **This client does not retry**: every call sends exactly one request (none
+//! when an id is refused, see below) and returns what the server said. A
+//! non-2xx answer's [`ClientError`] carries the server's `Retry-After`
+//! (seconds, [`ClientError::retry_after`]) and `Stripe-Should-Retry`
+//! (`true`/`false`, which overrides the status-based
+//! [`ClientError::is_retryable`] both ways). Wrap the client in a
+//! [`RequestBudget`](super::RequestBudget) to get retries: the budget is the
+//! crate's one retrying layer, honours both headers, and also paces requests
+//! and bounds how many are in flight. All four calls are `GET`s, so retrying
+//! them is always safe.
 //!
 //! # Ids
 //!
@@ -36,8 +40,7 @@
 //! parameters are form-encoded.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::Url;
@@ -58,22 +61,8 @@ pub const DEFAULT_STRIPE_VERSION: &str = "2025-03-31.basil";
 /// The default API base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.stripe.com";
 
-/// The default total time allowed for one attempt (connect, send, read).
+/// The default total time allowed for one request (connect, send, read).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The default number of retries after the first attempt.
-pub const DEFAULT_MAX_RETRIES: u32 = 3;
-
-/// The default back-off before the first retry; it doubles per retry.
-pub const DEFAULT_BASE_BACKOFF: Duration = Duration::from_millis(500);
-
-/// The back-off never grows past this (or past the base back-off, if that is
-/// larger).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
-
-/// A server's `Retry-After` is honoured up to this long; longer requests are
-/// capped to it.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The largest single event accepted from the API (4 MiB).
 pub const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
@@ -104,16 +93,28 @@ const REDACTED: &str = "[redacted]";
 /// builder methods; every request then carries the secret key and the
 /// pinned `Stripe-Version`.
 ///
+/// **It does not retry**: each call makes exactly one request, and a failed
+/// one returns a [`ClientError`] with the server's `Retry-After` and
+/// `Stripe-Should-Retry`. Wrapping it in a
+/// [`RequestBudget`](super::RequestBudget) gives retries (with back-off that
+/// honours both headers), pacing and a bound on requests in flight.
+///
 /// ```no_run
+/// use std::sync::Arc;
 /// use std::time::Duration;
-/// use stripe_webhook_guard::client::StripeClient;
+/// use stripe_webhook_guard::client::{BudgetConfig, RequestBudget, StripeClient};
 /// use stripe_webhook_guard::client::http::HttpStripeClient;
+/// use stripe_webhook_guard::clock::SystemClock;
 ///
 /// # async fn demo() -> Result<(), stripe_webhook_guard::client::ClientError> {
-/// let client = HttpStripeClient::new("sk_test_…")?
-///     .timeout(Duration::from_secs(10))
-///     .max_retries(2);
-/// let subscription = client.retrieve_subscription("sub_123").await?;
+/// let client = HttpStripeClient::new("sk_test_…")?.timeout(Duration::from_secs(10));
+/// // The budget retries (at most 5 times by default); the client never does.
+/// let budgeted = RequestBudget::new(
+///     Arc::new(client.clone()),
+///     Arc::new(SystemClock),
+///     BudgetConfig { max_retries: 2, ..BudgetConfig::default() },
+/// );
+/// let subscription = budgeted.retrieve_subscription("sub_123").await?;
 /// println!("{:?} until {:?}", subscription.status, subscription.current_period_end);
 ///
 /// // The key never shows up in debug output.
@@ -129,8 +130,6 @@ pub struct HttpStripeClient {
     base_url: Url,
     stripe_version: HeaderValue,
     timeout: Duration,
-    max_retries: u32,
-    base_backoff: Duration,
 }
 
 impl fmt::Debug for HttpStripeClient {
@@ -140,17 +139,14 @@ impl fmt::Debug for HttpStripeClient {
             .field("base_url", &self.base_url.as_str())
             .field("stripe_version", &self.stripe_version)
             .field("timeout", &self.timeout)
-            .field("max_retries", &self.max_retries)
-            .field("base_backoff", &self.base_backoff)
             .finish_non_exhaustive()
     }
 }
 
 impl HttpStripeClient {
     /// A client for `https://api.stripe.com` with `secret_key` (`sk_…` or a
-    /// restricted `rk_…` key), [`DEFAULT_STRIPE_VERSION`],
-    /// [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_RETRIES`] and
-    /// [`DEFAULT_BASE_BACKOFF`]. Its own reqwest client follows no
+    /// restricted `rk_…` key), [`DEFAULT_STRIPE_VERSION`] and
+    /// [`DEFAULT_TIMEOUT`]. Its own reqwest client follows no
     /// redirects, so the key is only ever sent to the base URL. Surrounding
     /// whitespace (a trailing newline from a secrets file) is ignored.
     ///
@@ -193,8 +189,6 @@ impl HttpStripeClient {
             base_url,
             stripe_version: HeaderValue::from_static(DEFAULT_STRIPE_VERSION),
             timeout: DEFAULT_TIMEOUT,
-            max_retries: DEFAULT_MAX_RETRIES,
-            base_backoff: DEFAULT_BASE_BACKOFF,
         })
     }
 
@@ -254,30 +248,14 @@ impl HttpStripeClient {
         Ok(self)
     }
 
-    /// The total time allowed for one attempt: connecting, sending and
-    /// reading the whole answer (default [`DEFAULT_TIMEOUT`]). Retries get
-    /// the same allowance each.
+    /// The total time allowed for one request: connecting, sending and
+    /// reading the whole answer (default [`DEFAULT_TIMEOUT`]). A timeout is
+    /// a retryable [`ClientErrorKind::Transport`] error; a
+    /// [`RequestBudget`](super::RequestBudget) around the client retries it
+    /// with the same allowance.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
-        self
-    }
-
-    /// How many times a retryable failure is retried (default
-    /// [`DEFAULT_MAX_RETRIES`]); 0 disables retries.
-    #[must_use]
-    pub fn max_retries(mut self, max_retries: u32) -> Self {
-        self.max_retries = max_retries;
-        self
-    }
-
-    /// The back-off before the first retry (default
-    /// [`DEFAULT_BASE_BACKOFF`]). Retry `n` waits between half and all of
-    /// `base × 2ⁿ`, capped at [`MAX_BACKOFF`] (or at `base`, if larger), or
-    /// longer when the server sent `Retry-After`.
-    #[must_use]
-    pub fn base_backoff(mut self, base_backoff: Duration) -> Self {
-        self.base_backoff = base_backoff;
         self
     }
 
@@ -327,25 +305,10 @@ impl HttpStripeClient {
         headers
     }
 
-    /// `GET url`, retried; the 2xx body (at most `limit` bytes).
+    /// `GET url`, one request (never retried); the 2xx body (at most
+    /// `limit` bytes), or the error with what the server said about
+    /// retrying.
     async fn get(&self, url: &Url, limit: usize) -> Result<Vec<u8>, ClientError> {
-        let mut retry = 0;
-        loop {
-            let err = match self.get_once(url, limit).await {
-                Ok(body) => return Ok(body),
-                Err(err) => err,
-            };
-            if retry >= self.max_retries || !err.is_retryable() {
-                return Err(err);
-            }
-            let delay = self.retry_delay(retry, err.retry_after());
-            trace_retry(&err, retry + 1, delay);
-            tokio::time::sleep(delay).await;
-            retry += 1;
-        }
-    }
-
-    async fn get_once(&self, url: &Url, limit: usize) -> Result<Vec<u8>, ClientError> {
         let response = self
             .http
             .get(url.clone())
@@ -415,26 +378,6 @@ impl HttpStripeClient {
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-    }
-
-    /// How long to wait before retry number `retry + 1`.
-    fn retry_delay(&self, retry: u32, retry_after: Option<time::Duration>) -> Duration {
-        let backoff = self.backoff(retry);
-        match retry_after.and_then(|ra| Duration::try_from(ra).ok()) {
-            Some(ra) => ra.min(MAX_RETRY_AFTER).max(backoff),
-            None => backoff,
-        }
-    }
-
-    /// "Equal jitter": between half and all of `base × 2^retry`, capped.
-    fn backoff(&self, retry: u32) -> Duration {
-        let cap = MAX_BACKOFF.max(self.base_backoff);
-        let factor = 1_u32.checked_shl(retry.min(30)).unwrap_or(u32::MAX);
-        let full = self.base_backoff.saturating_mul(factor).min(cap);
-        let half = full / 2;
-        let spread = u64::try_from(full.saturating_sub(half).as_nanos()).unwrap_or(u64::MAX);
-        let extra = jitter() % spread.saturating_add(1);
-        half.saturating_add(Duration::from_nanos(extra))
     }
 
     async fn get_subscription_list(
@@ -737,38 +680,6 @@ fn page_size(limit: u32) -> u32 {
     }
 }
 
-/// A cheap pseudo-random number for jitter: a process-wide counter mixed
-/// with the clock's nanoseconds through `SplitMix64`. Not for cryptography.
-fn jitter() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
-        d.as_secs() ^ u64::from(d.subsec_nanos()).rotate_left(32)
-    });
-    splitmix64(now ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-}
-
-fn splitmix64(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-#[cfg(feature = "tracing")]
-fn trace_retry(err: &ClientError, retry: u32, delay: Duration) {
-    tracing::debug!(
-        kind = %err.kind(),
-        status = err.status(),
-        retry,
-        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-        "retrying Stripe API request"
-    );
-}
-
-#[cfg(not(feature = "tracing"))]
-fn trace_retry(_err: &ClientError, _retry: u32, _delay: Duration) {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,27 +691,6 @@ mod tests {
             assert!(!is_valid_id(bad), "{bad:?}");
         }
         assert!(!is_valid_id(&"a".repeat(MAX_ID_LEN + 1)));
-    }
-
-    #[test]
-    fn backoff_stays_within_bounds() {
-        let client = HttpStripeClient::new("sk_test_x")
-            .unwrap()
-            .base_backoff(Duration::from_millis(100));
-        for retry in 0..40 {
-            let full = Duration::from_millis(100)
-                .saturating_mul(1_u32.checked_shl(retry.min(30)).unwrap_or(u32::MAX))
-                .min(MAX_BACKOFF);
-            for _ in 0..20 {
-                let d = client.backoff(retry);
-                assert!(d >= full / 2 && d <= full, "{retry}: {d:?}");
-            }
-        }
-        assert_eq!(
-            client.retry_delay(0, Some(time::Duration::hours(2))),
-            MAX_RETRY_AFTER
-        );
-        assert!(client.retry_delay(0, Some(time::Duration::ZERO)) >= Duration::from_millis(50));
     }
 
     #[test]

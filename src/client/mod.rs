@@ -3,7 +3,13 @@
 //! [`StripeClient`] is implemented by `HttpStripeClient` (feature `reqwest`)
 //! and by `FakeStripe` (feature `test-util`); an application may implement it
 //! over its own HTTP stack. Errors are opaque [`ClientError`]s with a
-//! [`kind`](ClientError::kind).
+//! [`kind`](ClientError::kind), and carry what the server said about
+//! retrying (`Retry-After`, `Stripe-Should-Retry`).
+//!
+//! Exactly one layer retries: [`RequestBudget`], a [`StripeClient`] wrapper
+//! that also paces requests and bounds how many are in flight. The clients
+//! themselves make one request per call, so wrap them in a budget to get
+//! retries.
 
 use std::fmt;
 
@@ -12,11 +18,14 @@ use time::Duration;
 
 use crate::event::{Event, SubscriptionView};
 
+mod budget;
 #[cfg(feature = "test-util")]
 pub mod fake;
 
 #[cfg(feature = "reqwest")]
 pub mod http;
+
+pub use budget::{BudgetConfig, RequestBudget};
 
 /// What kind of API failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,13 +129,27 @@ impl ClientError {
         self.status
     }
 
-    /// How long the server asked to wait.
+    /// How long the server asked to wait before another attempt (its
+    /// `Retry-After` header, in seconds), when it said so. [`RequestBudget`]
+    /// waits at least this long (up to [`RequestBudget::MAX_RETRY_AFTER`])
+    /// before retrying.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
 
     /// Whether another attempt may succeed: Stripe's `Stripe-Should-Retry`
-    /// when it sent one, else rate limits, transport failures, 409 and 5xx.
+    /// when it sent one (`false` is never retried, `true` always may be),
+    /// else rate limits, transport failures, 409 and 5xx.
+    ///
+    /// ```
+    /// use stripe_webhook_guard::client::{ClientError, ClientErrorKind};
+    /// let unavailable = ClientError::new(ClientErrorKind::Api, "x").with_status(503);
+    /// assert!(unavailable.is_retryable());
+    /// assert!(!unavailable.with_should_retry(false).is_retryable());
+    /// let lock_timeout = ClientError::new(ClientErrorKind::Api, "x").with_status(400);
+    /// assert!(!lock_timeout.is_retryable());
+    /// assert!(lock_timeout.with_should_retry(true).is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         if let Some(s) = self.should_retry {
             return s;

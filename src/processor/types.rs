@@ -335,7 +335,7 @@ impl Error {
     /// A short `snake_case` name for logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Self::Verify(e) => e.kind_str(),
+            Self::Verify(e) => e.as_str(),
             Self::Parse(_) => "parse_error",
             Self::InFlight { .. } => "in_flight",
             Self::PayloadConflict { .. } => "payload_conflict",

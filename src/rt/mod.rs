@@ -7,6 +7,10 @@ pub(crate) mod catch_unwind;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub(crate) mod join;
+pub(crate) mod semaphore;
+pub(crate) mod sleep;
+
 /// The delay before retry number `retry` (1 for the first retry) of an
 /// operation: exponential back-off with "equal jitter". The un-jittered delay
 /// is `base × 2^(retry − 1)`, capped at `cap` (and never below `base`); the
@@ -20,7 +24,7 @@ pub(crate) fn backoff(retry: u32, base: Duration, cap: Duration) -> Duration {
     let factor = 1u32 << retry.saturating_sub(1).min(20);
     let full = base.saturating_mul(factor).min(cap);
     let half = full / 2;
-    let spread = u64::try_from((full - half).as_nanos()).unwrap_or(u64::MAX);
+    let spread = u64::try_from(full.saturating_sub(half).as_nanos()).unwrap_or(u64::MAX);
     let extra = if spread == 0 {
         0
     } else {

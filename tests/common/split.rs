@@ -19,11 +19,17 @@ use time::OffsetDateTime;
 pub struct Split {
     pub ledger: Arc<MemoryStore>,
     pub records: Arc<dyn SubscriptionStore>,
+    /// Refuse every cursor save (an injected store failure).
+    pub fail_cursor_saves: bool,
 }
 
 impl Split {
     pub fn new(ledger: Arc<MemoryStore>, records: Arc<dyn SubscriptionStore>) -> Arc<Self> {
-        Arc::new(Self { ledger, records })
+        Arc::new(Self {
+            ledger,
+            records,
+            fail_cursor_saves: false,
+        })
     }
 }
 
@@ -95,6 +101,12 @@ impl CursorStore for Split {
         self.ledger.load_cursor(name).await
     }
     async fn save_cursor(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        if self.fail_cursor_saves {
+            return Err(StoreError::new(
+                stripe_webhook_guard::store::StoreErrorKind::Unavailable,
+                "injected",
+            ));
+        }
         self.ledger.save_cursor(name, value).await
     }
 }
