@@ -12,9 +12,6 @@ use time::Duration;
 
 use crate::event::{Event, SubscriptionView};
 
-#[cfg(feature = "test-util")]
-pub mod fake;
-
 #[cfg(feature = "reqwest")]
 pub mod http;
 
