@@ -2,7 +2,18 @@
 //! `rand` dependency): the same seed always gives the same sequence, so a
 //! failing run can be replayed from its seed.
 
-/// A small deterministic generator (SplitMix64).
+/// A small deterministic generator (SplitMix64): the same seed gives the
+/// same sequence on every platform.
+///
+/// ```
+/// use stripe_webhook_guard::testing::Rng;
+///
+/// let (mut a, mut b) = (Rng::new(42), Rng::new(42));
+/// assert_eq!(a.below(100), b.below(100));
+/// let mut deck: Vec<u32> = (0..10).collect();
+/// a.shuffle(&mut deck);
+/// assert_eq!(deck.len(), 10);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 

@@ -97,7 +97,10 @@ struct Delivery {
     attempt: u32,
 }
 
-/// Delivers a [`FakeStripe`]'s events to a [`WebhookProcessor`].
+/// Delivers a [`FakeStripe`]'s events to a [`WebhookProcessor`], signed with
+/// a fresh timestamp per attempt, duplicated, reordered, dropped and retried
+/// as [`SimConfig`] says, on the fake's virtual clock. The
+/// [`testing`](crate::testing) module docs show a whole run.
 pub struct Simulator {
     processor: WebhookProcessor,
     fake: Arc<FakeStripe>,
