@@ -24,14 +24,16 @@ use std::time::Instant;
 
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::BudgetConfig;
-use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::clock::{Clock, ManualClock};
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::reconcile::{ReconcileConfig, Reconciler, SweepScope};
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret};
-use stripe_webhook_guard::sim::{DeliveryRecord, DeliveryResult, Rng, SimConfig, Simulator};
 use stripe_webhook_guard::store::MemoryStore;
 use stripe_webhook_guard::subscription::SubscriptionState;
+use stripe_webhook_guard::testing::{
+    Card, DeliveryRecord, DeliveryResult, FakeConfig, FakeStripe, Rng, ShapeMix, SimConfig,
+    Simulator, Subscribe,
+};
 use time::{Duration, OffsetDateTime};
 
 const START: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z

@@ -126,7 +126,7 @@
 //! # #[cfg(feature = "test-util")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use std::sync::Arc;
-//! use stripe_webhook_guard::client::fake::{FakeConfig, FakeStripe, Subscribe};
+//! use stripe_webhook_guard::testing::{FakeConfig, FakeStripe, Subscribe};
 //! use stripe_webhook_guard::clock::ManualClock;
 //! use stripe_webhook_guard::processor::WebhookProcessor;
 //! use stripe_webhook_guard::reconcile::{BudgetConfig, Reconciler, SweepScope};
@@ -183,7 +183,7 @@
 //! | `sqlite` | `store::SqliteStore` (sqlx, embedded migrations) |
 //! | `reqwest` | `client::http::HttpStripeClient` |
 //! | `axum` | `integrations::axum`: the webhook route |
-//! | `test-util` | `client::fake::FakeStripe`, `sim::Simulator`, `store::conformance` |
+//! | `test-util` | `testing::FakeStripe`, `testing::Simulator`, `testing::Rng`, `store::conformance` |
 //! | `tracing` | one log line per event with its id and type (never bodies) |
 //! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise); enabled by `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` |
 #![forbid(unsafe_code)]
@@ -201,10 +201,10 @@ pub mod processor;
 pub mod reconcile;
 mod rt;
 pub mod signature;
-#[cfg(feature = "test-util")]
-pub mod sim;
 pub mod store;
 pub mod subscription;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 // Compile every code block of the README as a doc test (they use every
 // feature).

@@ -6,16 +6,15 @@ mod common;
 
 use std::sync::Arc;
 
-use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::clock::{Clock, ManualClock};
 use stripe_webhook_guard::inbox::InboxConfig;
 use stripe_webhook_guard::ledger::{EventKey, LedgerState};
 use stripe_webhook_guard::processor::Outcome;
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::{Verifier, test_header};
-use stripe_webhook_guard::sim::Rng;
 use stripe_webhook_guard::store::{EventLedger, MemoryStore, SubscriptionStore};
 use stripe_webhook_guard::subscription::SubscriptionState;
+use stripe_webhook_guard::testing::{Card, FakeConfig, FakeStripe, Rng, ShapeMix, Subscribe};
 use time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,16 +25,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
-use stripe_webhook_guard::client::fake::{
-    Card, FakeConfig, FakeEvent, FakeStripe, ShapeMix, Subscribe,
-};
 use stripe_webhook_guard::clock::ManualClock;
 use stripe_webhook_guard::inbox::{Inbox, InboxConfig, RoundStats};
 use stripe_webhook_guard::ledger::{LedgerQuery, LedgerState};
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::{Verifier, test_header};
-use stripe_webhook_guard::sim::Rng;
 use stripe_webhook_guard::subscription::SubscriptionState;
+use stripe_webhook_guard::testing::{
+    Card, FakeConfig, FakeEvent, FakeStripe, Rng, ShapeMix, Subscribe,
+};
 use time::{Duration, OffsetDateTime};
 
 const WORKERS: usize = 4;

@@ -4,9 +4,10 @@
 mod common;
 
 use common::world::World;
-use stripe_webhook_guard::client::fake::{AfterRetries, Card, FakeConfig, ShapeMix, Subscribe};
 use stripe_webhook_guard::event::SubscriptionStatus as S;
-use stripe_webhook_guard::sim::SimConfig;
+use stripe_webhook_guard::testing::{
+    AfterRetries, Card, FakeConfig, ShapeMix, SimConfig, Subscribe,
+};
 use time::Duration;
 
 fn config(seed: u64) -> FakeConfig {
@@ -114,7 +115,7 @@ async fn a_refetch_settles_an_impossible_transition() {
     use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
     use stripe_webhook_guard::subscription::AnomalyKind;
     let clock = ManualClock::at_unix(common::world::START);
-    let fake = Arc::new(stripe_webhook_guard::client::fake::FakeStripe::new(
+    let fake = Arc::new(stripe_webhook_guard::testing::FakeStripe::new(
         clock.clone(),
         config(5),
     ));

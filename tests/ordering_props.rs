@@ -11,16 +11,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use proptest::prelude::*;
-use stripe_webhook_guard::client::fake::{
-    Card, FakeConfig, FakeEvent, FakeStripe, ShapeMix, Subscribe,
-};
 use stripe_webhook_guard::clock::{Clock, ManualClock};
 use stripe_webhook_guard::event::Event;
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::{Verifier, test_header};
-use stripe_webhook_guard::sim::Rng;
 use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
 use stripe_webhook_guard::subscription::{SubscriptionState, tie_rank};
+use stripe_webhook_guard::testing::{
+    Card, FakeConfig, FakeEvent, FakeStripe, Rng, ShapeMix, Subscribe,
+};
 use time::Duration;
 
 const START: i64 = 1_767_225_600;

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
-use stripe_webhook_guard::client::fake::{Card, FakeConfig, FakeStripe, ShapeMix, Subscribe};
 use stripe_webhook_guard::client::{
     BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget, StripeClient,
     SubscriptionListQuery,
@@ -23,11 +22,11 @@ use stripe_webhook_guard::reconcile::{
     SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::sim::SimConfig;
 use stripe_webhook_guard::store::{
     CursorStore, MemoryStore, StoreError, SubscriptionQuery, SubscriptionStore,
 };
 use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord, from_stripe};
+use stripe_webhook_guard::testing::{Card, FakeConfig, FakeStripe, ShapeMix, SimConfig, Subscribe};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Default)]
@@ -219,7 +218,7 @@ async fn catch_up_racing_live_webhooks() {
         .handler(handler.clone())
         .clock(Arc::new(clock.clone()))
         .build();
-    let mut sim = stripe_webhook_guard::sim::Simulator::new(
+    let mut sim = stripe_webhook_guard::testing::Simulator::new(
         processor.clone(),
         fake.clone(),
         common::secret(),

@@ -19,8 +19,6 @@ use time::Duration;
 use crate::event::{Event, SubscriptionView};
 
 mod budget;
-#[cfg(feature = "test-util")]
-pub mod fake;
 
 #[cfg(feature = "reqwest")]
 pub mod http;

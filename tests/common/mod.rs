@@ -121,13 +121,12 @@ impl EventHandler for CountingHandler {
 pub mod world {
     use std::sync::Arc;
 
-    use stripe_webhook_guard::client::fake::{FakeConfig, FakeStripe};
     use stripe_webhook_guard::clock::ManualClock;
     use stripe_webhook_guard::processor::WebhookProcessor;
     use stripe_webhook_guard::signature::Verifier;
-    use stripe_webhook_guard::sim::{SimConfig, Simulator};
     use stripe_webhook_guard::store::MemoryStore;
     use stripe_webhook_guard::subscription::{SubscriptionRecord, SubscriptionState};
+    use stripe_webhook_guard::testing::{FakeConfig, FakeStripe, SimConfig, Simulator};
 
     pub const START: i64 = 1_767_225_600; // 2026-01-01
 
