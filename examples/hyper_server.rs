@@ -7,7 +7,7 @@
 //!
 //! All the processor needs from any HTTP stack is the raw body bytes and the
 //! `Stripe-Signature` header; it answers with the status to send back
-//! (DESIGN §9: 200 settled, 400 bad delivery, 413 too large, 5xx retry).
+//! (200 settled, 400 bad delivery, 413 too large, 5xx so that Stripe retries).
 //! In-memory store; `BIND` defaults to `127.0.0.1:4242`.
 
 use std::convert::Infallible;

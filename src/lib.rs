@@ -17,10 +17,10 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use std::sync::Arc;
-//! use stripe_webhook_guard::access::{Access, AccessPolicy};
-//! use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
-//! use stripe_webhook_guard::signature::{test_header, Verifier, WebhookSecret};
-//! use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
+//! use stripe_webhook_guard::{
+//!     test_header, Access, AccessPolicy, MemoryStore, SubscriptionStore, Verifier,
+//!     WebhookProcessor, WebhookSecret,
+//! };
 //! use time::OffsetDateTime;
 //!
 //! let secret = WebhookSecret::new("whsec_doc");
@@ -76,10 +76,12 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use stripe_webhook_guard::processor::{Error, WebhookProcessor};
-//! use stripe_webhook_guard::signature::Verifier;
+//! use std::sync::Arc;
+//! use stripe_webhook_guard::{Error, MemoryStore, Verifier, WebhookProcessor};
 //!
-//! let processor = WebhookProcessor::builder(Verifier::new("whsec_doc")).build();
+//! let processor = WebhookProcessor::builder(Verifier::new("whsec_doc"))
+//!     .store(Arc::new(MemoryStore::new()))
+//!     .build();
 //! // An unsigned request never gets further than step 1.
 //! let err = processor.handle(br#"{"id":"evt_1"}"#, None).await.unwrap_err();
 //! assert!(matches!(err, Error::Verify(_)));
@@ -127,11 +129,9 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use std::sync::Arc;
 //! use stripe_webhook_guard::testing::{FakeConfig, FakeStripe, Subscribe};
-//! use stripe_webhook_guard::clock::ManualClock;
-//! use stripe_webhook_guard::processor::WebhookProcessor;
-//! use stripe_webhook_guard::reconcile::{BudgetConfig, Reconciler, SweepScope};
-//! use stripe_webhook_guard::signature::Verifier;
-//! use stripe_webhook_guard::store::MemoryStore;
+//! use stripe_webhook_guard::{
+//!     BudgetConfig, ManualClock, MemoryStore, Reconciler, SweepScope, Verifier, WebhookProcessor,
+//! };
 //! use time::Duration;
 //!
 //! // A fake Stripe stands in for `HttpStripeClient` (feature `reqwest`).
@@ -186,8 +186,8 @@
 //! | `test-util` | `testing::FakeStripe`, `testing::Simulator`, `testing::Rng`, `store::conformance` |
 //! | `tracing` | one log line per event with its id and type (never bodies) |
 //! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise); enabled by `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` |
-#![forbid(unsafe_code)]
-#![deny(missing_docs)]
+// `unsafe_code = "forbid"` and `missing_docs = "deny"` are set once, for
+// every target, in Cargo.toml's `[lints]`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod access;
@@ -204,7 +204,25 @@ pub mod signature;
 pub mod store;
 pub mod subscription;
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
+
+// The names a quick start needs, at the root.
+pub use access::{Access, AccessDecision, AccessPolicy, AccessReason};
+pub use client::{BudgetConfig, ClientError, RequestBudget, StripeClient};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use event::{Event, EventType, SubscriptionStatus};
+pub use inbox::{Inbox, InboxConfig};
+pub use processor::{
+    Error, EventHandler, HandlerContext, HandlerError, Outcome, ProcessorBuilder, WebhookProcessor,
+};
+pub use reconcile::{ReconcileConfig, Reconciler, SweepScope};
+pub use signature::{Verifier, WebhookSecret, test_header};
+pub use store::{
+    CursorStore, EventLedger, InboxStore, InboxStorage, MemoryStore, StoreError, Storage,
+    SubscriptionStore,
+};
+pub use subscription::{Effect, SubscriptionRecord};
 
 // Compile every code block of the README as a doc test (they use every
 // feature).

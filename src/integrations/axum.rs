@@ -2,7 +2,8 @@
 //!
 //! One route, `POST /webhooks/stripe` by default, that hands the raw body and
 //! the `Stripe-Signature` header to [`WebhookProcessor::handle`] and answers
-//! with the mapping of DESIGN §9:
+//! with this mapping (every retryable failure is a 5xx, so Stripe delivers
+//! the event again; everything settled is a 200):
 //!
 //! | result | status | body |
 //! |---|---|---|
@@ -173,7 +174,7 @@ pub async fn webhook(State(processor): State<WebhookProcessor>, request: Request
     }
 }
 
-/// The HTTP answer for a processor result (DESIGN §9): the status of
+/// The HTTP answer for a processor result: the status of
 /// [`Outcome::http_status`] or [`Error::http_status`] and a small JSON
 /// body, `{"outcome": label, "event_id": id}` or
 /// `{"error": label, "retryable": bool}`.

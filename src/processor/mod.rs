@@ -242,7 +242,7 @@ impl fmt::Debug for WebhookProcessor {
 pub(crate) enum Screened<'a> {
     /// Claim or queue it.
     Admit {
-        event: Event,
+        event: Box<Event>,
         verified: Verified<'a>,
     },
     /// Answered already: ignored, or settled before.
@@ -395,7 +395,10 @@ impl WebhookProcessor {
         })?;
         Ok(match self.settle_filtered(&event).await? {
             Some(outcome) => Screened::Answered(outcome),
-            None => Screened::Admit { event, verified },
+            None => Screened::Admit {
+                event: Box::new(event),
+                verified,
+            },
         })
     }
 
@@ -648,7 +651,7 @@ impl WebhookProcessor {
         now: OffsetDateTime,
     ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
         let store = &self.inner.store;
-        let id = match subscription::subject(event).map_err(|e| StepError::Object(e))? {
+        let id = match subscription::subject(event).map_err(StepError::Object)? {
             Subject::None => return Ok((Effect::None, None)),
             Subject::Entitlements(customer) => {
                 return self.entitlements_effect(event, customer).await;
