@@ -29,14 +29,10 @@ pub use memory::MemoryStore;
 mod sql;
 
 #[cfg(feature = "postgres")]
-pub mod postgres;
-#[cfg(feature = "postgres")]
-pub use postgres::PgStore;
+pub use sql::postgres::{self, PgStore};
 
 #[cfg(feature = "sqlite")]
-pub mod sqlite;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sql::sqlite::{self, SqliteStore};
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
