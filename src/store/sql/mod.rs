@@ -35,6 +35,98 @@ use crate::ledger::{
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
+/// The statement plumbing of a dialect over sqlx: `query` binds [`Arg`]s
+/// (times through `$time`, JSON through `$json`).
+macro_rules! sqlx_query {
+    ($db:ty, $args:ty, $time:expr, $json:expr) => {
+        fn query(sql: &Arc<str>, args: Vec<Arg<'_>>) -> sqlx::query::Query<'static, $db, $args> {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(Arc::clone(sql)));
+            for arg in args {
+                q = match arg {
+                    Arg::Str(v) => q.bind(v),
+                    Arg::OptStr(v) => q.bind(v),
+                    Arg::Int(v) => q.bind(v),
+                    Arg::Bool(v) => q.bind(v),
+                    Arg::Bytes(v) => q.bind(v),
+                    Arg::Time(v) => q.bind($time(v)),
+                    Arg::OptTime(v) => q.bind(v.map($time)),
+                    Arg::Json(v) => q.bind($json(v)),
+                };
+            }
+            q
+        }
+    };
+}
+
+/// The [`Dialect`] methods that are the same over every sqlx driver, inside
+/// the dialect's `impl` (which also has a `query` from [`sqlx_query!`]).
+macro_rules! sqlx_plumbing {
+    ($db:ty, $pool:ty, $conn:ty, $row:ty) => {
+        type Pool = $pool;
+        type Conn = $conn;
+        type PoolConn = sqlx::pool::PoolConnection<$db>;
+        type Tx = sqlx::Transaction<'static, $db>;
+        type Row = $row;
+
+        fn acquire(
+            pool: &Self::Pool,
+        ) -> impl Future<Output = Result<Self::PoolConn, sqlx::Error>> + Send {
+            pool.acquire()
+        }
+
+        async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
+            tx.commit().await
+        }
+
+        fn pool_size(pool: &Self::Pool) -> u32 {
+            pool.size()
+        }
+
+        async fn execute<'a>(
+            conn: &'a mut $conn,
+            sql: &'a Arc<str>,
+            args: Vec<Arg<'a>>,
+        ) -> Result<u64, sqlx::Error> {
+            Ok(query(sql, args).execute(conn).await?.rows_affected())
+        }
+
+        async fn fetch_optional<'a>(
+            conn: &'a mut $conn,
+            sql: &'a Arc<str>,
+            args: Vec<Arg<'a>>,
+        ) -> Result<Option<$row>, sqlx::Error> {
+            query(sql, args).fetch_optional(conn).await
+        }
+
+        async fn fetch_all<'a>(
+            conn: &'a mut $conn,
+            sql: &'a Arc<str>,
+            args: Vec<Arg<'a>>,
+        ) -> Result<Vec<$row>, sqlx::Error> {
+            query(sql, args).fetch_all(conn).await
+        }
+
+        async fn script(conn: &mut $conn, sql: String) -> Result<(), sqlx::Error> {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(conn)
+                .await?;
+            Ok(())
+        }
+
+        fn text(row: &$row, column: &str) -> Result<Option<String>, sqlx::Error> {
+            sqlx::Row::try_get(row, column)
+        }
+
+        fn int(row: &$row, column: &str) -> Result<Option<i64>, sqlx::Error> {
+            sqlx::Row::try_get(row, column)
+        }
+
+        fn bytes(row: &$row, column: &str) -> Result<Vec<u8>, sqlx::Error> {
+            sqlx::Row::try_get(row, column)
+        }
+    };
+}
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -233,9 +325,69 @@ pub trait Dialect: Send + Sync + 'static {
     /// Whether re-running the transaction may succeed (serialization
     /// failure, deadlock, a lock the busy handler does not wait for).
     fn is_transient(e: &sqlx::Error) -> bool;
-    /// Maps a driver error to a [`StoreError`] for operation `op`, with the
-    /// database's code and never a row's contents.
-    fn classify(op: &str, e: sqlx::Error) -> StoreError;
+    /// Classifies an error the database reported with `code`: the kind,
+    /// the code as shown in messages, and a hint for the message.
+    fn database_error(code: Option<&str>, message: &str) -> (StoreErrorKind, String, &'static str);
+}
+
+/// The database's code and primary message for an error, the source of a
+/// [`StoreError`] (never the detail, which can quote row contents).
+#[derive(Debug)]
+struct DbErrorSummary {
+    code: String,
+    message: String,
+}
+
+impl fmt::Display for DbErrorSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for DbErrorSummary {}
+
+/// Maps a driver error to a [`StoreError`] for operation `op`: connection,
+/// I/O and pool-timeout errors are [`StoreErrorKind::Unavailable`],
+/// undecodable values [`StoreErrorKind::Corrupt`], and the database's own
+/// errors as its dialect classifies their code. Messages carry the
+/// operation and the code, never a row's contents.
+fn classify<D: Dialect>(op: &str, e: sqlx::Error) -> StoreError {
+    use StoreErrorKind as K;
+    let (kind, what) = match &e {
+        sqlx::Error::PoolTimedOut => (K::Unavailable, "timed out waiting for a connection"),
+        sqlx::Error::PoolClosed => (K::Unavailable, "the pool is closed"),
+        sqlx::Error::Io(_) => (K::Unavailable, "i/o error"),
+        sqlx::Error::Tls(_) => (K::Unavailable, "tls error"),
+        sqlx::Error::WorkerCrashed => (K::Unavailable, "connection worker crashed"),
+        sqlx::Error::RowNotFound => (K::NotFound, "no row"),
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => (K::Corrupt, "a stored value could not be decoded"),
+        sqlx::Error::Database(db) => {
+            let (kind, code, hint) = D::database_error(db.code().as_deref(), db.message());
+            let message = format!("{} {op}: {code}{hint}", D::NAME);
+            let summary = DbErrorSummary {
+                code,
+                message: db.message().to_owned(),
+            };
+            return StoreError::new(kind, message).with_source(summary);
+        }
+        _ => (K::Other, "driver error"),
+    };
+    StoreError::new(kind, format!("{} {op}: {what}", D::NAME)).with_source(e)
+}
+
+/// Whether `name` is a valid schema name or table prefix: at most `max`
+/// bytes of `[a-z0-9_]`, not starting with a digit or `reserved`.
+fn valid_name(name: &str, max: usize, reserved: &str) -> bool {
+    name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && !name.starts_with(reserved)
 }
 
 /// The ledger columns, read as `l`.
@@ -498,7 +650,7 @@ where
                 retry += 1;
                 tokio::time::sleep(crate::rt::backoff(retry, RETRY_BASE, RETRY_CAP)).await;
             }
-            Err(Fail::Db(e)) => return Err(D::classify(op, e)),
+            Err(Fail::Db(e)) => return Err(classify::<D>(op, e)),
         }
     }
 }
@@ -506,7 +658,7 @@ where
 /// Maps the error of an operation that is not retried.
 fn finish<D: Dialect, T>(op: &'static str, r: Result<T, Fail>) -> Result<T, StoreError> {
     r.map_err(|f| match f {
-        Fail::Db(e) => D::classify(op, e),
+        Fail::Db(e) => classify::<D>(op, e),
         Fail::Store(e) => e,
     })
 }
@@ -669,6 +821,71 @@ impl<D: Dialect> SqlStore<D> {
         }
         D::commit(tx).await?;
         Ok(count)
+    }
+
+    /// Applies the embedded migrations not yet recorded in the store's
+    /// migrations table, all in one transaction, so concurrent starts are
+    /// safe: PostgreSQL creates the schema if it does not exist (so a role
+    /// without `CREATE` on the database can use a schema prepared for it)
+    /// and holds an advisory lock; SQLite runs in `BEGIN IMMEDIATE`.
+    /// Idempotent: run it at every start. Returns how many migrations were
+    /// applied now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the database refuses (privileges) or fails.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        run::<D, _, _, _>("migrate", || self.migrate_once()).await
+    }
+
+    /// The pool: a `sqlx::PgPool` for [`PgStore`](super::PgStore), a
+    /// `sqlx::SqlitePool` for [`SqliteStore`](super::SqliteStore).
+    pub fn pool(&self) -> &D::Pool {
+        &self.pool
+    }
+
+    /// Begins a write transaction on the store's pool, for
+    /// [`complete_in`](Self::complete_in): the application's writes and the
+    /// event's completion then commit or roll back together. It is a
+    /// `sqlx::Transaction<'static, Postgres>` for PostgreSQL (a plain
+    /// `BEGIN`) and a `sqlx::Transaction<'static, Sqlite>` for SQLite
+    /// (`BEGIN IMMEDIATE`: it holds SQLite's write lock, so keep it short).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::Unavailable`] when no connection (or, for SQLite,
+    /// no write lock) can be had.
+    pub async fn begin(&self) -> Result<D::Tx, StoreError> {
+        D::begin(&self.pool)
+            .await
+            .map_err(|e| classify::<D>("begin", e))
+    }
+
+    /// Marks the leased event processed inside the caller's transaction
+    /// (`&mut *tx` from [`begin`](Self::begin), or for PostgreSQL any
+    /// transaction on the same database), with the rules of
+    /// [`EventLedger::complete`]: fenced by the lease token, and a no-op when
+    /// this lease already completed the event.
+    ///
+    /// Use it when the application's own effects (granting access, writing
+    /// a credit) must happen exactly once: write them and call this in one
+    /// transaction, then commit. If the commit succeeds, the event is
+    /// processed and the effects are in; if anything fails, both roll back
+    /// and the event is retried. The processor's later `complete` with the
+    /// same lease is then a no-op.
+    ///
+    /// The row stays locked until the transaction ends, so keep it short: a
+    /// redelivery of the same event waits for it. Nothing is retried here; a
+    /// serialization failure aborts the caller's transaction and is reported
+    /// as [`StoreErrorKind::Unavailable`] (re-run the whole transaction).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::LeaseLost`] when another claim took the event over
+    /// (roll back), [`StoreErrorKind::NotFound`] when there is no entry,
+    /// other kinds when the database fails.
+    pub async fn complete_in(&self, conn: &mut D::Conn, lease: &Lease) -> Result<(), StoreError> {
+        finish::<D, _>("complete_in", self.complete_on(conn, lease).await)
     }
 
     /// The next lease token as the trailing argument, when the dialect draws
@@ -1330,6 +1547,49 @@ mod tests {
         assert_eq!(lease_micros(Duration::milliseconds(300)), 300_000);
         assert_eq!(lease_micros(Duration::MAX), MAX_LEASE_MICROS);
         assert_eq!(lease_micros(Duration::MIN), -MAX_LEASE_MICROS);
+    }
+
+    /// Schema names (PostgreSQL) and table prefixes (SQLite): `[a-z0-9_]`,
+    /// not starting with a digit or the database's reserved prefix, within
+    /// the length limit; a schema name must not be empty.
+    #[test]
+    fn names_are_validated() {
+        #[cfg(feature = "postgres")]
+        {
+            use postgres::{MAX_SCHEMA_LEN, validate_schema};
+            for ok in ["stripe_webhook_guard", "a", "_x", "billing_2"] {
+                assert!(validate_schema(ok).is_ok(), "{ok}");
+            }
+            let long = "a".repeat(MAX_SCHEMA_LEN + 1);
+            let bad = [
+                "",
+                "Billing",
+                "a-b",
+                "a;drop",
+                "a\"b",
+                "1abc",
+                "pg_catalog",
+                "é",
+                &long,
+            ];
+            for name in bad {
+                assert!(validate_schema(name).is_err(), "{name}");
+            }
+        }
+        #[cfg(feature = "sqlite")]
+        {
+            use sqlite::{MAX_PREFIX_LEN, validate_prefix};
+            for ok in ["swg_", "", "app_1_", "_x"] {
+                assert!(validate_prefix(ok).is_ok(), "{ok}");
+            }
+            let long = "a".repeat(MAX_PREFIX_LEN + 1);
+            let bad = [
+                "Swg_", "a-b", "a\"b", "x;drop", "1x", "sqlite_x", "é", &long,
+            ];
+            for name in bad {
+                assert!(validate_prefix(name).is_err(), "{name}");
+            }
+        }
     }
 
     #[test]

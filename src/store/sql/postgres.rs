@@ -125,22 +125,19 @@
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow, Postgres};
-use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Row, Transaction};
+use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 
-use super::{Arg, Dialect, Fail, Migration, SqlStore, finish, run};
-use crate::ledger::Lease;
+use super::{Arg, Dialect, Fail, Migration, SqlStore, valid_name};
 use crate::store::{StoreError, StoreErrorKind};
 
 /// The schema [`PgStore::new`] uses.
 pub const DEFAULT_SCHEMA: &str = "stripe_webhook_guard";
 
 /// Longest schema name accepted.
-const MAX_SCHEMA_LEN: usize = 48;
+pub(super) const MAX_SCHEMA_LEN: usize = 48;
 
 /// The PostgreSQL store. Cheap to clone (the pool is shared). See the
 /// [module docs](self) for the tables and how each rule is enforced.
@@ -153,38 +150,7 @@ mod dialect {
 }
 use dialect::Pg;
 
-fn query(sql: &Arc<str>, args: Vec<Arg<'_>>) -> Query<'static, Postgres, PgArguments> {
-    let mut q = sqlx::query(AssertSqlSafe(Arc::clone(sql)));
-    for arg in args {
-        q = match arg {
-            Arg::Str(v) => q.bind(v),
-            Arg::OptStr(v) => q.bind(v),
-            Arg::Int(v) => q.bind(v),
-            Arg::Bool(v) => q.bind(v),
-            Arg::Bytes(v) => q.bind(v),
-            Arg::Time(v) => q.bind(v),
-            Arg::OptTime(v) => q.bind(v),
-            Arg::Json(v) => q.bind(Json(v)),
-        };
-    }
-    q
-}
-
-/// The database error's code and primary message only (no detail, which can
-/// quote row contents).
-#[derive(Debug)]
-struct DbErrorSummary {
-    code: String,
-    message: String,
-}
-
-impl std::fmt::Display for DbErrorSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SQLSTATE {}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for DbErrorSummary {}
+sqlx_query!(Postgres, PgArguments, std::convert::identity, Json);
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
@@ -210,11 +176,7 @@ impl Dialect for Pg {
         sql: include_str!("../../../migrations/postgres/0001_init.sql"),
     }];
 
-    type Pool = PgPool;
-    type Conn = PgConnection;
-    type PoolConn = PoolConnection<Postgres>;
-    type Tx = Transaction<'static, Postgres>;
-    type Row = PgRow;
+    sqlx_plumbing!(Postgres, PgPool, PgConnection, PgRow);
 
     fn table(schema: &str, table: &str) -> String {
         let table = if table == "migrations" {
@@ -267,61 +229,8 @@ impl Dialect for Pg {
         Ok(())
     }
 
-    fn acquire(pool: &PgPool) -> impl Future<Output = Result<Self::PoolConn, sqlx::Error>> + Send {
-        pool.acquire()
-    }
-
     async fn begin(pool: &PgPool) -> Result<Self::Tx, sqlx::Error> {
         pool.begin().await
-    }
-
-    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.commit().await
-    }
-
-    fn pool_size(pool: &PgPool) -> u32 {
-        pool.size()
-    }
-
-    async fn execute<'a>(
-        conn: &'a mut PgConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<u64, sqlx::Error> {
-        Ok(query(sql, args).execute(conn).await?.rows_affected())
-    }
-
-    async fn fetch_optional<'a>(
-        conn: &'a mut PgConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<Option<PgRow>, sqlx::Error> {
-        query(sql, args).fetch_optional(conn).await
-    }
-
-    async fn fetch_all<'a>(
-        conn: &'a mut PgConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<Vec<PgRow>, sqlx::Error> {
-        query(sql, args).fetch_all(conn).await
-    }
-
-    async fn script(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await?;
-        Ok(())
-    }
-
-    fn text(row: &PgRow, column: &str) -> Result<Option<String>, sqlx::Error> {
-        row.try_get(column)
-    }
-
-    fn int(row: &PgRow, column: &str) -> Result<Option<i64>, sqlx::Error> {
-        row.try_get(column)
-    }
-
-    fn bytes(row: &PgRow, column: &str) -> Result<Vec<u8>, sqlx::Error> {
-        row.try_get(column)
     }
 
     fn time(row: &PgRow, column: &str) -> Result<Option<OffsetDateTime>, Fail> {
@@ -339,62 +248,35 @@ impl Dialect for Pg {
         matches!(sqlstate(e).as_deref(), Some("40001" | "40P01"))
     }
 
-    fn classify(op: &str, e: sqlx::Error) -> StoreError {
+    fn database_error(
+        code: Option<&str>,
+        _message: &str,
+    ) -> (StoreErrorKind, String, &'static str) {
         use StoreErrorKind as K;
-        let (kind, what): (K, &str) = match &e {
-            sqlx::Error::PoolTimedOut => (K::Unavailable, "timed out waiting for a connection"),
-            sqlx::Error::PoolClosed => (K::Unavailable, "the pool is closed"),
-            sqlx::Error::Io(_) => (K::Unavailable, "connection i/o error"),
-            sqlx::Error::Tls(_) => (K::Unavailable, "tls error"),
-            sqlx::Error::WorkerCrashed => (K::Unavailable, "connection worker crashed"),
-            sqlx::Error::RowNotFound => (K::NotFound, "no row"),
-            sqlx::Error::ColumnDecode { .. }
-            | sqlx::Error::Decode(_)
-            | sqlx::Error::ColumnNotFound(_)
-            | sqlx::Error::ColumnIndexOutOfBounds { .. }
-            | sqlx::Error::TypeNotFound { .. } => {
-                (K::Corrupt, "a stored value could not be decoded")
+        let code = code.unwrap_or_default();
+        let kind = match code {
+            "40001" | "40P01" => K::Unavailable,
+            "57014" | "55P03" | "25P03" => K::Timeout,
+            "23505" => K::Conflict,
+            "XX001" | "XX002" => K::Corrupt,
+            c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
+                K::Unavailable
             }
-            sqlx::Error::Database(db) => {
-                let code = sqlstate(&e).unwrap_or_default();
-                let kind = match code.as_str() {
-                    "40001" | "40P01" => K::Unavailable,
-                    "57014" | "55P03" | "25P03" => K::Timeout,
-                    "23505" => K::Conflict,
-                    "XX001" | "XX002" => K::Corrupt,
-                    c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
-                        K::Unavailable
-                    }
-                    _ => K::Other,
-                };
-                let hint = match code.as_str() {
-                    "40001" | "40P01" => " (still failing after retries)",
-                    "42P01" | "3F000" | "42883" => " (schema or table missing: run migrate())",
-                    _ => "",
-                };
-                let summary = DbErrorSummary {
-                    code: code.clone(),
-                    message: db.message().to_owned(),
-                };
-                return StoreError::new(kind, format!("postgres {op}: SQLSTATE {code}{hint}"))
-                    .with_source(summary);
-            }
-            _ => (K::Other, "driver error"),
+            _ => K::Other,
         };
-        StoreError::new(kind, format!("postgres {op}: {what}")).with_source(e)
+        let hint = match code {
+            "40001" | "40P01" => " (still failing after retries)",
+            "42P01" | "3F000" | "42883" => " (schema or table missing: run migrate())",
+            _ => "",
+        };
+        (kind, format!("SQLSTATE {code}"), hint)
     }
 }
 
 /// Checks a schema name: `[a-z0-9_]`, starting with a letter or `_`, 1 to 48
 /// bytes, not starting with `pg_`.
-fn validate_schema(schema: &str) -> Result<(), StoreError> {
-    let ok = !schema.is_empty()
-        && schema.len() <= MAX_SCHEMA_LEN
-        && schema
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !schema.as_bytes()[0].is_ascii_digit()
-        && !schema.starts_with("pg_");
+pub(super) fn validate_schema(schema: &str) -> Result<(), StoreError> {
+    let ok = !schema.is_empty() && valid_name(schema, MAX_SCHEMA_LEN, "pg_");
     if ok {
         Ok(())
     } else {
@@ -431,97 +313,11 @@ impl SqlStore<Pg> {
     pub fn schema(&self) -> &str {
         &self.naming
     }
-
-    /// The pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// Creates the schema if needed and applies the embedded migrations not
-    /// yet recorded in `schema_migrations`, all in one transaction under an
-    /// advisory lock, so concurrent starts are safe. Idempotent: run it at
-    /// every start. Returns how many migrations were applied now.
-    ///
-    /// The schema is created only when it does not exist, so a role without
-    /// `CREATE` on the database can use a schema prepared for it.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError`] when the database refuses (privileges) or fails.
-    pub async fn migrate(&self) -> Result<usize, StoreError> {
-        run::<Pg, _, _, _>("migrate", || self.migrate_once()).await
-    }
-
-    /// Begins a transaction on the store's pool, for
-    /// [`PgStore::complete_in`]: the application's writes and the event's
-    /// completion then commit or roll back together.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Unavailable`] when no connection can be had.
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        self.pool
-            .begin()
-            .await
-            .map_err(|e| Pg::classify("begin", e))
-    }
-
-    /// Marks the leased event processed inside the caller's transaction
-    /// (`&mut *tx` from [`PgStore::begin`] or any transaction on the same
-    /// database), with the rules of
-    /// [`EventLedger::complete`](crate::store::EventLedger::complete): fenced
-    /// by the lease token, and a no-op when this lease already completed the
-    /// event.
-    ///
-    /// Use it when the application's own effects (granting access, writing
-    /// a credit) must happen exactly once: write them and call this in one
-    /// transaction, then commit. If the commit succeeds, the event is
-    /// processed and the effects are in; if anything fails, both roll back
-    /// and the event is retried. The processor's later `complete` with the
-    /// same lease is then a no-op.
-    ///
-    /// The row stays locked until the transaction ends, so keep it short: a
-    /// redelivery of the same event waits for it. Nothing is retried here; a
-    /// serialization failure aborts the caller's transaction and is reported
-    /// as [`StoreErrorKind::Unavailable`] (re-run the whole transaction).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::LeaseLost`] when another claim took the event over
-    /// (roll back), [`StoreErrorKind::NotFound`] when there is no entry,
-    /// other kinds when the database fails.
-    pub async fn complete_in(
-        &self,
-        conn: &mut PgConnection,
-        lease: &Lease,
-    ) -> Result<(), StoreError> {
-        finish::<Pg, _>("complete_in", self.complete_on(conn, lease).await)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schema_names_are_validated() {
-        for ok in ["stripe_webhook_guard", "a", "_x", "billing_2"] {
-            assert!(validate_schema(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "Billing",
-            "a-b",
-            "a;drop",
-            "a\"b",
-            "1abc",
-            "pg_catalog",
-            "é",
-            &"a".repeat(MAX_SCHEMA_LEN + 1),
-        ] {
-            assert!(validate_schema(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn statements_are_rendered_with_the_quoted_schema() {

@@ -132,24 +132,21 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
-use sqlx::pool::PoolConnection;
-use sqlx::query::Query;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::{Arg, Dialect, Fail, Migration, SqlStore, corrupt, finish, run};
-use crate::ledger::Lease;
+use super::{Arg, Dialect, Fail, Migration, SqlStore, classify, corrupt, valid_name};
 use crate::store::{StoreError, StoreErrorKind};
 
 /// The table prefix [`SqliteStore::new`] uses.
 pub const DEFAULT_PREFIX: &str = "swg_";
 
 /// Longest prefix accepted.
-const MAX_PREFIX_LEN: usize = 32;
+pub(super) const MAX_PREFIX_LEN: usize = 32;
 
 /// The SQLite store. Cheap to clone (the pool is shared). See the
 /// [module docs](self) for the tables, the durability trade-off and how each
@@ -188,42 +185,16 @@ fn to_us(t: OffsetDateTime) -> i64 {
     i64::try_from(us).unwrap_or(if us < 0 { i64::MIN } else { i64::MAX })
 }
 
+fn json_text(value: serde_json::Value) -> String {
+    value.to_string()
+}
+
 fn from_us(us: i64, what: &str) -> Result<OffsetDateTime, Fail> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
         .map_err(|_| corrupt("sqlite", what))
 }
 
-fn query(sql: &Arc<str>, args: Vec<Arg<'_>>) -> Query<'static, Sqlite, SqliteArguments> {
-    let mut q = sqlx::query(AssertSqlSafe(Arc::clone(sql)));
-    for arg in args {
-        q = match arg {
-            Arg::Str(v) => q.bind(v),
-            Arg::OptStr(v) => q.bind(v),
-            Arg::Int(v) => q.bind(v),
-            Arg::Bool(v) => q.bind(v),
-            Arg::Bytes(v) => q.bind(v),
-            Arg::Time(v) => q.bind(to_us(v)),
-            Arg::OptTime(v) => q.bind(v.map(to_us)),
-            Arg::Json(v) => q.bind(v.to_string()),
-        };
-    }
-    q
-}
-
-/// SQLite's result code and message only.
-#[derive(Debug)]
-struct DbErrorSummary {
-    code: i32,
-    message: String,
-}
-
-impl std::fmt::Display for DbErrorSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "sqlite result code {}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for DbErrorSummary {}
+sqlx_query!(Sqlite, SqliteArguments, to_us, json_text);
 
 /// The extended result code of a database error.
 fn result_code(e: &sqlx::Error) -> Option<i32> {
@@ -249,11 +220,7 @@ impl Dialect for Lite {
         sql: include_str!("../../../migrations/sqlite/0001_init.sql"),
     }];
 
-    type Pool = SqlitePool;
-    type Conn = SqliteConnection;
-    type PoolConn = PoolConnection<Sqlite>;
-    type Tx = Transaction<'static, Sqlite>;
-    type Row = SqliteRow;
+    sqlx_plumbing!(Sqlite, SqlitePool, SqliteConnection, SqliteRow);
 
     fn table(prefix: &str, table: &str) -> String {
         format!("\"{prefix}{table}\"")
@@ -290,63 +257,8 @@ impl Dialect for Lite {
         Ok(())
     }
 
-    fn acquire(
-        pool: &SqlitePool,
-    ) -> impl Future<Output = Result<Self::PoolConn, sqlx::Error>> + Send {
-        pool.acquire()
-    }
-
     async fn begin(pool: &SqlitePool) -> Result<Self::Tx, sqlx::Error> {
         pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    async fn commit(tx: Self::Tx) -> Result<(), sqlx::Error> {
-        tx.commit().await
-    }
-
-    fn pool_size(pool: &SqlitePool) -> u32 {
-        pool.size()
-    }
-
-    async fn execute<'a>(
-        conn: &'a mut SqliteConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<u64, sqlx::Error> {
-        Ok(query(sql, args).execute(conn).await?.rows_affected())
-    }
-
-    async fn fetch_optional<'a>(
-        conn: &'a mut SqliteConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<Option<SqliteRow>, sqlx::Error> {
-        query(sql, args).fetch_optional(conn).await
-    }
-
-    async fn fetch_all<'a>(
-        conn: &'a mut SqliteConnection,
-        sql: &'a Arc<str>,
-        args: Vec<Arg<'a>>,
-    ) -> Result<Vec<SqliteRow>, sqlx::Error> {
-        query(sql, args).fetch_all(conn).await
-    }
-
-    async fn script(conn: &mut SqliteConnection, sql: String) -> Result<(), sqlx::Error> {
-        sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await?;
-        Ok(())
-    }
-
-    fn text(row: &SqliteRow, column: &str) -> Result<Option<String>, sqlx::Error> {
-        row.try_get(column)
-    }
-
-    fn int(row: &SqliteRow, column: &str) -> Result<Option<i64>, sqlx::Error> {
-        row.try_get(column)
-    }
-
-    fn bytes(row: &SqliteRow, column: &str) -> Result<Vec<u8>, sqlx::Error> {
-        row.try_get(column)
     }
 
     fn time(row: &SqliteRow, column: &str) -> Result<Option<OffsetDateTime>, Fail> {
@@ -365,58 +277,28 @@ impl Dialect for Lite {
         matches!(result_code(e), Some(c) if c & 0xff == 6 || c == 517)
     }
 
-    fn classify(op: &str, e: sqlx::Error) -> StoreError {
+    fn database_error(code: Option<&str>, message: &str) -> (StoreErrorKind, String, &'static str) {
         use StoreErrorKind as K;
-        let (kind, what): (K, &str) = match &e {
-            sqlx::Error::PoolTimedOut => (K::Unavailable, "timed out waiting for a connection"),
-            sqlx::Error::PoolClosed => (K::Unavailable, "the pool is closed"),
-            sqlx::Error::Io(_) => (K::Unavailable, "i/o error"),
-            sqlx::Error::WorkerCrashed => (K::Unavailable, "connection worker crashed"),
-            sqlx::Error::RowNotFound => (K::NotFound, "no row"),
-            sqlx::Error::ColumnDecode { .. }
-            | sqlx::Error::Decode(_)
-            | sqlx::Error::ColumnNotFound(_)
-            | sqlx::Error::ColumnIndexOutOfBounds { .. }
-            | sqlx::Error::TypeNotFound { .. } => {
-                (K::Corrupt, "a stored value could not be decoded")
-            }
-            sqlx::Error::Database(db) => {
-                let code = result_code(&e).unwrap_or(1);
-                let kind = match code & 0xff {
-                    5 | 6 | 10 | 13 | 14 | 15 => K::Unavailable,
-                    11 | 26 => K::Corrupt,
-                    19 if matches!(code, 1555 | 2067) => K::Conflict,
-                    _ => K::Other,
-                };
-                let hint = match code & 0xff {
-                    5 => " (database busy: another writer held the lock past the busy timeout)",
-                    1 if db.message().contains("no such table") => {
-                        " (table missing: run migrate())"
-                    }
-                    _ => "",
-                };
-                let summary = DbErrorSummary {
-                    code,
-                    message: db.message().to_owned(),
-                };
-                return StoreError::new(kind, format!("sqlite {op}: result code {code}{hint}"))
-                    .with_source(summary);
-            }
-            _ => (K::Other, "driver error"),
+        let code: i32 = code.and_then(|c| c.parse().ok()).unwrap_or(1);
+        let kind = match code & 0xff {
+            5 | 6 | 10 | 13 | 14 | 15 => K::Unavailable,
+            11 | 26 => K::Corrupt,
+            19 if matches!(code, 1555 | 2067) => K::Conflict,
+            _ => K::Other,
         };
-        StoreError::new(kind, format!("sqlite {op}: {what}")).with_source(e)
+        let hint = match code & 0xff {
+            5 => " (database busy: another writer held the lock past the busy timeout)",
+            1 if message.contains("no such table") => " (table missing: run migrate())",
+            _ => "",
+        };
+        (kind, format!("result code {code}"), hint)
     }
 }
 
 /// Checks a prefix: up to 32 bytes of `[a-z0-9_]`, not starting with a
 /// digit or `sqlite_`.
-fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
-    let ok = prefix.len() <= MAX_PREFIX_LEN
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !prefix.bytes().next().is_some_and(|b| b.is_ascii_digit())
-        && !prefix.starts_with("sqlite_");
+pub(super) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    let ok = valid_name(prefix, MAX_PREFIX_LEN, "sqlite_");
     if ok {
         Ok(())
     } else {
@@ -508,7 +390,7 @@ impl SqlStore<Lite> {
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect_with(Self::connect_options_with(path, durability))
             .await
-            .map_err(|e| Lite::classify("open", e))?;
+            .map_err(|e| classify::<Lite>("open", e))?;
         Ok(Self::new(pool))
     }
 
@@ -516,84 +398,11 @@ impl SqlStore<Lite> {
     pub fn prefix(&self) -> &str {
         &self.naming
     }
-
-    /// The pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Applies the embedded migrations not yet recorded in
-    /// `{prefix}migrations`, in one `BEGIN IMMEDIATE` transaction (so
-    /// concurrent starts are safe). Idempotent: run it at every start.
-    /// Returns how many migrations were applied now.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError`] when the database fails.
-    pub async fn migrate(&self) -> Result<usize, StoreError> {
-        run::<Lite, _, _, _>("migrate", || self.migrate_once()).await
-    }
-
-    /// Begins a `BEGIN IMMEDIATE` transaction on the store's pool, for
-    /// [`SqliteStore::complete_in`].
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::Unavailable`] when no connection or no write lock
-    /// can be had.
-    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Lite::begin(&self.pool)
-            .await
-            .map_err(|e| Lite::classify("begin", e))
-    }
-
-    /// Marks the leased event processed inside the caller's transaction
-    /// (`&mut *tx` from [`SqliteStore::begin`]), with the rules of
-    /// [`EventLedger::complete`](crate::store::EventLedger::complete): fenced
-    /// by the lease token, and a no-op when this lease already completed the
-    /// event.
-    ///
-    /// Use it when the application's own writes must happen exactly once:
-    /// write them and call this in one transaction, then commit; if anything
-    /// fails, both roll back and the event is retried. The processor's later
-    /// `complete` with the same lease is then a no-op.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreErrorKind::LeaseLost`] when another claim took the event over
-    /// (roll back), [`StoreErrorKind::NotFound`] when there is no entry,
-    /// other kinds when the database fails.
-    pub async fn complete_in(
-        &self,
-        conn: &mut SqliteConnection,
-        lease: &Lease,
-    ) -> Result<(), StoreError> {
-        finish::<Lite, _>("complete_in", self.complete_on(conn, lease).await)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_are_validated() {
-        for ok in ["swg_", "", "app_1_", "_x"] {
-            assert!(validate_prefix(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "Swg_",
-            "a-b",
-            "a\"b",
-            "x;drop",
-            "1x",
-            "sqlite_x",
-            "é",
-            &"a".repeat(MAX_PREFIX_LEN + 1),
-        ] {
-            assert!(validate_prefix(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn microseconds_round_trip() {
