@@ -58,7 +58,10 @@ mod tests {
             let full = (base * (1u32 << (retry - 1).min(20))).min(cap);
             for _ in 0..200 {
                 let d = backoff(retry, base, cap);
-                assert!(d >= full / 2 && d <= full, "retry {retry}: {d:?} vs {full:?}");
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "retry {retry}: {d:?} vs {full:?}"
+                );
             }
         }
     }

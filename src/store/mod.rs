@@ -388,6 +388,14 @@ pub enum EnqueueOutcome {
 pub trait InboxStore: EventLedger {
     /// Stores a verified event as `pending` (insert-if-absent).
     ///
+    /// An event already known answers [`EnqueueOutcome::Duplicate`] with its
+    /// state (or [`EnqueueOutcome::Conflict`] for different content). If that
+    /// entry is unsettled (`pending`, `processing` or `failed`) and has no
+    /// payload, as after a synchronous [`EventLedger::claim`], the payload
+    /// (and the subscription and `available_at`, where the entry has none)
+    /// is attached to it, so that once its lease expires a worker takes it:
+    /// a synchronous worker that dies cannot strand the event.
+    ///
     /// # Errors
     ///
     /// [`StoreError`] when the store fails.

@@ -185,6 +185,9 @@ fn to_us(t: OffsetDateTime) -> i64 {
     i64::try_from(us).unwrap_or(if us < 0 { i64::MIN } else { i64::MAX })
 }
 
+/// JSON documents are stored as text. Takes the value as the binding macro
+/// hands it over (PostgreSQL's `Json` wrapper consumes it).
+#[allow(clippy::needless_pass_by_value)]
 fn json_text(value: serde_json::Value) -> String {
     value.to_string()
 }
