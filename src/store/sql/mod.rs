@@ -845,7 +845,7 @@ impl<D: Dialect> SqlStore<D> {
     }
 
     /// Begins a write transaction on the store's pool, for
-    /// [`complete_in`](Self::complete_in): the application's writes and the
+    /// `complete_in`: the application's writes and the
     /// event's completion then commit or roll back together. It is a
     /// `sqlx::Transaction<'static, Postgres>` for PostgreSQL (a plain
     /// `BEGIN`) and a `sqlx::Transaction<'static, Sqlite>` for SQLite
@@ -862,7 +862,7 @@ impl<D: Dialect> SqlStore<D> {
     }
 
     /// Marks the leased event processed inside the caller's transaction
-    /// (`&mut *tx` from [`begin`](Self::begin), or for PostgreSQL any
+    /// (`&mut *tx` from `begin`, or for PostgreSQL any
     /// transaction on the same database), with the rules of
     /// [`EventLedger::complete`]: fenced by the lease token, and a no-op when
     /// this lease already completed the event.

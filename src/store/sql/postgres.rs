@@ -1,7 +1,7 @@
 //! The PostgreSQL store (feature `postgres`): [`PgStore`] implements
 //! [`EventLedger`](crate::store::EventLedger), [`SubscriptionStore`](crate::store::SubscriptionStore), [`CursorStore`](crate::store::CursorStore) and
 //! [`InboxStore`](crate::store::InboxStore) over a `sqlx` pool, with runtime queries only and embedded
-//! migrations. It passes the whole [conformance suite](super::conformance).
+//! migrations. It passes the whole conformance suite (`store::conformance`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -72,7 +72,7 @@
 //!
 //! `schema_migrations`: `version bigint` primary key, `name text`,
 //! `applied_at timestamptz`: the migrations applied (see
-//! [`PgStore::migrate`]).
+//! `PgStore::migrate`).
 //!
 //! # How the rules are enforced
 //!
@@ -112,8 +112,8 @@
 //!
 //! When the application's own writes must commit or roll back together with
 //! the event's completion (a credit granted exactly once, say), open a
-//! transaction with [`PgStore::begin`], do the writes, call
-//! [`PgStore::complete_in`] with the lease, and commit. If the lease was lost
+//! transaction with `PgStore::begin`, do the writes, call
+//! `PgStore::complete_in` with the lease, and commit. If the lease was lost
 //! (another worker took the event over), `complete_in` fails and the
 //! application rolls back. The processor's own later [`EventLedger::complete`](crate::store::EventLedger::complete)
 //! with the same lease is then a no-op.
@@ -133,7 +133,7 @@ use time::OffsetDateTime;
 use super::{Arg, Dialect, Fail, Migration, SqlStore, valid_name};
 use crate::store::{StoreError, StoreErrorKind};
 
-/// The schema [`PgStore::new`] uses.
+/// The schema `PgStore::new` uses.
 pub const DEFAULT_SCHEMA: &str = "stripe_webhook_guard";
 
 /// Longest schema name accepted.
@@ -292,12 +292,12 @@ pub(super) fn validate_schema(schema: &str) -> Result<(), StoreError> {
 
 impl SqlStore<Pg> {
     /// A store over `pool` in the schema [`DEFAULT_SCHEMA`]. Call
-    /// [`PgStore::migrate`] before use.
+    /// `PgStore::migrate` before use.
     pub fn new(pool: PgPool) -> Self {
         Self::build(pool, DEFAULT_SCHEMA)
     }
 
-    /// A store over `pool` in `schema` (created by [`PgStore::migrate`] if
+    /// A store over `pool` in `schema` (created by `PgStore::migrate` if
     /// absent).
     ///
     /// # Errors

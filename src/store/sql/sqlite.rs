@@ -1,7 +1,7 @@
 //! The SQLite store (feature `sqlite`): [`SqliteStore`] implements
 //! [`EventLedger`](crate::store::EventLedger), [`SubscriptionStore`](crate::store::SubscriptionStore), [`CursorStore`](crate::store::CursorStore) and
 //! [`InboxStore`](crate::store::InboxStore) over a `sqlx` pool, with runtime queries only and embedded
-//! migrations. It passes the whole [conformance suite](super::conformance).
+//! migrations. It passes the whole conformance suite (`store::conformance`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,15 +12,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! With a pool of your own, use [`SqliteStore::connect_options`] (or at least
-//! WAL and a busy timeout) and [`SqliteStore::new`] /
-//! [`SqliteStore::with_prefix`]. An in-memory database needs a pool of one
+//! With a pool of your own, use `SqliteStore::connect_options` (or at least
+//! WAL and a busy timeout) and `SqliteStore::new` /
+//! `SqliteStore::with_prefix`. An in-memory database needs a pool of one
 //! connection (each connection to `sqlite::memory:` is its own database).
 //!
 //! # Durability
 //!
 //! The store opens databases in WAL mode with `synchronous = FULL` (the
-//! default of [`SqliteStore::connect_options`] and [`SqliteStore::open`]):
+//! default of `SqliteStore::connect_options` and `SqliteStore::open`):
 //! every commit is flushed to disk before it returns, so an event the
 //! store acknowledged (claimed, completed, enqueued) survives a power loss
 //! or an operating-system crash. With `synchronous = NORMAL`, WAL commits
@@ -28,8 +28,8 @@
 //! commits per second on slow disks), still safe against the application
 //! crashing, but the last commits before a power loss can be lost, and with
 //! them events Stripe was told were received. Opt in to that with
-//! [`Durability::Normal`] ([`SqliteStore::connect_options_with`],
-//! [`SqliteStore::open_with`]) only when losing recent acknowledgements is
+//! [`Durability::Normal`] (`SqliteStore::connect_options_with`,
+//! `SqliteStore::open_with`) only when losing recent acknowledgements is
 //! acceptable (reconciliation replays the missed events from Stripe's event
 //! list, within its 30 days).
 //!
@@ -86,7 +86,7 @@
 //!
 //! `swg_sequences`: `name TEXT` primary key, `value INTEGER` (the lease-token
 //! counter). `swg_migrations`: `version INTEGER` primary key, `name TEXT`,
-//! `applied_at INTEGER` (see [`SqliteStore::migrate`]).
+//! `applied_at INTEGER` (see `SqliteStore::migrate`).
 //!
 //! # How the rules are enforced
 //!
@@ -121,9 +121,9 @@
 //!
 //! # Effects in the same transaction
 //!
-//! As with PostgreSQL: [`SqliteStore::begin`] opens a `BEGIN IMMEDIATE`
+//! As with PostgreSQL: `SqliteStore::begin` opens a `BEGIN IMMEDIATE`
 //! transaction; do the application's writes, call
-//! [`SqliteStore::complete_in`] with the lease, and commit, so the writes
+//! `SqliteStore::complete_in` with the lease, and commit, so the writes
 //! and the completion happen together or not at all. The processor's later
 //! [`EventLedger::complete`](crate::store::EventLedger::complete) with the same lease is then a no-op. The
 //! transaction holds SQLite's write lock, so keep it short.
@@ -142,7 +142,7 @@ use time::OffsetDateTime;
 use super::{Arg, Dialect, Fail, Migration, SqlStore, classify, corrupt, valid_name};
 use crate::store::{StoreError, StoreErrorKind};
 
-/// The table prefix [`SqliteStore::new`] uses.
+/// The table prefix `SqliteStore::new` uses.
 pub const DEFAULT_PREFIX: &str = "swg_";
 
 /// Longest prefix accepted.
@@ -317,7 +317,7 @@ pub(super) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 
 impl SqlStore<Lite> {
     /// A store over `pool` with the table prefix [`DEFAULT_PREFIX`]. Call
-    /// [`SqliteStore::migrate`] before use.
+    /// `SqliteStore::migrate` before use.
     pub fn new(pool: SqlitePool) -> Self {
         Self::build(pool, DEFAULT_PREFIX)
     }
@@ -340,7 +340,7 @@ impl SqlStore<Lite> {
         Self::connect_options_with(path, Durability::Full)
     }
 
-    /// [`SqliteStore::connect_options`] with the given [`Durability`]:
+    /// `SqliteStore::connect_options` with the given [`Durability`]:
     /// [`Durability::Normal`] trades the last commits before a power loss
     /// for speed.
     ///
@@ -367,9 +367,9 @@ impl SqlStore<Lite> {
     }
 
     /// Opens (or creates) the database file at `path` with
-    /// [`SqliteStore::connect_options`] and a pool of up to 8 connections
+    /// `SqliteStore::connect_options` and a pool of up to 8 connections
     /// (5 second acquire timeout), with the default prefix. Call
-    /// [`SqliteStore::migrate`] next.
+    /// `SqliteStore::migrate` next.
     ///
     /// # Errors
     ///
@@ -379,11 +379,11 @@ impl SqlStore<Lite> {
         Self::open_with(path, Durability::Full).await
     }
 
-    /// [`SqliteStore::open`] with the given [`Durability`].
+    /// `SqliteStore::open` with the given [`Durability`].
     ///
     /// # Errors
     ///
-    /// As [`SqliteStore::open`].
+    /// As `SqliteStore::open`.
     pub async fn open_with(
         path: impl AsRef<Path>,
         durability: Durability,
