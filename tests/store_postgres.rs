@@ -5,9 +5,9 @@
 //! so tests run in parallel. When no connection can be made, the tests fail.
 #![cfg(feature = "postgres")]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration as StdDuration, Instant};
 
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
@@ -16,9 +16,7 @@ use stripe_webhook_guard::clock::{BoxFuture, Clock, SystemClock};
 use stripe_webhook_guard::ledger::{
     ClaimOutcome, ClaimRequest, EventKey, Fingerprint, LedgerState,
 };
-use stripe_webhook_guard::store::{
-    EventLedger, InboxRequest, InboxStore, PgStore, StoreErrorKind, SubscriptionStore,
-};
+use stripe_webhook_guard::store::{EventLedger, PgStore, StoreErrorKind, SubscriptionStore};
 use time::Duration;
 
 fn database_url() -> String {
@@ -360,165 +358,6 @@ async fn tokens_are_unique_per_claim() {
         assert!(tokens.insert(first.token));
         assert!(tokens.insert(second.token));
     }
-}
-
-/// Many workers over few subscriptions: never two events of one subscription
-/// leased at once, and each subscription's events in `created` order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn take_serializes_each_subscription_under_contention() {
-    let (store, _guard) = fresh_store(16).await;
-    let store = Arc::new(store);
-    let past = time::OffsetDateTime::now_utc() - Duration::seconds(1);
-    let total = 120;
-    for i in 0..total {
-        let id = format!("evt_ser_{i:04}");
-        let sub = if i % 10 == 9 {
-            None
-        } else {
-            Some(format!("sub_ser_{}", i % 6))
-        };
-        let req = InboxRequest {
-            claim: ClaimRequest {
-                event_created: i64::from(i),
-                ..request(&id, 1)
-            },
-            payload: format!(r#"{{"id":"{id}"}}"#),
-            subscription_id: sub,
-            available_at: past,
-        };
-        store.enqueue(&req).await.unwrap();
-    }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let order: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        let busy = busy.clone();
-        let order = order.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store.take(3, Duration::seconds(30), 3).await.expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    tokio::time::sleep(StdDuration::from_millis(1)).await;
-                    continue;
-                }
-                for item in items {
-                    if let Some(sub) = &item.subscription_id {
-                        assert!(
-                            busy.lock().unwrap().insert(sub.clone()),
-                            "two events of {sub} at once"
-                        );
-                        let created = store
-                            .get(&item.lease.key)
-                            .await
-                            .unwrap()
-                            .unwrap()
-                            .event_created;
-                        order
-                            .lock()
-                            .unwrap()
-                            .entry(sub.clone())
-                            .or_default()
-                            .push(created);
-                    }
-                    tokio::time::sleep(StdDuration::from_millis(2)).await;
-                    if let Some(sub) = &item.subscription_id {
-                        busy.lock().unwrap().remove(sub);
-                    }
-                    store.complete(&item.lease).await.expect("complete");
-                    done += 1;
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
-    assert_eq!(done, total);
-    for (sub, created) in order.lock().unwrap().iter() {
-        let mut sorted = created.clone();
-        sorted.sort_unstable();
-        assert_eq!(*created, sorted, "{sub} out of order");
-    }
-}
-
-/// Like the above, with failures retried a few milliseconds later: events
-/// become due while other workers are taking, so two concurrent takes can
-/// see different oldest events of one subscription. Still never two at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn take_serializes_each_subscription_with_retries() {
-    let (store, _guard) = fresh_store(16).await;
-    let store = Arc::new(store);
-    let past = time::OffsetDateTime::now_utc() - Duration::seconds(1);
-    let total = 90;
-    for i in 0..total {
-        let id = format!("evt_retry_{i:04}");
-        let req = InboxRequest {
-            claim: ClaimRequest {
-                event_created: i64::from(i),
-                ..request(&id, 1)
-            },
-            payload: format!(r#"{{"id":"{id}"}}"#),
-            subscription_id: Some(format!("sub_retry_{}", i % 3)),
-            available_at: past,
-        };
-        store.enqueue(&req).await.unwrap();
-    }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        let busy = busy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store
-                    .take(2, Duration::seconds(30), 10)
-                    .await
-                    .expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                for item in items {
-                    let sub = item.subscription_id.clone().expect("subscription");
-                    assert!(
-                        busy.lock().unwrap().insert(sub.clone()),
-                        "two events of {sub} at once"
-                    );
-                    tokio::time::sleep(StdDuration::from_millis(1)).await;
-                    busy.lock().unwrap().remove(&sub);
-                    if item.lease.attempt < 3 {
-                        let failure = stripe_webhook_guard::ledger::Failure {
-                            error: "try again".into(),
-                            retryable: true,
-                            max_attempts: 10,
-                            payload: None,
-                        };
-                        store.fail(&item.lease, &failure).await.expect("fail");
-                        let at = time::OffsetDateTime::now_utc() + Duration::milliseconds(3);
-                        store.retry_at(&item.lease.key, at).await.expect("retry_at");
-                    } else {
-                        store.complete(&item.lease).await.expect("complete");
-                        done += 1;
-                    }
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
-    assert_eq!(done, total);
 }
 
 /// Makes the next `remaining` ledger inserts fail with SQLSTATE `code`

@@ -2,10 +2,10 @@
 //! own temporary database file (removed afterwards).
 #![cfg(feature = "sqlite")]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration as StdDuration, Instant};
 
 use sqlx::Row;
@@ -14,9 +14,7 @@ use stripe_webhook_guard::clock::{BoxFuture, Clock, SystemClock};
 use stripe_webhook_guard::ledger::{
     ClaimOutcome, ClaimRequest, EventKey, Fingerprint, Lease, LedgerState,
 };
-use stripe_webhook_guard::store::{
-    EventLedger, InboxRequest, InboxStore, SqliteStore, StoreErrorKind, SubscriptionStore,
-};
+use stripe_webhook_guard::store::{EventLedger, SqliteStore, StoreErrorKind, SubscriptionStore};
 use time::Duration;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -154,6 +152,41 @@ async fn concurrent_migrations_apply_once() {
         applied += t.await.unwrap().expect("migrate");
     }
     assert_eq!(applied, 1);
+}
+
+/// Acknowledged events must survive a power loss: WAL with
+/// `synchronous = FULL` (2) by default, `NORMAL` (1) only when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_durable_by_default_and_normal_is_an_opt_in() {
+    use stripe_webhook_guard::store::sqlite::Durability;
+    let path = unique_path();
+    let _guard = FileGuard(path.clone());
+    let synchronous = |store: SqliteStore| async move {
+        sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        synchronous(SqliteStore::open(&path).await.unwrap()).await,
+        2
+    );
+    let store = SqliteStore::open_with(&path, Durability::Normal)
+        .await
+        .unwrap();
+    assert_eq!(synchronous(store).await, 1);
+    let store = SqliteStore::open_with(&path, Durability::Full)
+        .await
+        .unwrap();
+    assert_eq!(synchronous(store).await, 2);
+    let (store, _file) = fresh_store(2).await;
+    assert_eq!(synchronous(store).await, 2, "connect_options is FULL");
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteStore::connect_options_with(&path, Durability::Normal))
+        .await
+        .unwrap();
+    assert_eq!(synchronous(SqliteStore::new(pool)).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,163 +368,4 @@ async fn tokens_are_unique_per_claim() {
         assert!(tokens.insert(first.token));
         assert!(tokens.insert(second.token));
     }
-}
-
-/// Many workers over few subscriptions: never two events of one subscription
-/// leased at once, and each subscription's events in `created` order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn take_serializes_each_subscription_under_contention() {
-    let (store, _guard) = fresh_store(8).await;
-    let store = Arc::new(store);
-    let past = time::OffsetDateTime::now_utc() - Duration::seconds(1);
-    let total = 120;
-    for i in 0..total {
-        let id = format!("evt_ser_{i:04}");
-        let sub = if i % 10 == 9 {
-            None
-        } else {
-            Some(format!("sub_ser_{}", i % 6))
-        };
-        let req = InboxRequest {
-            claim: ClaimRequest {
-                event_created: i64::from(i),
-                ..request(&id, 1)
-            },
-            payload: format!(r#"{{"id":"{id}"}}"#),
-            subscription_id: sub,
-            available_at: past,
-        };
-        store.enqueue(&req).await.unwrap();
-    }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let order: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let store = store.clone();
-        let busy = busy.clone();
-        let order = order.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store.take(3, Duration::seconds(30), 3).await.expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    tokio::time::sleep(StdDuration::from_millis(1)).await;
-                    continue;
-                }
-                for item in items {
-                    if let Some(sub) = &item.subscription_id {
-                        assert!(
-                            busy.lock().unwrap().insert(sub.clone()),
-                            "two events of {sub} at once"
-                        );
-                        let created = store
-                            .get(&item.lease.key)
-                            .await
-                            .unwrap()
-                            .unwrap()
-                            .event_created;
-                        order
-                            .lock()
-                            .unwrap()
-                            .entry(sub.clone())
-                            .or_default()
-                            .push(created);
-                    }
-                    tokio::time::sleep(StdDuration::from_millis(2)).await;
-                    if let Some(sub) = &item.subscription_id {
-                        busy.lock().unwrap().remove(sub);
-                    }
-                    store.complete(&item.lease).await.expect("complete");
-                    done += 1;
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
-    assert_eq!(done, total);
-    for (sub, created) in order.lock().unwrap().iter() {
-        let mut sorted = created.clone();
-        sorted.sort_unstable();
-        assert_eq!(*created, sorted, "{sub} out of order");
-    }
-}
-
-/// Like the above, with failures retried a few milliseconds later: events
-/// become due while other workers are taking, so two concurrent takes can
-/// see different oldest events of one subscription. Still never two at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn take_serializes_each_subscription_with_retries() {
-    let (store, _guard) = fresh_store(8).await;
-    let store = Arc::new(store);
-    let past = time::OffsetDateTime::now_utc() - Duration::seconds(1);
-    let total = 90;
-    for i in 0..total {
-        let id = format!("evt_retry_{i:04}");
-        let req = InboxRequest {
-            claim: ClaimRequest {
-                event_created: i64::from(i),
-                ..request(&id, 1)
-            },
-            payload: format!(r#"{{"id":"{id}"}}"#),
-            subscription_id: Some(format!("sub_retry_{}", i % 3)),
-            available_at: past,
-        };
-        store.enqueue(&req).await.unwrap();
-    }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        let busy = busy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store
-                    .take(2, Duration::seconds(30), 10)
-                    .await
-                    .expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                for item in items {
-                    let sub = item.subscription_id.clone().expect("subscription");
-                    assert!(
-                        busy.lock().unwrap().insert(sub.clone()),
-                        "two events of {sub} at once"
-                    );
-                    tokio::time::sleep(StdDuration::from_millis(1)).await;
-                    busy.lock().unwrap().remove(&sub);
-                    if item.lease.attempt < 3 {
-                        let failure = stripe_webhook_guard::ledger::Failure {
-                            error: "try again".into(),
-                            retryable: true,
-                            max_attempts: 10,
-                            payload: None,
-                        };
-                        store.fail(&item.lease, &failure).await.expect("fail");
-                        let at = time::OffsetDateTime::now_utc() + Duration::milliseconds(3);
-                        store.retry_at(&item.lease.key, at).await.expect("retry_at");
-                    } else {
-                        store.complete(&item.lease).await.expect("complete");
-                        done += 1;
-                    }
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
-    assert_eq!(done, total);
 }

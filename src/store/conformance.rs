@@ -19,8 +19,8 @@
 //! });
 //! ```
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 
 use time::{Duration, OffsetDateTime};
 
@@ -920,6 +920,213 @@ pub async fn inbox_concurrent_takes_are_disjoint<S: InboxStore + ?Sized + 'stati
     assert_eq!(unique.len(), 60);
 }
 
+/// Inbox: an event claimed by a synchronous delivery (which stores no
+/// payload) and then received by the inbox is not stranded when the
+/// synchronous worker dies: `enqueue` answers `Duplicate` with its state and
+/// attaches the payload, so once the lease expires a worker takes the event
+/// with that payload.
+pub async fn inbox_adopts_an_abandoned_synchronous_claim<S: InboxStore + ?Sized>(
+    store: &S,
+    clock: &dyn Clock,
+) {
+    let id = "evt_conf_in_sync";
+    let req = request(id, 5);
+    let _abandoned = claimed(store, &req).await;
+    let enqueued = InboxRequest {
+        claim: req.clone(),
+        ..inbox_request(
+            id,
+            Some("sub_sync"),
+            1_700_000_000,
+            clock.now() - Duration::seconds(1),
+        )
+    };
+    assert_eq!(
+        store.enqueue(&enqueued).await.unwrap(),
+        EnqueueOutcome::Duplicate {
+            state: LedgerState::Processing
+        }
+    );
+    assert!(
+        store.take(10, LEASE, 5).await.unwrap().is_empty(),
+        "the synchronous lease is still live"
+    );
+    expire(clock).await;
+    let items = store.take(10, LEASE, 5).await.unwrap();
+    assert_eq!(items.len(), 1, "the abandoned event is taken over");
+    assert_eq!(items[0].lease.key, req.key);
+    assert_eq!(items[0].lease.attempt, 2);
+    assert_eq!(items[0].payload, enqueued.payload);
+    assert_eq!(items[0].subscription_id.as_deref(), Some("sub_sync"));
+    store.complete(&items[0].lease).await.unwrap();
+    assert_eq!(store.backlog().await.unwrap(), 0);
+    // A settled event is left as it is: no payload is attached to it.
+    let e = store.get(&req.key).await.unwrap().expect("entry");
+    assert_eq!(e.state, LedgerState::Processed);
+    assert_eq!(
+        store.enqueue(&enqueued).await.unwrap(),
+        EnqueueOutcome::Duplicate {
+            state: LedgerState::Processed
+        }
+    );
+    let e = store.get(&req.key).await.unwrap().expect("entry");
+    assert_eq!(e.payload, None);
+}
+
+/// Waits a little when a worker found nothing to take: on the suite's clock
+/// (so a virtual clock moves on and retries become due) and on the runtime
+/// (so other workers run).
+async fn idle<C: Clock + ?Sized>(clock: &C) {
+    clock.sleep(Duration::milliseconds(1)).await;
+    tokio::task::yield_now().await;
+}
+
+/// Inbox: many workers over few subscriptions never hold two events of one
+/// subscription at once, and take each subscription's events in `created`
+/// order (events without a subscription are taken freely).
+pub async fn take_serializes_each_subscription_under_contention<S, C>(store: Arc<S>, clock: Arc<C>)
+where
+    S: InboxStore + ?Sized + 'static,
+    C: Clock + ?Sized + 'static,
+{
+    let past = clock.now() - Duration::seconds(1);
+    let total = 120;
+    for i in 0..total {
+        let id = format!("evt_ser_{i:04}");
+        let sub = (i % 10 != 9).then(|| format!("sub_ser_{}", i % 6));
+        let req = inbox_request(&id, sub.as_deref(), i64::from(i), past);
+        store.enqueue(&req).await.unwrap();
+    }
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let order: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let clock = clock.clone();
+        let busy = busy.clone();
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let items = store.take(3, Duration::seconds(30), 3).await.expect("take");
+                if items.is_empty() {
+                    if store.backlog().await.expect("backlog") == 0 {
+                        return done;
+                    }
+                    idle(&*clock).await;
+                    continue;
+                }
+                for item in items {
+                    if let Some(sub) = &item.subscription_id {
+                        assert!(
+                            busy.lock().unwrap().insert(sub.clone()),
+                            "two events of {sub} at once"
+                        );
+                        let created = store
+                            .get(&item.lease.key)
+                            .await
+                            .unwrap()
+                            .unwrap()
+                            .event_created;
+                        order
+                            .lock()
+                            .unwrap()
+                            .entry(sub.clone())
+                            .or_default()
+                            .push(created);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    if let Some(sub) = &item.subscription_id {
+                        busy.lock().unwrap().remove(sub);
+                    }
+                    store.complete(&item.lease).await.expect("complete");
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    assert_eq!(done, total);
+    for (sub, created) in order.lock().unwrap().iter() {
+        let mut sorted = created.clone();
+        sorted.sort_unstable();
+        assert_eq!(*created, sorted, "{sub} out of order");
+    }
+}
+
+/// Inbox: like the above, with failures retried a few milliseconds later:
+/// events become due while other workers are taking, so two concurrent takes
+/// can see different oldest events of one subscription. Still never two
+/// events of one subscription at once.
+pub async fn take_serializes_each_subscription_with_retries<S, C>(store: Arc<S>, clock: Arc<C>)
+where
+    S: InboxStore + ?Sized + 'static,
+    C: Clock + ?Sized + 'static,
+{
+    let past = clock.now() - Duration::seconds(1);
+    let total = 90;
+    for i in 0..total {
+        let id = format!("evt_retry_{i:04}");
+        let sub = format!("sub_retry_{}", i % 3);
+        let req = inbox_request(&id, Some(&sub), i64::from(i), past);
+        store.enqueue(&req).await.unwrap();
+    }
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let clock = clock.clone();
+        let busy = busy.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let items = store
+                    .take(2, Duration::seconds(30), 10)
+                    .await
+                    .expect("take");
+                if items.is_empty() {
+                    if store.backlog().await.expect("backlog") == 0 {
+                        return done;
+                    }
+                    idle(&*clock).await;
+                    continue;
+                }
+                for item in items {
+                    let sub = item.subscription_id.clone().expect("subscription");
+                    assert!(
+                        busy.lock().unwrap().insert(sub.clone()),
+                        "two events of {sub} at once"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    busy.lock().unwrap().remove(&sub);
+                    if item.lease.attempt < 3 {
+                        let failure = Failure {
+                            error: "try again".into(),
+                            retryable: true,
+                            max_attempts: 10,
+                            payload: None,
+                        };
+                        store.fail(&item.lease, &failure).await.expect("fail");
+                        let at = clock.now() + Duration::milliseconds(3);
+                        store.retry_at(&item.lease.key, at).await.expect("retry_at");
+                    } else {
+                        store.complete(&item.lease).await.expect("complete");
+                        done += 1;
+                    }
+                }
+            }
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    assert_eq!(done, total);
+}
+
 /// Expands to one `#[tokio::test]` per conformance rule for a store.
 ///
 /// `$make` is an expression, evaluated once per test, returning
@@ -937,9 +1144,14 @@ macro_rules! store_conformance_tests {
                 fingerprint_conflict_is_refused, ignore_is_recorded_once,
                 release_does_not_spend_an_attempt, dead_letters_are_listed_and_requeued,
                 prune_keeps_recent_and_dead, account_is_part_of_the_key,
-                inbox_orders_and_serializes, inbox_retries_and_recovers
+                inbox_orders_and_serializes, inbox_retries_and_recovers,
+                inbox_adopts_an_abandoned_synchronous_claim
             ],
             arc: [concurrent_claims_have_one_winner, inbox_concurrent_takes_are_disjoint],
+            arc_clock: [
+                take_serializes_each_subscription_under_contention,
+                take_serializes_each_subscription_with_retries
+            ],
             store_only: [
                 subscription_save_is_versioned, subscription_lookups, subscription_listing,
                 entitlements_are_versioned, cursors_round_trip
@@ -955,6 +1167,7 @@ macro_rules! __conformance_rules {
     ($name:ident, $make:expr;
      store: [$($s:ident),* $(,)?],
      arc: [$($a:ident),* $(,)?],
+     arc_clock: [$($ac:ident),* $(,)?],
      store_only: [$($so:ident),* $(,)?],
      arc_only: [$($ao:ident),* $(,)?]) => {
         mod $name {
@@ -972,6 +1185,13 @@ macro_rules! __conformance_rules {
                 async fn $a() {
                     let (store, clock) = $make;
                     $crate::store::conformance::$a(store.clone(), &*clock).await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $ac() {
+                    let (store, clock) = $make;
+                    $crate::store::conformance::$ac(store.clone(), clock.clone()).await;
                 }
             )*
             $(

@@ -484,9 +484,23 @@ impl InboxStore for MemoryStore {
     async fn enqueue(&self, request: &InboxRequest) -> Result<EnqueueOutcome, StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();
-        if let Some(e) = inner.ledger.get(&request.claim.key) {
+        if let Some(e) = inner.ledger.get_mut(&request.claim.key) {
             if e.fingerprint != request.claim.fingerprint {
                 return Ok(EnqueueOutcome::Conflict);
+            }
+            // An unsettled entry without a payload (claimed by a synchronous
+            // delivery) gets this one, so a worker can take it over once the
+            // lease expires.
+            let unsettled = matches!(
+                e.state,
+                LedgerState::Pending | LedgerState::Processing | LedgerState::Failed
+            );
+            if unsettled && e.payload.is_none() {
+                e.payload = Some(request.payload.clone());
+                if e.subscription_id.is_none() {
+                    e.subscription_id.clone_from(&request.subscription_id);
+                }
+                e.available_at.get_or_insert(request.available_at);
             }
             return Ok(EnqueueOutcome::Duplicate { state: e.state });
         }

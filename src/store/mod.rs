@@ -29,14 +29,10 @@ pub use memory::MemoryStore;
 mod sql;
 
 #[cfg(feature = "postgres")]
-pub mod postgres;
-#[cfg(feature = "postgres")]
-pub use postgres::PgStore;
+pub use sql::postgres::{self, PgStore};
 
 #[cfg(feature = "sqlite")]
-pub mod sqlite;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sql::sqlite::{self, SqliteStore};
 
 #[cfg(feature = "test-util")]
 pub mod conformance;
@@ -391,6 +387,14 @@ pub enum EnqueueOutcome {
 #[async_trait]
 pub trait InboxStore: EventLedger {
     /// Stores a verified event as `pending` (insert-if-absent).
+    ///
+    /// An event already known answers [`EnqueueOutcome::Duplicate`] with its
+    /// state (or [`EnqueueOutcome::Conflict`] for different content). If that
+    /// entry is unsettled (`pending`, `processing` or `failed`) and has no
+    /// payload, as after a synchronous [`EventLedger::claim`], the payload
+    /// (and the subscription and `available_at`, where the entry has none)
+    /// is attached to it, so that once its lease expires a worker takes it:
+    /// a synchronous worker that dies cannot strand the event.
     ///
     /// # Errors
     ///
