@@ -219,7 +219,7 @@ pub use processor::{
 pub use reconcile::{ReconcileConfig, Reconciler, SweepScope};
 pub use signature::{Verifier, WebhookSecret, test_header};
 pub use store::{
-    CursorStore, EventLedger, InboxStore, InboxStorage, MemoryStore, StoreError, Storage,
+    CursorStore, EventLedger, InboxStorage, InboxStore, MemoryStore, Storage, StoreError,
     SubscriptionStore,
 };
 pub use subscription::{Effect, SubscriptionRecord};

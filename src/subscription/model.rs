@@ -440,6 +440,9 @@ mod tests {
             r.note(i, None, AnomalyKind::Diverged, format!("{i}"));
         }
         assert_eq!(r.anomalies.len(), MAX_ANOMALIES);
-        assert_eq!(r.anomalies[0].at, 40 - i64::try_from(MAX_ANOMALIES).unwrap());
+        assert_eq!(
+            r.anomalies[0].at,
+            40 - i64::try_from(MAX_ANOMALIES).unwrap()
+        );
     }
 }
