@@ -183,7 +183,7 @@
 //! | `sqlite` | `store::SqliteStore` (sqlx, embedded migrations) |
 //! | `reqwest` | `client::http::HttpStripeClient` |
 //! | `axum` | `integrations::axum`: the webhook route |
-//! | `test-util` | `testing::FakeStripe`, `testing::Simulator`, `testing::Rng`, `store::conformance` |
+//! | `test-util` | `testing::FakeStripe`, `testing::Simulator`, `testing::Rng`, `testing::conformance` (the store conformance suite) |
 //! | `tracing` | one log line per event with its id and type (never bodies) |
 //! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise); enabled by `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` |
 // `unsafe_code = "forbid"` and `missing_docs = "deny"` are set once, for

@@ -21,6 +21,7 @@ use crate::event::{Event, SubscriptionView};
 mod budget;
 
 #[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod http;
 
 pub use budget::{BudgetConfig, RequestBudget};

@@ -2,7 +2,7 @@
 //!
 //! An application plugs in its own database by implementing these traits
 //! (all `async_trait`, dyn-compatible, `Send + Sync`). Every implementation
-//! must pass the conformance suite in [`conformance`] (feature `test-util`),
+//! must pass the conformance suite in `testing::conformance` (feature `test-util`),
 //! which is the executable form of the rules documented on each method.
 //!
 //! - [`EventLedger`]: the exactly-once ledger of [`crate::ledger`].
@@ -29,13 +29,12 @@ pub use memory::MemoryStore;
 mod sql;
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use sql::postgres::{self, PgStore};
 
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sql::sqlite::{self, SqliteStore};
-
-#[cfg(feature = "test-util")]
-pub mod conformance;
 
 /// What kind of storage failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -62,6 +62,7 @@
 //! # }
 //! ```
 
+pub mod conformance;
 mod fake_stripe;
 mod rng;
 mod simulator;
