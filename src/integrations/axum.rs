@@ -14,7 +14,7 @@
 //! | handler failed | 500 | `{"error": "failed", "retryable": true}` |
 //! | in flight elsewhere, store or Stripe API down, lease lost | 503 | `{"error": "in_flight", "retryable": true}` |
 //!
-//! The `outcome` is [`Outcome::label`], the `error` is [`Error::label`], and
+//! The `outcome` is [`Outcome::as_str`], the `error` is [`Error::as_str`], and
 //! the status is [`Outcome::http_status`] / [`Error::http_status`]. The
 //! answer never echoes the body, the header, or a secret.
 //!

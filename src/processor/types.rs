@@ -367,8 +367,8 @@ pub(super) struct Counters {
 /// A copy of the processor's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
-    /// Requests handed to [`WebhookProcessor::handle`] (and events to
-    /// [`WebhookProcessor::process_event`]).
+    /// Requests handed to [`WebhookProcessor::handle`](super::WebhookProcessor::handle) (and events to
+    /// [`WebhookProcessor::process_event`](super::WebhookProcessor::process_event)).
     pub received: u64,
     /// Refused before the ledger: bad signature or unparseable.
     pub rejected: u64,

@@ -26,7 +26,7 @@ pub enum TransitionKind {
     Impossible,
 }
 
-/// The transition table of the [module docs](self). `from == None` is a new
+/// The transition table of the [module docs](super). `from == None` is a new
 /// subscription.
 pub fn transition(from: Option<&SubscriptionStatus>, to: &SubscriptionStatus) -> TransitionKind {
     use SubscriptionStatus as S;

@@ -3,7 +3,7 @@
 //!
 //! # Statuses and transitions
 //!
-//! Stripe's eight statuses ([`SubscriptionStatus`]) move only along these
+//! Stripe's eight statuses ([`SubscriptionStatus`](crate::event::SubscriptionStatus)) move only along these
 //! edges ([`transition`]):
 //!
 //! | from | to |

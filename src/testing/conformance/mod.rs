@@ -1,5 +1,5 @@
 //! The store conformance suite (feature `test-util`): one async function per
-//! rule that every store must follow. [`MemoryStore`](super::MemoryStore) is
+//! rule that every store must follow. [`MemoryStore`](crate::store::MemoryStore) is
 //! the reference; SQL stores and an application's own store run the same
 //! functions.
 //!
