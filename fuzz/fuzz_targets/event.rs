@@ -9,7 +9,9 @@ use stripe_webhook_guard::subscription::{Decision, decide, subscription_id_of};
 use time::OffsetDateTime;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(event) = Event::parse_unverified(data) else { return };
+    let Ok(event) = Event::parse_unverified(data) else {
+        return;
+    };
     let again = Event::parse_unverified(event.to_json().as_bytes()).expect("to_json parses");
     assert_eq!(again, event);
     let _ = Fingerprint::of(&event);
@@ -23,7 +25,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(decision) = decide(None, &event, now) {
         let record = match decision {
             Decision::Apply(a) => Some(a.record),
-            Decision::Refetch { fallback: Some(f), .. } => Some(f.record),
+            Decision::Refetch {
+                fallback: Some(f), ..
+            } => Some(f.record),
             _ => None,
         };
         if let Some(record) = record {

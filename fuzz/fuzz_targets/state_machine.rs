@@ -70,13 +70,18 @@ fn event(bytes: &[u8; 6], n: usize) -> Option<Event> {
 }
 
 fn is_terminal(s: &SubscriptionStatus) -> bool {
-    matches!(s, SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired)
+    matches!(
+        s,
+        SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired
+    )
 }
 
 fn applied(decision: Decision) -> Option<SubscriptionRecord> {
     match decision {
         Decision::Apply(a) => Some(a.record),
-        Decision::Refetch { fallback: Some(f), .. } => Some(f.record),
+        Decision::Refetch {
+            fallback: Some(f), ..
+        } => Some(f.record),
         _ => None,
     }
 }
@@ -87,12 +92,21 @@ fuzz_target!(|data: &[u8]| {
     let mut record: Option<SubscriptionRecord> = None;
     for (n, chunk) in data.chunks_exact(6).take(64).enumerate() {
         let bytes: &[u8; 6] = chunk.try_into().expect("chunks of six");
-        let Some(event) = event(bytes, n) else { continue };
-        let Ok(decision) = decide(record.as_ref(), &event, now) else { continue };
-        let Some(next) = applied(decision) else { continue };
+        let Some(event) = event(bytes, n) else {
+            continue;
+        };
+        let Ok(decision) = decide(record.as_ref(), &event, now) else {
+            continue;
+        };
+        let Some(next) = applied(decision) else {
+            continue;
+        };
         if let Some(before) = &record {
             if is_terminal(&before.state.status) {
-                assert_eq!(before.state.status, next.state.status, "left a terminal status");
+                assert_eq!(
+                    before.state.status, next.state.status,
+                    "left a terminal status"
+                );
             }
             if let (Some(a), Some(b)) = (&before.watermark, &next.watermark) {
                 assert!(b.created >= a.created, "watermark moved back");
@@ -100,14 +114,20 @@ fuzz_target!(|data: &[u8]| {
         }
         let again = decide(Some(&next), &event, now).expect("parsed once already");
         if let Some(twice) = applied(again) {
-            assert_eq!(twice.state, next.state, "the same event applied twice changed the record");
+            assert_eq!(
+                twice.state, next.state,
+                "the same event applied twice changed the record"
+            );
         }
         let mut last = None;
         for hours in [0i64, 1, 24, 24 * 40, 24 * 400] {
             let at = now + Duration::hours(hours);
             let access = policy.decide(&next, at).access;
             if let Some(prev) = last {
-                assert!(access <= prev, "access grew with time: {prev:?} then {access:?}");
+                assert!(
+                    access <= prev,
+                    "access grew with time: {prev:?} then {access:?}"
+                );
             }
             last = Some(access);
         }
