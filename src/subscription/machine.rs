@@ -39,6 +39,11 @@ pub fn transition(from: Option<&SubscriptionStatus>, to: &SubscriptionStatus) ->
     if from == to {
         return TransitionKind::Same;
     }
+    // Nothing leaves a terminal status, not even a status this crate does
+    // not know yet (a resubscription is a new subscription id).
+    if from.is_terminal() {
+        return TransitionKind::Impossible;
+    }
     if matches!(from, S::Unknown(_)) || matches!(to, S::Unknown(_)) {
         return TransitionKind::Gap;
     }
@@ -591,6 +596,11 @@ mod tests {
             (Some(S::IncompleteExpired), S::Active, Impossible),
             (Some(S::Canceled), S::Canceled, Same),
             (Some(S::Active), S::Unknown("new".into()), Gap),
+            // Found by the state-machine fuzz target: a status this crate
+            // does not know must not lead out of a terminal one.
+            (Some(S::IncompleteExpired), S::Unknown("new".into()), Impossible),
+            (Some(S::Canceled), S::Unknown("new".into()), Impossible),
+            (Some(S::Unknown("new".into())), S::Active, Gap),
         ];
         for (from, to, want) in cases {
             assert_eq!(transition(from.as_ref(), &to), want, "{from:?} -> {to:?}");
