@@ -184,15 +184,14 @@ pub(super) fn is_sdk_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// Whitespace Python's `int()` strips around a number: ASCII tab to carriage
-/// return and space, U+0085, U+00A0, U+1680, U+2000–U+200A, U+2028, U+2029,
-/// U+202F, U+205F and U+3000 (not U+FEFF, not U+001C–U+001F).
-pub(super) fn is_python_int_space(c: char) -> bool {
+/// Whitespace both Python's `int()` and JavaScript's `parseInt` skip: ASCII
+/// tab to carriage return and space, U+00A0, U+1680, U+2000–U+200A, U+2028,
+/// U+2029, U+202F, U+205F and U+3000.
+fn is_shared_space(c: char) -> bool {
     matches!(
         c,
         '\t'..='\r'
             | ' '
-            | '\u{85}'
             | '\u{a0}'
             | '\u{1680}'
             | '\u{2000}'..='\u{200a}'
@@ -204,24 +203,16 @@ pub(super) fn is_python_int_space(c: char) -> bool {
     )
 }
 
-/// Whitespace JavaScript's `parseInt` skips before a number: ASCII tab to
-/// carriage return and space, U+00A0, U+1680, U+2000–U+200A, U+2028, U+2029,
-/// U+202F, U+205F, U+3000 and U+FEFF (not U+0085).
+/// Whitespace Python's `int()` strips around a number: the shared set and
+/// U+0085 (not U+FEFF, not U+001C–U+001F).
+pub(super) fn is_python_int_space(c: char) -> bool {
+    is_shared_space(c) || c == '\u{85}'
+}
+
+/// Whitespace JavaScript's `parseInt` skips before a number: the shared set
+/// and U+FEFF (not U+0085).
 pub(super) fn is_node_space(c: char) -> bool {
-    matches!(
-        c,
-        '\t'..='\r'
-            | ' '
-            | '\u{a0}'
-            | '\u{1680}'
-            | '\u{2000}'..='\u{200a}'
-            | '\u{2028}'
-            | '\u{2029}'
-            | '\u{202f}'
-            | '\u{205f}'
-            | '\u{3000}'
-            | '\u{feff}'
-    )
+    is_shared_space(c) || c == '\u{feff}'
 }
 
 /// The zero of every run of ten Unicode decimal digits (category `Nd`) that
