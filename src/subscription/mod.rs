@@ -51,7 +51,10 @@
 //! moves the period forward, never back), then the event kind
 //! (`customer.subscription.created` < other updates < `deleted`), then the
 //! event id. It is a total order computed from each event alone, so the
-//! winner does not depend on arrival order.
+//! winner does not depend on arrival order. A record in a terminal status is
+//! never taken out of it by a tie (a terminal status ranks first); two
+//! different terminal statuses in the same second, which Stripe does not
+//! produce, are ranked the same way and flagged like every other tie.
 //!
 //! An unknown subscription is refetched and upserted (with a client) or
 //! created from the event's snapshot (without one). Thin events carry no
