@@ -893,38 +893,34 @@ fn json_error(status: StatusCode, error: &str, retryable: bool, detail: &str) ->
         .into_response()
 }
 
-/// `Path<T>` whose rejection (a segment that is not UTF-8 once decoded,
-/// say) is a JSON answer like every other.
-struct JsonPath<T>(T);
+/// An extractor wrapping axum's `$inner<T>` whose rejection is a JSON answer
+/// (`{"error": $label, "retryable": false, "detail": …}`) like every other.
+macro_rules! json_rejecting {
+    ($(#[$doc:meta])* $name:ident, $inner:ident, $rejection:ty, $label:literal) => {
+        $(#[$doc])*
+        struct $name<T>(T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for JsonPath<T> {
-    type Rejection = Response;
+        impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for $name<T> {
+            type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
-        Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Path(v)| Self(v))
-            .map_err(|e: PathRejection| {
-                json_error(e.status(), "invalid_path", false, &e.body_text())
-            })
-    }
+            async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+                $inner::<T>::from_request_parts(parts, state)
+                    .await
+                    .map(|$inner(v)| Self(v))
+                    .map_err(|e: $rejection| json_error(e.status(), $label, false, &e.body_text()))
+            }
+        }
+    };
 }
 
-/// `Query<T>` whose rejection is a JSON answer.
-struct JsonQuery<T>(T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for JsonQuery<T> {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
-        Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Query(v)| Self(v))
-            .map_err(|e: QueryRejection| {
-                json_error(e.status(), "invalid_query", false, &e.body_text())
-            })
-    }
-}
+json_rejecting!(
+    /// `Path<T>`; a segment that is not UTF-8 once decoded answers 400 JSON.
+    JsonPath, Path, PathRejection, "invalid_path"
+);
+json_rejecting!(
+    /// `Query<T>`; a query that does not deserialize answers 400 JSON.
+    JsonQuery, Query, QueryRejection, "invalid_query"
+);
 
 async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();

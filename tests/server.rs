@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use server::Config;
 use stripe_webhook_guard::integrations::axum::Drained;
@@ -102,6 +102,22 @@ impl Running {
 
     async fn post(&self, path: &str) -> (StatusCode, Value) {
         let response = self.http.post(self.url(path)).send().await.expect("POST");
+        let status = response.status();
+        (status, response.json().await.expect("JSON"))
+    }
+
+    /// Any method on `path`, with the admin token if given.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request");
         let status = response.status();
         (status, response.json().await.expect("JSON"))
     }
@@ -383,13 +399,12 @@ async fn chunked_body_over_the_cap_is_cut_off() {
     config.max_body_bytes = 16 * 1024;
     let server = start(config).await;
 
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST {PATH} HTTP/1.1\r\nHost: {}\r\nStripe-Signature: t=1,v1=00\r\n\
          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
         server.addr
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = send_raw(server.addr, head.as_bytes()).await;
     let chunk = vec![b'x'; 4096];
     for _ in 0..5 {
         let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
@@ -810,6 +825,13 @@ async fn admin_routes_need_the_token_when_one_is_set() {
 // Hard to hold open: raw TCP clients
 // ---------------------------------------------------------------------------
 
+/// A raw connection to the server that has sent `bytes`.
+async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
 /// Reads what the server sends until it closes the connection or `limit`
 /// passes; `None` when it was still open at `limit`.
 async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<String> {
@@ -844,14 +866,13 @@ async fn read_answer(stream: &mut TcpStream, limit: Duration) -> String {
 #[tokio::test]
 async fn missing_signature_header_is_refused_before_the_body_is_read() {
     let server = start(config()).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     // Declares 900 KB and sends none of it.
     let head = format!(
         "POST {PATH} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
          Content-Length: 900000\r\n\r\n",
         server.addr
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = send_raw(server.addr, head.as_bytes()).await;
     let started = std::time::Instant::now();
     let answer = read_answer(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
@@ -863,12 +884,11 @@ async fn missing_signature_header_is_refused_before_the_body_is_read() {
     assert_eq!(server.stat("rejected").await, 1);
 
     // An empty header counts as missing too.
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST {PATH} HTTP/1.1\r\nHost: {}\r\nStripe-Signature: \r\nContent-Length: 900000\r\n\r\n",
         server.addr
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = send_raw(server.addr, head.as_bytes()).await;
     let answer = read_answer(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.contains(r#""error":"missing_header""#), "{answer}");
     server.stop().await;
@@ -881,11 +901,11 @@ async fn half_sent_request_head_is_closed_after_the_header_timeout() {
     let mut config = config();
     config.header_timeout = Duration::from_secs(1);
     let server = start(config).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(format!("POST {PATH} HTTP/1.1\r\nHost: x\r\nStripe-Sig").as_bytes())
-        .await
-        .unwrap();
+    let mut stream = send_raw(
+        server.addr,
+        format!("POST {PATH} HTTP/1.1\r\nHost: x\r\nStripe-Sig").as_bytes(),
+    )
+    .await;
     let started = std::time::Instant::now();
     let closed = read_until_closed(&mut stream, Duration::from_secs(8)).await;
     assert!(closed.is_some(), "the connection is still open after 8 s");
@@ -904,12 +924,11 @@ async fn trickled_body_is_answered_408_at_the_body_timeout() {
     let mut config = config();
     config.body_timeout = Duration::from_secs(1);
     let server = start(config).await;
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST {PATH} HTTP/1.1\r\nHost: x\r\nStripe-Signature: t=1,v1=00\r\n\
          Content-Length: 1000\r\n\r\n{{\"id\":"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = send_raw(server.addr, head.as_bytes()).await;
     let started = std::time::Instant::now();
     let answer = read_answer(&mut stream, Duration::from_secs(6)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -981,14 +1000,12 @@ async fn connection_limit_holds_further_connections() {
     config.max_connections = 1;
     let server = start(config).await;
     let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut first = TcpStream::connect(server.addr).await.unwrap();
-    first.write_all(request).await.unwrap();
+    let mut first = send_raw(server.addr, request).await;
     let answer = read_answer(&mut first, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // The first connection stays open (keep-alive): the second is not served.
-    let mut second = TcpStream::connect(server.addr).await.unwrap();
-    second.write_all(request).await.unwrap();
+    let mut second = send_raw(server.addr, request).await;
     let mut buf = [0u8; 64];
     let early = tokio::time::timeout(Duration::from_millis(700), second.read(&mut buf)).await;
     assert!(early.is_err(), "served beyond the connection limit");
@@ -1011,17 +1028,17 @@ async fn shutdown_does_not_wait_for_a_stalled_client_beyond_the_deadline() {
     config.shutdown_deadline = Duration::from_secs(1);
     let server = start(config).await;
     // One client stalls in its head, another in its body.
-    let mut head = TcpStream::connect(server.addr).await.unwrap();
-    head.write_all(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    let mut body = TcpStream::connect(server.addr).await.unwrap();
-    body.write_all(
+    let mut head = send_raw(
+        server.addr,
+        b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n",
+    )
+    .await;
+    let mut body = send_raw(
+        server.addr,
         b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: t=1,v1=00\r\n\
           Content-Length: 100\r\n\r\n{",
     )
-    .await
-    .unwrap();
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     server.stop().await;
@@ -1111,7 +1128,7 @@ async fn path_and_query_rejections_answer_json() {
         ("GET", PATH, 405, "method_not_allowed"),
         ("DELETE", "/healthz", 405, "method_not_allowed"),
     ] {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
         let response = server
             .http
             .request(method.clone(), server.url(path))
@@ -1318,30 +1335,18 @@ async fn dead_letters_are_replayed_from_the_admin_routes() {
     for body in &bodies {
         seed_dead_letter(&server.processor, body).await;
     }
-    let admin = |request: reqwest::RequestBuilder| request.bearer_auth(token);
+    let call = |method: Method, path: &'static str, token: Option<&'static str>| {
+        server.call(method, path, token)
+    };
 
     // Without the token: refused, nothing replayed.
-    let r = server
-        .http
-        .post(server.url("/dead-letters/evt_dead_1/replay"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = server
-        .http
-        .post(server.url("/dead-letters/replay"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    for path in ["/dead-letters/evt_dead_1/replay", "/dead-letters/replay"] {
+        let (status, _) = call(Method::POST, path, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
 
-    let r = admin(server.http.get(server.url("/dead-letters")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let listed: Value = r.json().await.unwrap();
+    let (status, listed) = call(Method::GET, "/dead-letters", Some(token)).await;
+    assert_eq!(status, StatusCode::OK);
     let ids: Vec<&str> = listed["dead_letters"]
         .as_array()
         .unwrap()
@@ -1356,58 +1361,30 @@ async fn dead_letters_are_replayed_from_the_admin_routes() {
     );
 
     // One.
-    let r = admin(
-        server
-            .http
-            .post(server.url("/dead-letters/evt_dead_1/replay")),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let json: Value = r.json().await.unwrap();
+    let (status, json) = call(Method::POST, "/dead-letters/evt_dead_1/replay", Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
     assert_eq!(json["event_id"], "evt_dead_1");
     assert_eq!(json["outcome"], "applied");
-    let (status, record) = server.get("/subscriptions/sub_dead_1").await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{record}");
-    let record: Value = admin(server.http.get(server.url("/subscriptions/sub_dead_1")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, record) = call(Method::GET, "/subscriptions/sub_dead_1", Some(token)).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(record["status"], "active");
 
     // An unknown id: nothing stored, no Stripe key to fetch it.
-    let r = admin(
-        server
-            .http
-            .post(server.url("/dead-letters/evt_nowhere/replay")),
+    let (status, json) = call(
+        Method::POST,
+        "/dead-letters/evt_nowhere/replay",
+        Some(token),
     )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let json: Value = r.json().await.unwrap();
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(json["error"], "not_replayable");
 
     // All the rest.
-    let r = admin(server.http.post(server.url("/dead-letters/replay")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let json: Value = r.json().await.unwrap();
+    let (status, json) = call(Method::POST, "/dead-letters/replay", Some(token)).await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(json["replayed"], 2, "{json}");
     assert_eq!(json["failed"], 0, "{json}");
-    let listed: Value = admin(server.http.get(server.url("/dead-letters")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, listed) = call(Method::GET, "/dead-letters", Some(token)).await;
     assert_eq!(listed["dead_letters"], serde_json::json!([]));
     assert_eq!(server.processor.stats().handler_effects, 3);
     server.stop().await;
