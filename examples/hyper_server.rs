@@ -9,17 +9,25 @@
 //! `Stripe-Signature` header; it answers with the status to send back
 //! (200 settled, 400 bad delivery, 413 too large, 5xx so that Stripe retries).
 //! In-memory store; `BIND` defaults to `127.0.0.1:4242`.
+//!
+//! Ctrl-C stops accepting, gives the connections in progress 10 seconds,
+//! then drops them and gives back the claims their work still held
+//! ([`WebhookProcessor::release_held`]), so that Stripe's retry is
+//! processed at once by the next instance instead of waiting for the lease.
+//! A header-read timeout (10 s) closes connections whose request head
+//! stalls.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::Verifier;
@@ -110,15 +118,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "listening on http://{}/webhooks/stripe",
         listener.local_addr()?
     );
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => accepted?,
             _ = tokio::signal::ctrl_c() => break,
         };
+        while connections.try_join_next().is_some() {}
         let processor = processor.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |request| webhook(processor.clone(), request));
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -126,6 +138,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         });
     }
+    // Stop accepting; let requests in progress finish, up to a deadline.
+    drop(listener);
+    let deadline = Duration::from_secs(10);
+    if tokio::time::timeout(deadline, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        connections.shutdown().await;
+    }
+    // Work cut off mid-event: give its claims back.
+    let released = processor.release_held().await?;
+    println!("released {released} claims");
     println!("stats: {:?}", processor.stats());
     Ok(())
 }

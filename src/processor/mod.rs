@@ -25,6 +25,7 @@
 //! ignored, stale, dead-lettered, processed → 200; in flight, store or client
 //! failure, handler failure → 5xx so Stripe retries.
 
+mod held;
 mod types;
 
 use std::fmt;
@@ -188,6 +189,7 @@ impl<H: StoreHandle> ProcessorBuilder<H> {
                 lease: self.lease,
                 max_attempts: self.max_attempts,
                 counters: Counters::default(),
+                held: held::Held::default(),
             }),
         }
     }
@@ -214,6 +216,7 @@ struct Inner {
     lease: Duration,
     max_attempts: u32,
     counters: Counters,
+    held: held::Held,
 }
 
 /// The webhook pipeline. Cheap to clone (an `Arc` inside); share one per
@@ -349,6 +352,64 @@ impl WebhookProcessor {
         self.claim_and_run(event, None).await
     }
 
+    /// The claims this processor holds now: taken by [`handle`] or
+    /// [`process_event`] and not settled yet, either because the work is
+    /// still running or because the future running it was dropped (its task
+    /// aborted) before it completed or failed the event. Claims whose lease
+    /// has run out are not listed.
+    ///
+    /// [`handle`]: WebhookProcessor::handle
+    /// [`process_event`]: WebhookProcessor::process_event
+    pub fn held_leases(&self) -> Vec<Lease> {
+        self.inner.held.live()
+    }
+
+    /// Gives back every claim listed by [`held_leases`] with
+    /// [`EventLedger::release`](crate::store::EventLedger::release): the
+    /// entry becomes `failed` without spending an attempt, so Stripe's next
+    /// delivery processes the event at once instead of answering 503 "in
+    /// flight" until the lease runs out. Call it at shutdown, after the work
+    /// was given its deadline and stopped (tasks aborted): a claim released
+    /// while its work still runs is fenced, so that work's completion is
+    /// refused and the event processed again (the handler is told the attempt
+    /// number for its own idempotency). Returns how many were released; a
+    /// claim settled or taken over meanwhile is skipped.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use stripe_webhook_guard::{MemoryStore, Verifier, WebhookProcessor};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let processor = WebhookProcessor::builder(Verifier::new("whsec_doc"))
+    ///     .store(Arc::new(MemoryStore::new()))
+    ///     .build();
+    /// // ... serve, then on SIGTERM stop accepting, wait, abort what is left:
+    /// let released = processor.release_held().await.expect("store reachable");
+    /// assert_eq!(released, 0);
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The first [`StoreError`] other than a lost lease, after trying every
+    /// claim (the ones that failed stay claimed until their lease runs out).
+    ///
+    /// [`held_leases`]: WebhookProcessor::held_leases
+    pub async fn release_held(&self) -> Result<usize, StoreError> {
+        let mut released = 0;
+        let mut first_error = None;
+        for lease in self.inner.held.take_all() {
+            match self.inner.store.release(&lease).await {
+                Ok(()) => released += 1,
+                Err(e) if e.kind() == StoreErrorKind::LeaseLost => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(released), Err)
+    }
+
     /// The lease taken on claimed events.
     pub fn lease_duration(&self) -> Duration {
         self.inner.lease
@@ -460,7 +521,13 @@ impl WebhookProcessor {
                 });
             }
         };
-        self.run_claimed(event, payload, lease).await
+        // Registered until settled: if this future is dropped in between
+        // (its task aborted at shutdown), `release_held` gives the claim back.
+        let held = &self.inner.held;
+        held.hold(&lease, self.inner.lease.unsigned_abs());
+        let result = self.run_claimed(event, payload, lease.clone()).await;
+        held.settle(&lease);
+        result
     }
 
     /// Steps 5–7 for an event this worker holds. Used by the synchronous
