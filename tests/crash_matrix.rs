@@ -158,7 +158,7 @@ impl<S: Storage> Faulty<S> {
     }
 
     /// Strikes if `step` is armed: returns the error to answer with.
-    async fn strike(&self, step: Step) -> Result<(), StoreError> {
+    fn strike(&self, step: Step) -> Result<(), StoreError> {
         let fault = {
             let mut armed = self.armed.lock().unwrap();
             match *armed {
@@ -191,7 +191,7 @@ impl<S: Storage> Faulty<S> {
     {
         if step.commits_first() {
             let out = op.await?;
-            self.strike(step).await?;
+            self.strike(step)?;
             if self.disconnected(step) {
                 if let Some(d) = &self.disconnect {
                     d.drop_connections().await;
@@ -200,7 +200,7 @@ impl<S: Storage> Faulty<S> {
             }
             return Ok(out);
         }
-        self.strike(step).await?;
+        self.strike(step)?;
         match (&self.disconnect, self.disconnected(step)) {
             (Some(d), true) => {
                 let (out, ()) = tokio::join!(op, async {
