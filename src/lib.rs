@@ -197,6 +197,7 @@ pub mod event;
 pub mod inbox;
 pub mod integrations;
 pub mod ledger;
+pub mod metrics;
 pub mod processor;
 pub mod reconcile;
 mod rt;
