@@ -11,7 +11,7 @@
 //! | name | type | labels | what |
 //! |---|---|---|---|
 //! | `stripe_webhook_guard_deliveries_total` | counter | `outcome` | every delivery or replayed event and how it ended: `applied`, `refetched`, `stale`, `no_change`, `none`, `entitlements`, `duplicate`, `ignored`, `queued`, `dead_lettered`, or the error label (`signature_mismatch`, `in_flight`, `store_error`, `failed`, …) |
-//! | `stripe_webhook_guard_handler_duration_seconds` | histogram | | time spent in the subscription effect and the application's handler, per attempt |
+//! | `stripe_webhook_guard_handler_duration_seconds` | histogram | | time spent in the subscription effect and the application's handler, per attempt that completed |
 //! | `stripe_webhook_guard_lease_losses_total` | counter | | completions or failures refused because another worker took the event over |
 //! | `stripe_webhook_guard_refetches_total` | counter | | subscriptions fetched from Stripe while processing an event |
 //! | `stripe_webhook_guard_refetch_failures_total` | counter | | of those, the fetches that failed |
@@ -51,6 +51,7 @@
 use time::OffsetDateTime;
 
 use crate::ledger::{LedgerEntry, LedgerQuery, LedgerState};
+use crate::processor::{Error, Outcome};
 use crate::reconcile::{ChangeKind, ChangeSource};
 use crate::store::{EventLedger, StoreError};
 
@@ -83,30 +84,42 @@ pub const RATE_LIMITED: &str = "stripe_webhook_guard_stripe_rate_limited_total";
 /// before it stops counting (the snapshot then says `truncated`).
 pub const SCAN_LIMIT: usize = 10_000;
 
-/// Records one delivery's outcome: [`Outcome::as_str`](crate::processor::Outcome::as_str)
-/// or [`Error::as_str`](crate::processor::Error::as_str).
+/// Records how a delivery (or a replayed or caught-up event, or an inbox
+/// worker's attempt) ended: the outcome's or the error's label. A
+/// `dead_lettered` outcome also counts a dead letter, a `lease_lost` error a
+/// lease loss.
 #[inline]
-pub(crate) fn delivery(outcome: &'static str) {
+pub(crate) fn delivered(result: &Result<Outcome, Error>) {
+    let outcome = match result {
+        Ok(o) => o.as_str(),
+        Err(e) => e.as_str(),
+    };
+    delivery(outcome);
+}
+
+#[inline]
+fn delivery(outcome: &'static str) {
     #[cfg(feature = "metrics")]
-    ::metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
+    {
+        ::metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
+        match outcome {
+            "dead_lettered" => ::metrics::counter!(DEAD_LETTERS).increment(1),
+            "lease_lost" => ::metrics::counter!(LEASE_LOSSES).increment(1),
+            _ => {}
+        }
+    }
     #[cfg(not(feature = "metrics"))]
     let _ = outcome;
 }
 
-/// Records the time one attempt spent in the effect and the handler.
+/// Records the time one attempt spent in the effect and the handler
+/// (attempts that reached completion).
 #[inline]
 pub(crate) fn handler_latency(elapsed: std::time::Duration) {
     #[cfg(feature = "metrics")]
     ::metrics::histogram!(HANDLER_SECONDS).record(elapsed.as_secs_f64());
     #[cfg(not(feature = "metrics"))]
     let _ = elapsed;
-}
-
-/// Records a completion or failure refused because the lease was lost.
-#[inline]
-pub(crate) fn lease_lost() {
-    #[cfg(feature = "metrics")]
-    ::metrics::counter!(LEASE_LOSSES).increment(1);
 }
 
 /// Records a refetch from Stripe and whether it succeeded.
@@ -121,13 +134,6 @@ pub(crate) fn refetch(ok: bool) {
     }
     #[cfg(not(feature = "metrics"))]
     let _ = ok;
-}
-
-/// Records an event dead-lettered.
-#[inline]
-pub(crate) fn dead_letter() {
-    #[cfg(feature = "metrics")]
-    ::metrics::counter!(DEAD_LETTERS).increment(1);
 }
 
 /// Sets the backlog gauge.
