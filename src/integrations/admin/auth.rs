@@ -215,7 +215,8 @@ pub(super) fn set_cookie(
 ) -> String {
     let mut out = format!("{name}={value}; Path={path}; HttpOnly; SameSite=Strict");
     if let Some(age) = max_age {
-        out.push_str(&format!("; Max-Age={}", age.as_secs()));
+        use fmt::Write;
+        let _ = write!(out, "; Max-Age={}", age.as_secs());
     }
     if secure {
         out.push_str("; Secure");

@@ -2,6 +2,8 @@
 //! at compile time, so attacker-influenced text (event ids, error texts,
 //! anomaly details) renders as text. No JavaScript.
 
+use std::fmt::Write;
+
 use maud::{DOCTYPE, Markup, html};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -47,7 +49,7 @@ pub(super) fn enc(text: &str) -> String {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -93,7 +95,7 @@ fn anomaly_kind(kind: AnomalyKind) -> &'static str {
 fn event_href(base: &str, key_id: &str, account: Option<&str>) -> String {
     let mut href = format!("{base}/events/{}", enc(key_id));
     if let Some(a) = account {
-        href.push_str(&format!("?account={}", enc(a)));
+        let _ = write!(href, "?account={}", enc(a));
     }
     href
 }
@@ -101,7 +103,7 @@ fn event_href(base: &str, key_id: &str, account: Option<&str>) -> String {
 fn replay_href(base: &str, key_id: &str, account: Option<&str>) -> String {
     let mut href = format!("{base}/events/{}/replay", enc(key_id));
     if let Some(a) = account {
-        href.push_str(&format!("?account={}", enc(a)));
+        let _ = write!(href, "?account={}", enc(a));
     }
     href
 }
