@@ -44,10 +44,6 @@
 //! # }
 //! ```
 
-// The recording functions are called from the processor, the inbox, the
-// reconciler and the request budget.
-#![allow(dead_code)]
-
 use time::OffsetDateTime;
 
 use crate::ledger::{LedgerEntry, LedgerQuery, LedgerState};

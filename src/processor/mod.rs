@@ -324,6 +324,12 @@ impl WebhookProcessor {
     ///
     /// [`Error`]; answer Stripe with [`Error::http_status`].
     pub async fn handle(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
+        let result = self.handle_inner(body, signature).await;
+        crate::metrics::delivered(&result);
+        result
+    }
+
+    async fn handle_inner(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
         match self.screen(body, signature).await? {
             Screened::Answered(outcome) => Ok(outcome),
             Screened::Admit { event, verified } => {
@@ -342,6 +348,12 @@ impl WebhookProcessor {
     ///
     /// As [`WebhookProcessor::handle`], minus the signature errors.
     pub async fn process_event(&self, event: &Event) -> Result<Outcome, Error> {
+        let result = self.process_event_inner(event).await;
+        crate::metrics::delivered(&result);
+        result
+    }
+
+    async fn process_event_inner(&self, event: &Event) -> Result<Outcome, Error> {
         bump(&self.inner.counters.received);
         if let Some(outcome) = self.settle_filtered(event).await? {
             return Ok(outcome);
@@ -472,6 +484,7 @@ impl WebhookProcessor {
         lease: Lease,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
+        let started = std::time::Instant::now();
         let now = self.inner.clock.now();
         let (effect, record) = match self.subscription_effect(event, now).await {
             Ok(v) => v,
@@ -534,6 +547,7 @@ impl WebhookProcessor {
             handled = true;
         }
 
+        crate::metrics::handler_latency(started.elapsed());
         match self.inner.store.complete(&lease).await {
             Ok(()) => {
                 if handled {
@@ -705,6 +719,7 @@ impl WebhookProcessor {
                 client.list_customer_subscriptions(customer).await
             }
         };
+        crate::metrics::refetch(objects.is_ok());
         match objects {
             // Stamped with the time the answer was read, not when the
             // request began (it may have waited for the budget or retries).
