@@ -35,6 +35,10 @@
 //! - `GET /stats`: the processor's counters since start (received, applied,
 //!   duplicates, stale, ignored, refetches, failed, dead, handler_effects…).
 //! - `GET /healthz`.
+//! - `/admin` (feature `admin`, only with `ADMIN_TOKEN`): the operator
+//!   console (HTML), signed in to with the admin token.
+//! - `GET /metrics` (feature `metrics`): Prometheus text format, behind
+//!   `ADMIN_TOKEN` when set.
 //!
 //! SIGINT or SIGTERM stops accepting connections and lets in-flight requests
 //! finish; the processor settles (completes or fails) every claim it took.
@@ -508,6 +512,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let body_limit = state.processor.verifier().body_limit();
     let reconcile_timeout = config.reconcile_timeout;
     let admin = Arc::new(config.admin_token.clone());
+    let operate = operate(&state, config, &admin);
     let admin_routes = Router::new()
         .route("/subscriptions/{id}", get(subscription))
         .route("/customers/{id}/access", get(customer_access))
@@ -535,6 +540,79 @@ pub fn router(state: AppState, config: &Config) -> Router {
         // every other route.
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+        .merge(operate)
+}
+
+/// The operator console at `/admin` (feature `admin`; mounted only when
+/// `ADMIN_TOKEN` is set, and signed in to with it) and `GET /metrics` in the
+/// Prometheus text format (feature `metrics`; behind `ADMIN_TOKEN` like the
+/// other operator routes).
+#[allow(unused_mut, unused_variables)] // without the features, nothing is added
+fn operate(state: &AppState, config: &Config, admin: &Arc<Option<String>>) -> Router {
+    let mut ops = Router::new();
+    #[cfg(feature = "admin")]
+    if let Some(token) = &config.admin_token {
+        use stripe_webhook_guard::integrations::admin::{AdminConsole, AdminToken};
+        let mut console =
+            AdminConsole::builder(state.processor.clone(), AdminToken::new(token.as_str()));
+        if let Some(job) = &state.reconcile {
+            let reconciler = Reconciler::new(state.processor.clone(), job.budget.clone())
+                .with_shared_budget(job.budget.clone());
+            console = console.reconciler(Arc::new(reconciler));
+        }
+        ops = ops.nest("/admin", console.build().router());
+    }
+    #[cfg(feature = "metrics")]
+    {
+        prometheus(); // install the recorder before the first delivery
+        ops = ops.merge(
+            Router::new()
+                .route("/metrics", get(metrics_text))
+                .layer(middleware::from_fn_with_state(admin.clone(), require_admin))
+                .with_state(state.clone()),
+        );
+    }
+    ops
+}
+
+/// The process's Prometheus recorder, installed on first use.
+#[cfg(feature = "metrics")]
+pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: refreshes the ledger gauges, then renders every metric.
+#[cfg(feature = "metrics")]
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let Some(handle) = prometheus() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_metrics_recorder",
+            false,
+            "",
+        );
+    };
+    let store = state.processor.store();
+    let now = state.processor.clock().now();
+    if let Err(e) = stripe_webhook_guard::metrics::observe_ledger(store.as_ref(), now).await {
+        tracing::warn!(error = %e, "ledger gauges not refreshed");
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }
 
 /// With an admin token configured, refuses requests without
