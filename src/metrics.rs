@@ -40,7 +40,7 @@
 //! let store = Arc::new(MemoryStore::new());
 //! let now = time::OffsetDateTime::now_utc();
 //! let snapshot = observe_ledger(store.as_ref(), now).await.unwrap();
-//! assert_eq!(snapshot, LedgerSnapshot { now, ..LedgerSnapshot::default() });
+//! assert_eq!(snapshot, LedgerSnapshot { now: Some(now), ..LedgerSnapshot::default() });
 //! # }
 //! ```
 
