@@ -88,6 +88,7 @@ use crate::event::{Event, SubscriptionView};
 use crate::processor::WebhookProcessor;
 use crate::reconcile::{Change, Reconciler};
 
+mod actions;
 mod auth;
 mod pages;
 mod routes;

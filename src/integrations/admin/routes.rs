@@ -10,16 +10,19 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form};
-use maud::{Markup, html};
+use maud::Markup;
 
+use super::actions::{
+    catch_up, catch_up_confirm, refresh, refresh_confirm, replay, replay_all, replay_all_confirm,
+    replay_confirm, resolve, resolve_confirm,
+};
 use super::auth::{self, Operator};
 use super::pages::{self, EventFilter, enc};
 use super::{Inner, lock};
 use crate::ledger::{EventKey, LedgerEntry, LedgerQuery, LedgerState};
 use crate::metrics::observe_ledger;
-use crate::processor::Outcome;
-use crate::reconcile::{EVENTS_CURSOR, ReconcileError, ReconcileReport};
-use crate::store::{StoreError, StoreErrorKind, SubscriptionQuery};
+use crate::reconcile::EVENTS_CURSOR;
+use crate::store::{StoreError, SubscriptionQuery};
 
 type Shared = Arc<Inner>;
 
@@ -96,9 +99,9 @@ pub(super) fn home(base: &str) -> String {
 }
 
 /// Where a request came from: the mount prefix and the host.
-struct Ctx {
-    base: String,
-    host: Option<String>,
+pub(super) struct Ctx {
+    pub(super) base: String,
+    pub(super) host: Option<String>,
 }
 
 impl Ctx {
@@ -122,7 +125,7 @@ impl Ctx {
 
     /// The overview: the mount path itself (a nested router's `/` answers
     /// the prefix without a trailing slash).
-    fn home(&self) -> String {
+    pub(super) fn home(&self) -> String {
         home(&self.base)
     }
 }
@@ -142,11 +145,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Ctx {
     }
 }
 
-fn page(status: StatusCode, markup: &Markup) -> Response {
+pub(super) fn page(status: StatusCode, markup: &Markup) -> Response {
     (status, Html(markup.clone().into_string())).into_response()
 }
 
-fn ok(markup: &Markup) -> Response {
+pub(super) fn ok(markup: &Markup) -> Response {
     page(StatusCode::OK, markup)
 }
 
@@ -165,7 +168,12 @@ fn with_cookie(mut response: Response, cookie: &str) -> Response {
     response
 }
 
-fn error_page(ctx: &Ctx, op: Option<&Operator>, status: StatusCode, text: &str) -> Response {
+pub(super) fn error_page(
+    ctx: &Ctx,
+    op: Option<&Operator>,
+    status: StatusCode,
+    text: &str,
+) -> Response {
     let home = ctx.home();
     page(
         status,
@@ -180,7 +188,7 @@ fn error_page(ctx: &Ctx, op: Option<&Operator>, status: StatusCode, text: &str) 
     )
 }
 
-fn store_failed(ctx: &Ctx, op: &Operator, e: &StoreError) -> Response {
+pub(super) fn store_failed(ctx: &Ctx, op: &Operator, e: &StoreError) -> Response {
     error_page(
         ctx,
         Some(op),
@@ -281,9 +289,9 @@ async fn require_operator(
 
 /// A confirmed `POST`: the operator and the form, whose `csrf` field was
 /// checked against the operator's token (403 otherwise).
-struct Confirmed {
-    ctx: Ctx,
-    op: Operator,
+pub(super) struct Confirmed {
+    pub(super) ctx: Ctx,
+    pub(super) op: Operator,
     form: HashMap<String, String>,
 }
 
@@ -323,11 +331,32 @@ impl<S: Send + Sync> FromRequest<S> for Confirmed {
 }
 
 impl Confirmed {
-    fn field(&self, name: &str) -> Option<&str> {
+    pub(super) fn field(&self, name: &str) -> Option<&str> {
         self.form
             .get(name)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
+    }
+
+    /// Logs the action (who, what, on what, how it ended) and answers with
+    /// its result page, or its error page with `status`.
+    pub(super) fn conclude(
+        &self,
+        inner: &Inner,
+        action: &'static str,
+        target: &str,
+        title: &str,
+        back: (&str, &str),
+        result: Result<String, (StatusCode, String)>,
+    ) -> Response {
+        let text = match &result {
+            Ok(t) | Err((_, t)) => t.clone(),
+        };
+        inner.audit(&self.op.name, action, target, text.clone());
+        match result {
+            Ok(t) => self.done(title, &t, back),
+            Err((status, t)) => self.failed(status, &t),
+        }
     }
 
     fn done(&self, title: &str, text: &str, back: (&str, &str)) -> Response {
@@ -341,7 +370,7 @@ impl Confirmed {
         ))
     }
 
-    fn failed(&self, status: StatusCode, text: &str) -> Response {
+    pub(super) fn failed(&self, status: StatusCode, text: &str) -> Response {
         error_page(&self.ctx, Some(&self.op), status, text)
     }
 }
@@ -580,7 +609,7 @@ async fn events(
     }
 }
 
-fn key_of(id: &str, q: &HashMap<String, String>) -> EventKey {
+pub(super) fn key_of(id: &str, q: &HashMap<String, String>) -> EventKey {
     EventKey::new(
         id,
         q.get("account")
@@ -697,323 +726,6 @@ async fn customer(
             has_client: inner.has_client,
         },
     ))
-}
-
-// ---------------------------------------------------------------------------
-// Actions: a GET confirmation, a POST that acts
-// ---------------------------------------------------------------------------
-
-async fn replay_confirm(
-    State(inner): State<Shared>,
-    ctx: Ctx,
-    Extension(op): Extension<Operator>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    let key = key_of(&id, &q);
-    let entry = match inner.processor.store().get(&key).await {
-        Ok(Some(e)) => e,
-        Ok(None) => {
-            return error_page(
-                &ctx,
-                Some(&op),
-                StatusCode::NOT_FOUND,
-                "No such event in the ledger.",
-            );
-        }
-        Err(e) => return store_failed(&ctx, &op, &e),
-    };
-    let question = html! {
-        "Replay event " span.id { (entry.key.event_id) } " (" (entry.event_type) ", " (entry.state.as_str())
-        " after " (entry.attempts) " attempts)? It is requeued with its attempts reset and processed now, "
-        "from the stored payload or, without one, from Stripe. Replaying an event that was processed since changes nothing."
-    };
-    let action = format!("{}/events/{}/replay", ctx.base, enc(&id));
-    let account = entry.key.account.clone().unwrap_or_default();
-    ok(&pages::confirm(
-        &ctx.base,
-        &op,
-        "Replay an event",
-        &question,
-        &action,
-        &[("account", &account)],
-    ))
-}
-
-async fn replay(State(inner): State<Shared>, Path(id): Path<String>, c: Confirmed) -> Response {
-    let account = c.field("account").map(str::to_owned);
-    let result = inner.reconciler.replay(&id, account.as_deref()).await;
-    let text = match &result {
-        Ok(outcome) => format!("replayed: {}", outcome_text(outcome)),
-        Err(e) => format!("replay failed: {e}"),
-    };
-    inner.audit(&c.op.name, "replay", &id, text.clone());
-    let back = format!("{}/events", c.ctx.base);
-    match result {
-        Ok(_) => c.done(
-            "Event replayed",
-            &format!("{id}: {text}"),
-            (&back, "Back to dead letters"),
-        ),
-        Err(e) => c.failed(reconcile_status(&e), &format!("{id}: {text}")),
-    }
-}
-
-fn outcome_text(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::DeadLettered { error, .. } => format!("dead-lettered again ({error})"),
-        other => other.as_str().to_owned(),
-    }
-}
-
-fn reconcile_status(e: &ReconcileError) -> StatusCode {
-    match e {
-        ReconcileError::NotReplayable(_) => StatusCode::NOT_FOUND,
-        ReconcileError::Store(s) if s.kind() == StoreErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ReconcileError::Client(_) => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-async fn replay_all_confirm(ctx: Ctx, Extension(op): Extension<Operator>) -> Response {
-    let question = html! {
-        "Replay every dead-lettered event? Each is requeued and processed now; those that fail again go back to the dead letters."
-    };
-    let action = format!("{}/dead-letters/replay-all", ctx.base);
-    ok(&pages::confirm(
-        &ctx.base,
-        &op,
-        "Replay all dead letters",
-        &question,
-        &action,
-        &[],
-    ))
-}
-
-async fn replay_all(State(inner): State<Shared>, c: Confirmed) -> Response {
-    let result = inner.reconciler.replay_dead_letters().await;
-    let text = match &result {
-        Ok(list) => {
-            let mut by: std::collections::BTreeMap<String, usize> =
-                std::collections::BTreeMap::new();
-            for (_, r) in list {
-                let label = match r {
-                    Ok(o) => o.as_str().to_owned(),
-                    Err(_) => "error".to_owned(),
-                };
-                *by.entry(label).or_default() += 1;
-            }
-            let parts: Vec<String> = by.iter().map(|(k, n)| format!("{n} {k}")).collect();
-            format!(
-                "{} dead letters replayed: {}",
-                list.len(),
-                if parts.is_empty() {
-                    "none".to_owned()
-                } else {
-                    parts.join(", ")
-                }
-            )
-        }
-        Err(e) => format!("replay failed: {e}"),
-    };
-    inner.audit(&c.op.name, "replay_dead_letters", "", text.clone());
-    let back = format!("{}/events", c.ctx.base);
-    match result {
-        Ok(_) => c.done(
-            "Dead letters replayed",
-            &text,
-            (&back, "Back to dead letters"),
-        ),
-        Err(e) => c.failed(reconcile_status(&e), &text),
-    }
-}
-
-async fn resolve_confirm(
-    State(inner): State<Shared>,
-    ctx: Ctx,
-    Extension(op): Extension<Operator>,
-    Path(id): Path<String>,
-) -> Response {
-    match inner.processor.store().load(&id).await {
-        Ok(Some(r)) => {
-            let question = html! {
-                "Mark subscription " span.id { (r.id) } " resolved? Its needs-review flag is cleared; its "
-                (r.anomalies.len()) " recorded anomalies stay as history."
-            };
-            let action = format!("{}/subscriptions/{}/resolve", ctx.base, enc(&id));
-            ok(&pages::confirm(
-                &ctx.base,
-                &op,
-                "Resolve a review item",
-                &question,
-                &action,
-                &[],
-            ))
-        }
-        Ok(None) => error_page(
-            &ctx,
-            Some(&op),
-            StatusCode::NOT_FOUND,
-            "No such subscription.",
-        ),
-        Err(e) => store_failed(&ctx, &op, &e),
-    }
-}
-
-async fn resolve(State(inner): State<Shared>, Path(id): Path<String>, c: Confirmed) -> Response {
-    let store = inner.processor.store();
-    let mut result = Err(StoreError::new(StoreErrorKind::Conflict, "busy record"));
-    // A webhook may save the record meanwhile: reload and try again.
-    for _ in 0..5 {
-        result = match store.load(&id).await {
-            Ok(Some(mut r)) if r.needs_review => {
-                r.needs_review = false;
-                match store.save(&r).await {
-                    Ok(_) => Ok("resolved".to_owned()),
-                    Err(e) if e.kind() == StoreErrorKind::Conflict => continue,
-                    Err(e) => Err(e),
-                }
-            }
-            Ok(Some(_)) => Ok("already resolved".to_owned()),
-            Ok(None) => Err(StoreError::new(
-                StoreErrorKind::NotFound,
-                "no such subscription",
-            )),
-            Err(e) => Err(e),
-        };
-        break;
-    }
-    let text = match &result {
-        Ok(t) => t.clone(),
-        Err(e) => format!("not resolved: {e}"),
-    };
-    inner.audit(&c.op.name, "resolve_review", &id, text.clone());
-    let back = format!("{}/review", c.ctx.base);
-    match result {
-        Ok(_) => c.done(
-            "Review item",
-            &format!("{id}: {text}"),
-            (&back, "Back to the review list"),
-        ),
-        Err(e) if e.kind() == StoreErrorKind::NotFound => c.failed(StatusCode::NOT_FOUND, &text),
-        Err(_) => c.failed(StatusCode::SERVICE_UNAVAILABLE, &text),
-    }
-}
-
-fn no_client(ctx: &Ctx, op: &Operator) -> Response {
-    error_page(
-        ctx,
-        Some(op),
-        StatusCode::NOT_IMPLEMENTED,
-        "No Stripe client is configured for the console: set a Stripe secret key to refresh customers and run catch-ups.",
-    )
-}
-
-async fn refresh_confirm(
-    State(inner): State<Shared>,
-    ctx: Ctx,
-    Extension(op): Extension<Operator>,
-    Path(id): Path<String>,
-) -> Response {
-    if !inner.has_client {
-        return no_client(&ctx, &op);
-    }
-    let question = html! {
-        "Refresh customer " span.id { (id) } " from Stripe? Their subscriptions are listed from Stripe and the stored records repaired to match."
-    };
-    let action = format!("{}/customers/{}/refresh", ctx.base, enc(&id));
-    ok(&pages::confirm(
-        &ctx.base,
-        &op,
-        "Refresh a customer",
-        &question,
-        &action,
-        &[],
-    ))
-}
-
-fn report_text(r: &ReconcileReport) -> String {
-    format!(
-        "{} events seen, {} processed, {} failed; {} subscriptions checked, {} changes, {} writes; {} Stripe requests",
-        r.events_seen,
-        r.events_processed,
-        r.events_failed,
-        r.subscriptions_checked,
-        r.changes.len(),
-        r.writes,
-        r.requests
-    )
-}
-
-async fn refresh(State(inner): State<Shared>, Path(id): Path<String>, c: Confirmed) -> Response {
-    if !inner.has_client {
-        return no_client(&c.ctx, &c.op);
-    }
-    let result = inner.reconciler.refresh_customer(&id).await;
-    let text = match &result {
-        Ok(report) => {
-            inner.remember_changes(&report.changes);
-            report_text(report)
-        }
-        Err(e) => format!("refresh failed: {e}"),
-    };
-    inner.audit(&c.op.name, "refresh_customer", &id, text.clone());
-    inner.set_last_run("refresh_customer", &c.op.name, text.clone());
-    let back = format!("{}/customers/{}", c.ctx.base, enc(&id));
-    match result {
-        Ok(_) => c.done("Customer refreshed", &text, (&back, "Back to the customer")),
-        Err(e) => c.failed(reconcile_status(&e), &text),
-    }
-}
-
-async fn catch_up_confirm(
-    State(inner): State<Shared>,
-    ctx: Ctx,
-    Extension(op): Extension<Operator>,
-) -> Response {
-    if !inner.has_client {
-        return no_client(&ctx, &op);
-    }
-    let question = html! {
-        "Run a catch-up now? Events are listed from Stripe since the stored cursor and every missed one is processed "
-        "(with its real id, so nothing is applied twice). It uses the Stripe request budget."
-    };
-    let action = format!("{}/catch-up", ctx.base);
-    ok(&pages::confirm(
-        &ctx.base,
-        &op,
-        "Run a catch-up",
-        &question,
-        &action,
-        &[],
-    ))
-}
-
-async fn catch_up(State(inner): State<Shared>, c: Confirmed) -> Response {
-    if !inner.has_client {
-        return no_client(&c.ctx, &c.op);
-    }
-    let Ok(_running) = inner.running.try_lock() else {
-        return c.failed(
-            StatusCode::CONFLICT,
-            "A catch-up is already running: wait for it to finish.",
-        );
-    };
-    let result = inner.reconciler.catch_up().await;
-    let text = match &result {
-        Ok(report) => {
-            inner.remember_changes(&report.changes);
-            report_text(report)
-        }
-        Err(e) => format!("catch-up failed: {e}"),
-    };
-    inner.audit(&c.op.name, "catch_up", "", text.clone());
-    inner.set_last_run("catch_up", &c.op.name, text.clone());
-    let home = c.ctx.home();
-    match result {
-        Ok(_) => c.done("Catch-up finished", &text, (&home, "Back to the overview")),
-        Err(e) => c.failed(reconcile_status(&e), &text),
-    }
 }
 
 #[cfg(test)]
