@@ -53,6 +53,10 @@
 //!   run is in progress.
 //! - `GET /stats`: the processor's counters since start (received, applied,
 //!   duplicates, stale, ignored, refetches, failed, dead, handler_effects…).
+//! - `/admin` (feature `admin`, only with `ADMIN_TOKEN`): the operator
+//!   console (HTML), signed in to with the admin token.
+//! - `GET /metrics` (feature `metrics`): Prometheus text format, behind
+//!   `ADMIN_TOKEN` when set.
 //!
 //! **Shutdown.** SIGINT or SIGTERM stops accepting connections, answers new
 //! webhook deliveries 503 (Stripe retries), lets requests in progress and
@@ -745,6 +749,7 @@ pub fn app(state: AppState, config: &Config) -> App {
         config.admin_token.as_deref(),
         config.admin_failure_delay,
     ));
+    let operate = operate(&state, config, &admin);
     let admin_routes = Router::new()
         .route("/subscriptions/{id}", get(subscription))
         .route("/customers/{id}/access", get(customer_access))
@@ -782,7 +787,8 @@ pub fn app(state: AppState, config: &Config) -> App {
                     config.max_concurrent_requests,
                 )),
         )
-        .with_state(state);
+        .with_state(state)
+        .merge(operate);
     App {
         router,
         endpoint,
@@ -790,6 +796,78 @@ pub fn app(state: AppState, config: &Config) -> App {
         shutdown_deadline: config.shutdown_deadline,
         max_connections: config.max_connections,
     }
+}
+
+/// The operator console at `/admin` (feature `admin`; mounted only when
+/// `ADMIN_TOKEN` is set, and signed in to with it) and `GET /metrics` in the
+/// Prometheus text format (feature `metrics`; behind `ADMIN_TOKEN` like the
+/// other operator routes).
+#[allow(unused_mut, unused_variables)] // without the features, nothing is added
+fn operate(state: &AppState, config: &Config, admin: &Arc<AdminAuth>) -> Router {
+    let mut ops = Router::new();
+    #[cfg(feature = "admin")]
+    if let Some(token) = &config.admin_token {
+        use stripe_webhook_guard::integrations::admin::{AdminConsole, AdminToken};
+        let mut console =
+            AdminConsole::builder(state.processor().clone(), AdminToken::new(token.as_str()));
+        if let Some(job) = &state.reconcile {
+            let reconciler = Reconciler::new(state.processor().clone(), job.budget.clone())
+                .with_shared_budget(job.budget.clone());
+            console = console.reconciler(Arc::new(reconciler));
+        }
+        ops = ops.nest("/admin", console.build().router());
+    }
+    #[cfg(feature = "metrics")]
+    {
+        prometheus(); // install the recorder before the first delivery
+        ops = ops.merge(
+            Router::new()
+                .route("/metrics", get(metrics_text))
+                .layer(middleware::from_fn_with_state(admin.clone(), require_admin))
+                .with_state(state.clone()),
+        );
+    }
+    ops
+}
+
+/// The process's Prometheus recorder, installed on first use.
+#[cfg(feature = "metrics")]
+pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: refreshes the ledger gauges, then renders every metric.
+#[cfg(feature = "metrics")]
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let Some(handle) = prometheus() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_metrics_recorder",
+            false,
+            "",
+        );
+    };
+    let store = state.processor().store();
+    let now = state.processor().clock().now();
+    if let Err(e) = stripe_webhook_guard::metrics::observe_ledger(store.as_ref(), now).await {
+        tracing::warn!(error = %e, "ledger gauges not refreshed");
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }
 
 /// The admin token's digest, and the failures in a row.

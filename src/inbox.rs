@@ -105,6 +105,12 @@ impl Inbox {
     /// As [`WebhookProcessor::handle`]: bad signature or body (400),
     /// a conflicting payload (409), a store failure (503).
     pub async fn receive(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
+        let result = self.receive_inner(body, signature).await;
+        crate::metrics::delivered(&result);
+        result
+    }
+
+    async fn receive_inner(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
         let (event, verified) = match self.processor.screen(body, signature).await? {
             Screened::Answered(outcome) => return Ok(outcome),
             Screened::Admit { event, verified } => (event, verified),
@@ -144,7 +150,10 @@ impl Inbox {
     ///
     /// [`StoreError`] when the store fails.
     pub async fn backlog(&self) -> Result<u64, StoreError> {
-        self.store.backlog().await
+        self.store
+            .backlog()
+            .await
+            .inspect(|n| crate::metrics::inbox_backlog(*n))
     }
 }
 
@@ -211,7 +220,9 @@ impl Worker {
                     continue;
                 }
             };
-            match p.run_claimed(&event, Some(&item.payload), item.lease).await {
+            let result = p.run_claimed(&event, Some(&item.payload), item.lease).await;
+            crate::metrics::delivered(&result);
+            match result {
                 Ok(Outcome::DeadLettered { .. }) => stats.dead += 1,
                 Ok(_) => {
                     stats.processed += 1;

@@ -186,6 +186,8 @@
 //! | `test-util` | `testing::FakeStripe`, `testing::Simulator`, `testing::Rng`, `testing::conformance` (the store conformance suite) |
 //! | `tracing` | one log line per event with its id and type (never bodies) |
 //! | `tokio` | tokio timers for back-off sleeps (a small thread timer otherwise); enabled by `postgres`, `sqlite`, `reqwest`, `axum` and `test-util` |
+//! | `admin` | `integrations::admin`: the operator console (an axum router of server-rendered pages) |
+//! | `metrics` | recording through the `metrics` facade; the names are in [`metrics`] |
 // `unsafe_code = "forbid"` and `missing_docs = "deny"` are set once, for
 // every target, in Cargo.toml's `[lints]`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -197,6 +199,7 @@ pub mod event;
 pub mod inbox;
 pub mod integrations;
 pub mod ledger;
+pub mod metrics;
 pub mod processor;
 pub mod reconcile;
 mod rt;
@@ -231,7 +234,8 @@ pub use subscription::{Effect, SubscriptionRecord};
     feature = "postgres",
     feature = "test-util",
     feature = "axum",
-    feature = "reqwest"
+    feature = "reqwest",
+    feature = "admin"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

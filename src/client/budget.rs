@@ -206,6 +206,7 @@ impl RequestBudget {
     /// Waits for an in-flight permit, then for a pacing slot. The permit is
     /// returned when the guard drops (also on cancellation or panic).
     async fn acquire(&self) -> Permit<'_> {
+        let asked = self.clock.now();
         let permit = self.permits.acquire().await;
         let interval = Duration::seconds(1) / self.config.requests_per_second.max(1);
         let slot = {
@@ -230,6 +231,7 @@ impl RequestBudget {
             issued.push_back(self.clock.now());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::budget_wait((self.clock.now() - asked).unsigned_abs());
         permit
     }
 
@@ -269,6 +271,7 @@ impl RequestBudget {
             };
             if err.kind() == ClientErrorKind::RateLimited {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::rate_limited();
             }
             if !err.is_retryable() || retries >= self.config.max_retries {
                 return Err(err);

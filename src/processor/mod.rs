@@ -327,6 +327,12 @@ impl WebhookProcessor {
     ///
     /// [`Error`]; answer Stripe with [`Error::http_status`].
     pub async fn handle(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
+        let result = self.handle_inner(body, signature).await;
+        crate::metrics::delivered(&result);
+        result
+    }
+
+    async fn handle_inner(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
         match self.screen(body, signature).await? {
             Screened::Answered(outcome) => Ok(outcome),
             Screened::Admit { event, verified } => {
@@ -345,6 +351,12 @@ impl WebhookProcessor {
     ///
     /// As [`WebhookProcessor::handle`], minus the signature errors.
     pub async fn process_event(&self, event: &Event) -> Result<Outcome, Error> {
+        let result = self.process_event_inner(event).await;
+        crate::metrics::delivered(&result);
+        result
+    }
+
+    async fn process_event_inner(&self, event: &Event) -> Result<Outcome, Error> {
         bump(&self.inner.counters.received);
         if let Some(outcome) = self.settle_filtered(event).await? {
             return Ok(outcome);
@@ -539,6 +551,7 @@ impl WebhookProcessor {
         lease: Lease,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
+        let started = std::time::Instant::now();
         let now = self.inner.clock.now();
         let (effect, record) = match self.subscription_effect(event, now).await {
             Ok(v) => v,
@@ -601,6 +614,7 @@ impl WebhookProcessor {
             handled = true;
         }
 
+        crate::metrics::handler_latency(started.elapsed());
         match self.inner.store.complete(&lease).await {
             Ok(()) => {
                 if handled {
@@ -772,6 +786,7 @@ impl WebhookProcessor {
                 client.list_customer_subscriptions(customer).await
             }
         };
+        crate::metrics::refetch(objects.is_ok());
         match objects {
             // Stamped with the time the answer was read, not when the
             // request began (it may have waited for the budget or retries).

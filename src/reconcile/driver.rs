@@ -716,6 +716,9 @@ impl Reconciler {
         if self.config.dry_run {
             return;
         }
+        for c in changes {
+            crate::metrics::reconcile_change(c.kind, c.source);
+        }
         if let Some(n) = &self.notifier {
             for c in changes {
                 n.notify(c).await;
