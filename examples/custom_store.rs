@@ -145,6 +145,7 @@ impl EventLedger for AppStore {
                 token,
                 attempt,
                 expires_at,
+                remaining: request.lease,
             };
             Ok(
                 match decide_claim(

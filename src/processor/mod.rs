@@ -30,6 +30,7 @@ mod types;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use time::{Duration, OffsetDateTime};
 
@@ -435,6 +436,9 @@ impl WebhookProcessor {
     async fn claim_and_run(&self, event: &Event, payload: Option<&str>) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
         let request = ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts);
+        // Read before the store's clock is: the local deadline derived from
+        // it never outlasts the lease the store grants.
+        let asked = self.inner.clock.monotonic();
         let claimed = self.inner.store.claim(&request).await;
         let lease = match claimed.map_err(|source| Error::Store {
             event_id: event_id.clone(),
@@ -460,16 +464,19 @@ impl WebhookProcessor {
                 });
             }
         };
-        self.run_claimed(event, payload, lease).await
+        let deadline = lease.deadline(asked);
+        self.run_claimed(event, payload, lease, deadline).await
     }
 
-    /// Steps 5–7 for an event this worker holds. Used by the synchronous
-    /// path and by inbox workers.
+    /// Steps 5–7 for an event this worker holds until `deadline` (on the
+    /// clock's monotonic face: the lease's remaining time counted from
+    /// before the claim). Used by the synchronous path and by inbox workers.
     pub(crate) async fn run_claimed(
         &self,
         event: &Event,
         payload: Option<&str>,
         lease: Lease,
+        deadline: Instant,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
         let now = self.inner.clock.now();
@@ -505,13 +512,13 @@ impl WebhookProcessor {
             .as_ref()
             .filter(|h| h.wants(event.event_type()))
         {
-            if self.inner.clock.now() >= lease.expires_at {
+            if self.inner.clock.monotonic() >= deadline {
                 return self.lease_lost(event, &lease).await;
             }
             let ctx = HandlerContext {
                 event_id: event_id.clone(),
                 attempt: lease.attempt,
-                lease_expires_at: lease.expires_at,
+                deadline,
                 effect: effect.clone(),
                 subscription: record,
                 lease: lease.clone(),

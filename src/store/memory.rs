@@ -110,11 +110,13 @@ impl MemoryStore {
         lease: Duration,
         now: OffsetDateTime,
     ) -> Lease {
+        let expires_at = now.saturating_add(lease);
         Lease {
             key: key.clone(),
             token: self.token(),
             attempt,
-            expires_at: now.saturating_add(lease),
+            expires_at,
+            remaining: expires_at - now,
         }
     }
 
@@ -500,14 +502,12 @@ impl InboxStore for MemoryStore {
                 if e.subscription_id.is_none() {
                     e.subscription_id.clone_from(&request.subscription_id);
                 }
-                e.available_at.get_or_insert(request.available_at);
             }
             return Ok(EnqueueOutcome::Duplicate { state: e.state });
         }
         let mut entry = Self::new_entry(&request.claim, LedgerState::Pending, now);
         entry.payload = Some(request.payload.clone());
         entry.subscription_id.clone_from(&request.subscription_id);
-        entry.available_at = Some(request.available_at);
         inner.ledger.insert(request.claim.key.clone(), entry);
         Ok(EnqueueOutcome::Queued)
     }
@@ -578,7 +578,22 @@ impl InboxStore for MemoryStore {
         Ok(out)
     }
 
-    async fn retry_at(&self, key: &EventKey, at: OffsetDateTime) -> Result<(), StoreError> {
+    async fn renew(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, StoreError> {
+        let now = self.clock.now();
+        let mut inner = self.lock();
+        let entry = Self::fenced(&mut inner, lease)?;
+        let expires_at = now.saturating_add(lease_for);
+        entry.lease_expires_at = Some(expires_at);
+        entry.updated_at = now;
+        Ok(Lease {
+            expires_at,
+            remaining: expires_at - now,
+            ..lease.clone()
+        })
+    }
+
+    async fn retry_after(&self, key: &EventKey, delay: Duration) -> Result<(), StoreError> {
+        let at = self.clock.now().saturating_add(delay);
         if let Some(e) = self.lock().ledger.get_mut(key) {
             e.available_at = Some(at);
         }

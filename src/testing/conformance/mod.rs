@@ -106,7 +106,7 @@ macro_rules! store_conformance_tests {
                 release_does_not_spend_an_attempt, dead_letters_are_listed_and_requeued,
                 prune_keeps_recent_and_dead, account_is_part_of_the_key,
                 inbox_orders_and_serializes, inbox_retries_and_recovers,
-                inbox_adopts_an_abandoned_synchronous_claim
+                inbox_adopts_an_abandoned_synchronous_claim, inbox_renew_extends_a_held_lease
             ],
             arc: [concurrent_claims_have_one_winner, inbox_concurrent_takes_are_disjoint],
             arc_clock: [
