@@ -480,7 +480,8 @@ impl WebhookProcessor {
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
         let now = self.inner.clock.now();
-        let (effect, record) = match self.subscription_effect(event, now).await {
+        let last_attempt = lease.attempt >= self.inner.max_attempts;
+        let (effect, record) = match self.subscription_effect(event, now, last_attempt).await {
             Ok(v) => v,
             Err(EffectError::Store(e)) => {
                 let message = format!("subscription store: {e}");
@@ -489,17 +490,29 @@ impl WebhookProcessor {
                     .fail(event, payload, &lease, message, retryable, Some(e))
                     .await;
             }
-            Err(EffectError::Step(e)) => {
-                let retryable = e.is_retryable();
-                let fail = self
-                    .fail(event, payload, &lease, e.to_string(), retryable, None)
-                    .await;
-                return match (fail, e) {
-                    (Err(Error::Failed { .. }), StepError::Refetch(source)) => {
+            Err(EffectError::Step(StepError::Refetch(source))) => {
+                // A refetch the event needs failed: Stripe must deliver it
+                // again (503), and the attempt limit does not apply, so a
+                // refetch failure never dead-letters the event.
+                refetch_failed(event, &lease, &source);
+                let message = format!("Stripe refetch: {source}");
+                let failure = self.failure(event, payload, message, true, u32::MAX);
+                return match self.inner.store.fail(&lease, &failure).await {
+                    Ok(_) => {
+                        bump(&self.inner.counters.failed);
                         Err(Error::Client { event_id, source })
                     }
-                    (other, _) => other,
+                    Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
+                        Err(Error::LeaseLost { event_id })
+                    }
+                    Err(source) => Err(Error::Store { event_id, source }),
                 };
+            }
+            Err(EffectError::Step(e)) => {
+                let retryable = e.is_retryable();
+                return self
+                    .fail(event, payload, &lease, e.to_string(), retryable, None)
+                    .await;
             }
         };
         self.count_effect(&effect);
@@ -613,12 +626,13 @@ impl WebhookProcessor {
         store_error: Option<StoreError>,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
-        let failure = Failure {
-            error: message.clone(),
+        let failure = self.failure(
+            event,
+            payload,
+            message.clone(),
             retryable,
-            max_attempts: self.inner.max_attempts,
-            payload: Some(payload.map_or_else(|| event.to_json(), str::to_owned)),
-        };
+            self.inner.max_attempts,
+        );
         match self.inner.store.fail(lease, &failure).await {
             Ok(FailOutcome::Dead { attempts }) => {
                 bump(&self.inner.counters.dead);
@@ -648,6 +662,24 @@ impl WebhookProcessor {
         }
     }
 
+    /// A failed attempt to record, keeping the payload for replay.
+    fn failure(
+        &self,
+        event: &Event,
+        payload: Option<&str>,
+        error: String,
+        retryable: bool,
+        max_attempts: u32,
+    ) -> Failure {
+        let _ = self;
+        Failure {
+            error,
+            retryable,
+            max_attempts,
+            payload: Some(payload.map_or_else(|| event.to_json(), str::to_owned)),
+        }
+    }
+
     /// Step 5: the subscription effect. The decisions are the state
     /// machine's ([`subscription::step`] and [`subscription::resume`]); this
     /// only loads, asks Stripe and saves (again from a fresh load when
@@ -656,6 +688,7 @@ impl WebhookProcessor {
         &self,
         event: &Event,
         now: OffsetDateTime,
+        last_attempt: bool,
     ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
         let store = &self.inner.store;
         let id = match subscription::subject(event).map_err(StepError::Object)? {
@@ -672,7 +705,7 @@ impl WebhookProcessor {
             };
             let mut step = subscription::step(current.as_ref(), event, now);
             while let Step::Fetch(fetch) = step {
-                let outcome = self.fetch(fetch.target()).await;
+                let outcome = self.fetch(fetch.target(), last_attempt).await;
                 let stored = match fetch.record_to_load(&outcome) {
                     Some(id) => store.load(id).await?,
                     None => None,
@@ -700,7 +733,7 @@ impl WebhookProcessor {
     }
 
     /// Asks Stripe what a fetch step wants.
-    async fn fetch(&self, target: &FetchTarget) -> FetchOutcome {
+    async fn fetch(&self, target: &FetchTarget, last_attempt: bool) -> FetchOutcome {
         let Some(client) = &self.inner.client else {
             return FetchOutcome::NoClient;
         };
@@ -719,7 +752,10 @@ impl WebhookProcessor {
                 objects,
                 at: self.inner.clock.now(),
             },
-            Err(e) => FetchOutcome::Failed(e),
+            Err(error) => FetchOutcome::Failed {
+                error,
+                last_attempt,
+            },
         }
     }
 
@@ -778,6 +814,23 @@ impl From<StepError> for EffectError {
         Self::Step(e)
     }
 }
+
+/// A refetch the event needs failed: said loudly, at error level with the
+/// `tracing` feature (a revoked or wrong key stops every such event until it
+/// is fixed). The caller also gets [`Error::Client`] (503) to log.
+#[cfg(feature = "tracing")]
+fn refetch_failed(event: &Event, lease: &Lease, error: &crate::client::ClientError) {
+    tracing::error!(
+        event_id = event.id(),
+        event_type = event.event_type().as_str(),
+        attempt = lease.attempt,
+        error = %error,
+        "stripe webhook: a refetch the event needs failed; answering 503 so Stripe retries"
+    );
+}
+
+#[cfg(not(feature = "tracing"))]
+fn refetch_failed(_event: &Event, _lease: &Lease, _error: &crate::client::ClientError) {}
 
 #[cfg(feature = "tracing")]
 fn trace(event: &Event, what: &str) {
