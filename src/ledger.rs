@@ -564,6 +564,28 @@ impl IgnoreRequest {
     }
 }
 
+/// What recording an ignored event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IgnoreOutcome {
+    /// Recorded now: the first time the store sees the event.
+    Recorded,
+    /// The event was known already (ignored, processed, in processing, …):
+    /// its entry is left as it was, in this state. An already-ignored event
+    /// is a duplicate, not a new ignore.
+    Known(LedgerState),
+}
+
+impl IgnoreOutcome {
+    /// The entry's state after the call.
+    pub fn state(self) -> LedgerState {
+        match self {
+            Self::Recorded => LedgerState::Ignored,
+            Self::Known(state) => state,
+        }
+    }
+}
+
 /// Which entries to list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerQuery {

@@ -39,7 +39,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::event::Event;
 use crate::inbox::{Inbox, InboxConfig};
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreRequest, Lease, LedgerState,
+    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest, Lease,
 };
 use crate::rt::catch_unwind::{CatchUnwind, panic_message};
 use crate::signature::{Verified, Verifier};
@@ -410,7 +410,7 @@ impl WebhookProcessor {
         let Some(reason) = self.filter_reason(event) else {
             return Ok(None);
         };
-        let state = self
+        let recorded = self
             .inner
             .store
             .ignore(&IgnoreRequest::for_event(event, reason.as_str()))
@@ -420,16 +420,21 @@ impl WebhookProcessor {
                 source,
             })?;
         let event_id = event.id().to_owned();
-        if state == LedgerState::Ignored {
-            bump(&self.inner.counters.ignored);
-            trace(event, "ignored");
-            return Ok(Some(Outcome::Ignored { event_id, reason }));
+        match recorded {
+            IgnoreOutcome::Recorded => {
+                bump(&self.inner.counters.ignored);
+                trace(event, "ignored");
+                Ok(Some(Outcome::Ignored { event_id, reason }))
+            }
+            // Ignored (or otherwise settled) before: a duplicate, counted
+            // once as ignored when it was new.
+            IgnoreOutcome::Known(state) if state.is_settled() => {
+                bump(&self.inner.counters.duplicates);
+                trace(event, "duplicate");
+                Ok(Some(Outcome::Duplicate { event_id, state }))
+            }
+            _ => Ok(None),
         }
-        if state.is_settled() {
-            bump(&self.inner.counters.duplicates);
-            return Ok(Some(Outcome::Duplicate { event_id, state }));
-        }
-        Ok(None)
     }
 
     /// Step 4, then steps 5–7.

@@ -15,9 +15,9 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::ledger::{
-    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest,
-    Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion, check_fence,
-    decide_claim, lease_is_live, state_after_failure,
+    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome,
+    IgnoreRequest, Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion,
+    check_fence, decide_claim, lease_is_live, state_after_failure,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
@@ -293,11 +293,11 @@ impl EventLedger for MemoryStore {
         Ok(())
     }
 
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();
         if let Some(e) = inner.ledger.get(&request.key) {
-            return Ok(e.state);
+            return Ok(IgnoreOutcome::Known(e.state));
         }
         let mut entry = LedgerEntry {
             key: request.key.clone(),
@@ -318,7 +318,7 @@ impl EventLedger for MemoryStore {
         };
         entry.ignore_reason = Some(request.reason.clone());
         inner.ledger.insert(request.key.clone(), entry);
-        Ok(LedgerState::Ignored)
+        Ok(IgnoreOutcome::Recorded)
     }
 
     async fn get(&self, key: &EventKey) -> Result<Option<LedgerEntry>, StoreError> {

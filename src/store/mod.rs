@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest, Lease, LedgerEntry,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest,
+    Lease, LedgerEntry, LedgerQuery, LedgerState,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
@@ -166,13 +166,15 @@ pub trait EventLedger: Send + Sync {
     /// As [`EventLedger::complete`].
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
 
-    /// Records an event filtered out on purpose. An existing entry is left as
-    /// it is and its state returned.
+    /// Records an event filtered out on purpose, insert-if-absent:
+    /// [`IgnoreOutcome::Recorded`] when it was new, else
+    /// [`IgnoreOutcome::Known`] with the existing entry's state (left as it
+    /// is), so that an already-ignored event is counted as a duplicate.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the store fails.
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError>;
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError>;
 
     /// One entry.
     ///

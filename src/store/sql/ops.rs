@@ -221,7 +221,7 @@ impl<D: Dialect> SqlStore<D> {
         Err(other(format!("{} renew: the entry kept changing", D::NAME)))
     }
 
-    pub(super) async fn ignore_once(&self, request: &IgnoreRequest) -> Result<LedgerState, Fail> {
+    pub(super) async fn ignore_once(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, Fail> {
         for _ in 0..3 {
             let mut args = key_args(&request.key);
             args.extend([
@@ -231,10 +231,10 @@ impl<D: Dialect> SqlStore<D> {
                 Arg::Str(&request.reason),
             ]);
             if self.execute(&self.sql.ignore, args).await? > 0 {
-                return Ok(LedgerState::Ignored);
+                return Ok(IgnoreOutcome::Recorded);
             }
             if let Some((state, _)) = self.state_of(&request.key).await? {
-                return Ok(state);
+                return Ok(IgnoreOutcome::Known(state));
             }
         }
         Err(other(format!(
@@ -472,7 +472,7 @@ impl<D: Dialect> EventLedger for SqlStore<D> {
         run::<D, _, _, _>("release", || self.release_once(lease)).await
     }
 
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         run::<D, _, _, _>("ignore", || self.ignore_once(request)).await
     }
 

@@ -245,8 +245,15 @@ pub async fn ignore_is_recorded_once<S: EventLedger + ?Sized>(store: &S, clock: 
         fingerprint: fp(1),
         reason: "unhandled_type".into(),
     };
-    assert_eq!(store.ignore(&ignore).await.unwrap(), LedgerState::Ignored);
-    assert_eq!(store.ignore(&ignore).await.unwrap(), LedgerState::Ignored);
+    assert_eq!(
+        store.ignore(&ignore).await.unwrap(),
+        IgnoreOutcome::Recorded
+    );
+    // Recorded once: a second ignore is a duplicate, not a new ignore.
+    assert_eq!(
+        store.ignore(&ignore).await.unwrap(),
+        IgnoreOutcome::Known(LedgerState::Ignored)
+    );
     let e = store.get(&ignore.key).await.unwrap().unwrap();
     assert_eq!(e.ignore_reason.as_deref(), Some("unhandled_type"));
     let req = ClaimRequest {
@@ -268,7 +275,7 @@ pub async fn ignore_is_recorded_once<S: EventLedger + ?Sized>(store: &S, clock: 
     };
     assert_eq!(
         store.ignore(&ignore_busy).await.unwrap(),
-        LedgerState::Processing
+        IgnoreOutcome::Known(LedgerState::Processing)
     );
 }
 

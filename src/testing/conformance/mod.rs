@@ -27,8 +27,8 @@ use time::{Duration, OffsetDateTime};
 use crate::clock::Clock;
 use crate::event::SubscriptionStatus;
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreRequest, Lease,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreOutcome,
+    IgnoreRequest, Lease, LedgerQuery, LedgerState,
 };
 use crate::store::{
     CursorStore, EnqueueOutcome, EventLedger, InboxRequest, InboxStore, StoreErrorKind,
