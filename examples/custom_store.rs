@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use stripe_webhook_guard::clock::{Clock, SystemClock};
 use stripe_webhook_guard::ledger::{
-    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest,
-    Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion, check_fence,
-    decide_claim, state_after_failure,
+    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome,
+    IgnoreRequest, Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion,
+    check_fence, decide_claim, state_after_failure,
 };
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret, test_header};
@@ -145,6 +145,7 @@ impl EventLedger for AppStore {
                 token,
                 attempt,
                 expires_at,
+                remaining: request.lease,
             };
             Ok(
                 match decide_claim(
@@ -253,11 +254,11 @@ impl EventLedger for AppStore {
         })
     }
 
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         let now: OffsetDateTime = self.clock.now();
         self.update(&request.key, |entry| {
             if let Some(e) = entry {
-                return Ok((None, e.state));
+                return Ok((None, IgnoreOutcome::Known(e.state)));
             }
             let e = LedgerEntry {
                 key: request.key.clone(),
@@ -276,7 +277,7 @@ impl EventLedger for AppStore {
                 first_seen_at: now,
                 updated_at: now,
             };
-            Ok((Some(e), LedgerState::Ignored))
+            Ok((Some(e), IgnoreOutcome::Recorded))
         })
     }
 

@@ -15,6 +15,7 @@
 //! ([`WebhookProcessor::handle`]) when the simplest deployment matters more.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 use time::Duration;
@@ -23,13 +24,16 @@ use crate::event::Event;
 use crate::ledger::{ClaimRequest, Failure};
 use crate::processor::{Error, Outcome, Screened, WebhookProcessor};
 use crate::rt::catch_unwind::poll_now;
-use crate::store::{EnqueueOutcome, InboxRequest, InboxStore, StoreError};
+use crate::store::{
+    EnqueueOutcome, InboxItem, InboxRequest, InboxStore, StoreError, StoreErrorKind,
+};
 use crate::subscription;
 
 /// Inbox settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboxConfig {
-    /// Events a worker takes per round.
+    /// Events a worker processes per round (each taken and leased just
+    /// before it runs).
     pub batch: usize,
     /// First retry delay after a failure (doubled per attempt).
     pub base_backoff: Duration,
@@ -124,7 +128,6 @@ impl Inbox {
             ),
             payload: verified.payload_str().to_owned(),
             subscription_id: subscription::subscription_id_of(&event).ok().flatten(),
-            available_at: self.processor.clock().now(),
         };
         let queued = self.store.enqueue(&request).await;
         match queued.map_err(|source| Error::Store {
@@ -178,8 +181,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Takes one batch and processes it, item after item; an item whose
-    /// lease ran out before its turn is left for the next round.
+    /// Takes up to [`InboxConfig::batch`] events and processes them one
+    /// after another. Each event after the first has its lease renewed to
+    /// the full lease just before it runs, so the last event of a batch
+    /// starts with as full a lease as the first: slow events never eat into
+    /// a later event's lease. An event whose lease was taken over meanwhile
+    /// (it ran out and another worker took it) is left to that worker.
     ///
     /// # Errors
     ///
@@ -188,6 +195,9 @@ impl Worker {
     pub async fn run_once(&self) -> Result<RoundStats, StoreError> {
         let inbox = &self.inbox;
         let p = &inbox.processor;
+        // Read before the store's clock is: a deadline derived from it
+        // never outlasts the lease the store grants.
+        let asked = p.clock().monotonic();
         let items = inbox
             .store
             .take(inbox.config.batch, p.lease_duration(), p.max_attempts())
@@ -196,52 +206,71 @@ impl Worker {
             taken: items.len(),
             ..RoundStats::default()
         };
-        for item in items {
-            let key = item.lease.key.clone();
-            let attempt = item.lease.attempt;
-            if p.clock().now() >= item.lease.expires_at {
-                // The batch took longer than this item's lease; another
-                // worker may have it now. Leave it to whoever holds it.
-                continue;
-            }
-            let event = match Event::from_bytes(item.payload.as_bytes()) {
-                Ok(e) => e,
-                Err(e) => {
-                    // Verified when received; unreadable now means a bug or
-                    // corruption: no retry will help.
-                    let failure = Failure {
-                        error: format!("stored payload unreadable: {e}"),
-                        retryable: false,
-                        max_attempts: p.max_attempts(),
-                        payload: None,
-                    };
-                    let _ = inbox.store.fail(&item.lease, &failure).await;
-                    stats.dead += 1;
-                    continue;
-                }
-            };
-            let result = p.run_claimed(&event, Some(&item.payload), item.lease).await;
-            crate::metrics::delivered(&result);
-            match result {
-                Ok(Outcome::DeadLettered { .. }) => stats.dead += 1,
-                Ok(_) => {
-                    stats.processed += 1;
-                    if inbox.config.keep_payloads {
-                        // The event is processed either way; a lost copy of
-                        // its body must not abort the rest of the batch.
-                        let _ = inbox.store.keep_payload(&key, &item.payload).await;
+        for (i, mut item) in items.into_iter().enumerate() {
+            let mut deadline = item.lease.deadline(asked);
+            if i > 0 {
+                let asked = p.clock().monotonic();
+                match inbox.store.renew(&item.lease, p.lease_duration()).await {
+                    Ok(lease) => {
+                        deadline = lease.deadline(asked);
+                        item.lease = lease;
                     }
-                }
-                Err(_) => {
-                    stats.retried += 1;
-                    let at = p.clock().now() + self.backoff(attempt);
-                    // Without the back-off time the event is simply due at
-                    // once; the rest of the batch still runs.
-                    let _ = inbox.store.retry_at(&key, at).await;
+                    // Taken over by another worker: theirs now.
+                    Err(e) if e.kind() == StoreErrorKind::LeaseLost => continue,
+                    // The store could not renew: run with the time left (the
+                    // pipeline checks the deadline before the handler runs).
+                    Err(_) => {}
                 }
             }
+            self.run_item(item, deadline, &mut stats).await;
         }
         Ok(stats)
+    }
+
+    /// Runs one taken event through the pipeline and schedules its retry
+    /// when it failed.
+    async fn run_item(&self, item: InboxItem, deadline: Instant, stats: &mut RoundStats) {
+        let inbox = &self.inbox;
+        let p = &inbox.processor;
+        let key = item.lease.key.clone();
+        let attempt = item.lease.attempt;
+        let event = match Event::from_bytes(item.payload.as_bytes()) {
+            Ok(e) => e,
+            Err(e) => {
+                // Verified when received; unreadable now means a bug or
+                // corruption: no retry will help.
+                let failure = Failure {
+                    error: format!("stored payload unreadable: {e}"),
+                    retryable: false,
+                    max_attempts: p.max_attempts(),
+                    payload: None,
+                };
+                let _ = inbox.store.fail(&item.lease, &failure).await;
+                stats.dead += 1;
+                return;
+            }
+        };
+        let outcome = p
+            .run_claimed(&event, Some(&item.payload), item.lease, deadline)
+            .await;
+        crate::metrics::delivered(&outcome);
+        match outcome {
+            Ok(Outcome::DeadLettered { .. }) => stats.dead += 1,
+            Ok(_) => {
+                stats.processed += 1;
+                if inbox.config.keep_payloads {
+                    // The event is processed either way; a lost copy of
+                    // its body must not abort the rest of the round.
+                    let _ = inbox.store.keep_payload(&key, &item.payload).await;
+                }
+            }
+            Err(_) => {
+                stats.retried += 1;
+                // The due time is computed on the store's clock. Without it
+                // the event is simply due at once; the round goes on.
+                let _ = inbox.store.retry_after(&key, self.backoff(attempt)).await;
+            }
+        }
     }
 
     /// Runs rounds until a round takes nothing and nothing is pending.

@@ -209,6 +209,28 @@ impl fmt::Display for LedgerState {
 pub struct LeaseToken(pub u64);
 
 /// Proof of a claim: present it to complete or fail the event.
+///
+/// The lease lasts [`Lease::remaining`] from when the store granted it,
+/// measured on the store's clock. Whoever holds it turns that into a local
+/// monotonic deadline ([`Lease::deadline`]) and never compares
+/// [`Lease::expires_at`] (a timestamp on the store's clock, the database's)
+/// with its own wall clock: the two clocks can be minutes apart.
+///
+/// ```
+/// use std::time::Instant;
+/// use stripe_webhook_guard::ledger::{EventKey, Lease, LeaseToken};
+/// use time::{Duration, OffsetDateTime};
+///
+/// let asked = Instant::now(); // read before asking the store
+/// let lease = Lease {
+///     key: EventKey::new("evt_1", None),
+///     token: LeaseToken(1),
+///     attempt: 1,
+///     expires_at: OffsetDateTime::UNIX_EPOCH + Duration::seconds(60),
+///     remaining: Duration::seconds(60),
+/// };
+/// assert_eq!(lease.deadline(asked) - asked, std::time::Duration::from_secs(60));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The claimed event.
@@ -217,8 +239,25 @@ pub struct Lease {
     pub token: LeaseToken,
     /// Which attempt this is (1 for the first claim).
     pub attempt: u32,
-    /// When the lease runs out, on the store's clock.
+    /// When the lease runs out, on the store's clock. For display and for
+    /// the store's own comparisons only: compare [`Lease::deadline`] with a
+    /// monotonic clock instead.
     pub expires_at: OffsetDateTime,
+    /// How long the lease had left when the store granted it, measured on
+    /// the store's clock (`expires_at` minus the store's `now`).
+    pub remaining: time::Duration,
+}
+
+impl Lease {
+    /// The local monotonic deadline of this lease, for a holder that read
+    /// `asked` from its monotonic clock before asking the store for the
+    /// lease. The store's `now` was read after `asked`, so the deadline is
+    /// never later than the store's expiry, whatever the two wall clocks
+    /// say. A lease with no time left has its deadline at `asked`.
+    pub fn deadline(&self, asked: std::time::Instant) -> std::time::Instant {
+        let left = std::time::Duration::try_from(self.remaining).unwrap_or_default();
+        asked.checked_add(left).unwrap_or(asked)
+    }
 }
 
 /// One event's ledger entry. Its `Debug` shows the payload's length, not
@@ -525,6 +564,28 @@ impl IgnoreRequest {
     }
 }
 
+/// What recording an ignored event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IgnoreOutcome {
+    /// Recorded now: the first time the store sees the event.
+    Recorded,
+    /// The event was known already (ignored, processed, in processing, …):
+    /// its entry is left as it was, in this state. An already-ignored event
+    /// is a duplicate, not a new ignore.
+    Known(LedgerState),
+}
+
+impl IgnoreOutcome {
+    /// The entry's state after the call.
+    pub fn state(self) -> LedgerState {
+        match self {
+            Self::Recorded => LedgerState::Ignored,
+            Self::Known(state) => state,
+        }
+    }
+}
+
 /// Which entries to list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerQuery {
@@ -668,6 +729,7 @@ mod tests {
             token: LeaseToken(7),
             attempt: 2,
             expires_at: now(),
+            remaining: Duration::seconds(10),
         };
         assert_eq!(check_fence(&e, &mine), Ok(()));
         let stale = Lease {

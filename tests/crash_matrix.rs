@@ -50,8 +50,8 @@ use std::time::{Duration as StdDuration, Instant};
 
 use async_trait::async_trait;
 use stripe_webhook_guard::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest, Lease, LedgerEntry,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest,
+    Lease, LedgerEntry, LedgerQuery, LedgerState,
 };
 use stripe_webhook_guard::processor::Outcome;
 use stripe_webhook_guard::signature::{Verifier, test_header};
@@ -235,7 +235,7 @@ impl<S: Storage> EventLedger for Faulty<S> {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release(lease).await
     }
-    async fn ignore(&self, r: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, r: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         self.inner.ignore(r).await
     }
     async fn get(&self, key: &EventKey) -> Result<Option<LedgerEntry>, StoreError> {

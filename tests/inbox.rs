@@ -174,3 +174,62 @@ async fn bodies_are_dropped_unless_kept() {
         assert_eq!(entry.payload.is_some(), keep);
     }
 }
+
+/// A handler that takes 40 s of a 60 s lease and records how much lease
+/// each event had left when it started.
+struct SlowHandler {
+    clock: ManualClock,
+    left_at_start: std::sync::Mutex<Vec<std::time::Duration>>,
+}
+
+#[async_trait::async_trait]
+impl stripe_webhook_guard::processor::EventHandler for SlowHandler {
+    async fn handle(
+        &self,
+        _event: &stripe_webhook_guard::event::Event,
+        ctx: &stripe_webhook_guard::processor::HandlerContext,
+    ) -> Result<(), stripe_webhook_guard::processor::HandlerError> {
+        self.left_at_start
+            .lock()
+            .unwrap()
+            .push(ctx.lease_remaining());
+        self.clock.advance(Duration::seconds(40));
+        Ok(())
+    }
+}
+
+/// Regression: a worker leased a whole batch at once and ran it item after
+/// item, so with 40 s handlers and a 60 s lease the second event started
+/// with 20 s left and the third after its lease ran out. Each event now
+/// starts with the full lease, and the whole batch is processed in one
+/// round.
+#[tokio::test]
+async fn each_event_of_a_batch_starts_with_a_full_lease() {
+    let clock = ManualClock::at_unix(common::world::START);
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let handler = Arc::new(SlowHandler {
+        clock: clock.clone(),
+        left_at_start: std::sync::Mutex::new(Vec::new()),
+    });
+    let inbox = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .handler(handler.clone())
+        .clock(Arc::new(clock.clone()))
+        .lease(Duration::seconds(60))
+        .build_inbox(InboxConfig {
+            batch: 4,
+            ..InboxConfig::default()
+        });
+    for i in 0..4 {
+        let id = format!("evt_batch_{i}");
+        let body = common::other_event(&id, common::world::START + i);
+        let header = common::sign(&body, clock.now().unix_timestamp());
+        let queued = inbox.receive(body.as_bytes(), Some(&header)).await;
+        assert!(matches!(queued, Ok(Outcome::Queued { .. })), "{queued:?}");
+    }
+    let round = inbox.worker().run_once().await.unwrap();
+    assert_eq!((round.taken, round.processed), (4, 4), "{round:?}");
+    let left = handler.left_at_start.lock().unwrap().clone();
+    assert_eq!(left, vec![std::time::Duration::from_secs(60); 4]);
+    assert_eq!(store.ledger_counts().get("processed"), Some(&4));
+}

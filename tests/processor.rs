@@ -397,15 +397,15 @@ async fn filters_ignore_without_effect() {
             ..
         }
     ));
-    // A redelivery is still ignored, and recorded once.
+    // A redelivery is a duplicate of the ignored entry, recorded once.
     let out = p
         .handle(live_connect.as_bytes(), Some(&sign(&live_connect, T0)))
         .await
         .unwrap();
     assert!(matches!(
         out,
-        Outcome::Ignored {
-            reason: IgnoreReason::ForeignAccount,
+        Outcome::Duplicate {
+            state: LedgerState::Ignored,
             ..
         }
     ));

@@ -1157,3 +1157,80 @@ async fn records_created_during_the_listing_are_not_flagged() {
     assert_eq!(store.all_subscriptions().len(), 2);
     assert!(store.all_subscriptions().iter().all(|r| !r.needs_review));
 }
+
+/// `/v1/events` listing only events of types the application ignores
+/// (real Stripe lists every type on the account).
+struct IgnoredTypes {
+    events: Vec<Event>,
+}
+
+#[async_trait]
+impl StripeClient for IgnoredTypes {
+    async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _: &SubscriptionListQuery,
+    ) -> Result<Page<SubscriptionView>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
+        Ok(Page {
+            data: self.events.clone(),
+            has_more: false,
+        })
+    }
+
+    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+        Err(not_used())
+    }
+}
+
+/// Regression: an event of a type the application ignores was recorded as
+/// ignored again and counted as processed every time catch-up listed it (a
+/// second run with nothing new reported every such event as processed, and
+/// the processor's counters counted it twice). Now an already-ignored event
+/// is a duplicate: the second run reports 0 processed, and the counters say
+/// exactly what was new.
+#[tokio::test]
+async fn a_second_catch_up_counts_ignored_events_as_duplicates() {
+    let clock = ManualClock::at_unix(1_767_225_600);
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store)
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let created = clock.now().unix_timestamp() - 3600;
+    let events: Vec<Event> = [
+        "customer.updated",
+        "invoice.created",
+        "payment_intent.created",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, ty)| {
+        Event::parse_unverified(
+            format!(
+                r#"{{"id":"evt_ignored_{i}","object":"event","type":"{ty}","created":{created},
+                    "livemode":false,"data":{{"object":{{"id":"obj_{i}"}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    })
+    .collect();
+    let r = Reconciler::new(processor.clone(), Arc::new(IgnoredTypes { events }));
+    let first = r.catch_up().await.unwrap();
+    assert_eq!((first.events_seen, first.events_processed), (3, 3));
+    assert_eq!(first.events_duplicate, 0);
+    let second = r.catch_up().await.unwrap();
+    assert_eq!(second.events_seen, 3);
+    assert_eq!(second.events_processed, 0, "nothing new: {second:#?}");
+    assert_eq!(second.events_duplicate, 3);
+    let stats = processor.stats();
+    assert_eq!(stats.ignored, 3, "each ignored event counted once");
+    assert_eq!(stats.duplicates, 3);
+}

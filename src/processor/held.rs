@@ -74,6 +74,7 @@ mod tests {
             token: LeaseToken(token),
             attempt: 1,
             expires_at: time::OffsetDateTime::UNIX_EPOCH,
+            remaining: time::Duration::seconds(60),
         }
     }
 

@@ -31,6 +31,7 @@ mod types;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use time::{Duration, OffsetDateTime};
 
@@ -39,7 +40,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::event::Event;
 use crate::inbox::{Inbox, InboxConfig};
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreRequest, Lease, LedgerState,
+    ClaimOutcome, ClaimRequest, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest, Lease,
 };
 use crate::rt::catch_unwind::{CatchUnwind, panic_message};
 use crate::signature::{Verified, Verifier};
@@ -482,7 +483,7 @@ impl WebhookProcessor {
         let Some(reason) = self.filter_reason(event) else {
             return Ok(None);
         };
-        let state = self
+        let recorded = self
             .inner
             .store
             .ignore(&IgnoreRequest::for_event(event, reason.as_str()))
@@ -492,22 +493,30 @@ impl WebhookProcessor {
                 source,
             })?;
         let event_id = event.id().to_owned();
-        if state == LedgerState::Ignored {
-            bump(&self.inner.counters.ignored);
-            trace(event, "ignored");
-            return Ok(Some(Outcome::Ignored { event_id, reason }));
+        match recorded {
+            IgnoreOutcome::Recorded => {
+                bump(&self.inner.counters.ignored);
+                trace(event, "ignored");
+                Ok(Some(Outcome::Ignored { event_id, reason }))
+            }
+            // Ignored (or otherwise settled) before: a duplicate, counted
+            // once as ignored when it was new.
+            IgnoreOutcome::Known(state) if state.is_settled() => {
+                bump(&self.inner.counters.duplicates);
+                trace(event, "duplicate");
+                Ok(Some(Outcome::Duplicate { event_id, state }))
+            }
+            _ => Ok(None),
         }
-        if state.is_settled() {
-            bump(&self.inner.counters.duplicates);
-            return Ok(Some(Outcome::Duplicate { event_id, state }));
-        }
-        Ok(None)
     }
 
     /// Step 4, then steps 5–7.
     async fn claim_and_run(&self, event: &Event, payload: Option<&str>) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
         let request = ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts);
+        // Read before the store's clock is: the local deadline derived from
+        // it never outlasts the lease the store grants.
+        let asked = self.inner.clock.monotonic();
         let claimed = self.inner.store.claim(&request).await;
         let lease = match claimed.map_err(|source| Error::Store {
             event_id: event_id.clone(),
@@ -533,27 +542,33 @@ impl WebhookProcessor {
                 });
             }
         };
+        let deadline = lease.deadline(asked);
         // Registered until settled: if this future is dropped in between
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
         held.hold(&lease, self.inner.lease.unsigned_abs());
-        let result = self.run_claimed(event, payload, lease.clone()).await;
+        let result = self
+            .run_claimed(event, payload, lease.clone(), deadline)
+            .await;
         held.settle(&lease);
         result
     }
 
-    /// Steps 5–7 for an event this worker holds. Used by the synchronous
-    /// path and by inbox workers.
+    /// Steps 5–7 for an event this worker holds until `deadline` (on the
+    /// clock's monotonic face: the lease's remaining time counted from
+    /// before the claim). Used by the synchronous path and by inbox workers.
     pub(crate) async fn run_claimed(
         &self,
         event: &Event,
         payload: Option<&str>,
         lease: Lease,
+        deadline: Instant,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
         let started = std::time::Instant::now();
         let now = self.inner.clock.now();
-        let (effect, record) = match self.subscription_effect(event, now).await {
+        let last_attempt = lease.attempt >= self.inner.max_attempts;
+        let (effect, record) = match self.subscription_effect(event, now, last_attempt).await {
             Ok(v) => v,
             Err(EffectError::Store(e)) => {
                 let message = format!("subscription store: {e}");
@@ -562,17 +577,29 @@ impl WebhookProcessor {
                     .fail(event, payload, &lease, message, retryable, Some(e))
                     .await;
             }
-            Err(EffectError::Step(e)) => {
-                let retryable = e.is_retryable();
-                let fail = self
-                    .fail(event, payload, &lease, e.to_string(), retryable, None)
-                    .await;
-                return match (fail, e) {
-                    (Err(Error::Failed { .. }), StepError::Refetch(source)) => {
+            Err(EffectError::Step(StepError::Refetch(source))) => {
+                // A refetch the event needs failed: Stripe must deliver it
+                // again (503), and the attempt limit does not apply, so a
+                // refetch failure never dead-letters the event.
+                refetch_failed(event, &lease, &source);
+                let message = format!("Stripe refetch: {source}");
+                let failure = self.failure(event, payload, message, true, u32::MAX);
+                return match self.inner.store.fail(&lease, &failure).await {
+                    Ok(_) => {
+                        bump(&self.inner.counters.failed);
                         Err(Error::Client { event_id, source })
                     }
-                    (other, _) => other,
+                    Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
+                        Err(Error::LeaseLost { event_id })
+                    }
+                    Err(source) => Err(Error::Store { event_id, source }),
                 };
+            }
+            Err(EffectError::Step(e)) => {
+                let retryable = e.is_retryable();
+                return self
+                    .fail(event, payload, &lease, e.to_string(), retryable, None)
+                    .await;
             }
         };
         self.count_effect(&effect);
@@ -585,13 +612,13 @@ impl WebhookProcessor {
             .as_ref()
             .filter(|h| h.wants(event.event_type()))
         {
-            if self.inner.clock.now() >= lease.expires_at {
+            if self.inner.clock.monotonic() >= deadline {
                 return self.lease_lost(event, &lease).await;
             }
             let ctx = HandlerContext {
                 event_id: event_id.clone(),
                 attempt: lease.attempt,
-                lease_expires_at: lease.expires_at,
+                deadline,
                 effect: effect.clone(),
                 subscription: record,
                 lease: lease.clone(),
@@ -687,12 +714,13 @@ impl WebhookProcessor {
         store_error: Option<StoreError>,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
-        let failure = Failure {
-            error: message.clone(),
+        let failure = self.failure(
+            event,
+            payload,
+            message.clone(),
             retryable,
-            max_attempts: self.inner.max_attempts,
-            payload: Some(payload.map_or_else(|| event.to_json(), str::to_owned)),
-        };
+            self.inner.max_attempts,
+        );
         match self.inner.store.fail(lease, &failure).await {
             Ok(FailOutcome::Dead { attempts }) => {
                 bump(&self.inner.counters.dead);
@@ -722,6 +750,24 @@ impl WebhookProcessor {
         }
     }
 
+    /// A failed attempt to record, keeping the payload for replay.
+    fn failure(
+        &self,
+        event: &Event,
+        payload: Option<&str>,
+        error: String,
+        retryable: bool,
+        max_attempts: u32,
+    ) -> Failure {
+        let _ = self;
+        Failure {
+            error,
+            retryable,
+            max_attempts,
+            payload: Some(payload.map_or_else(|| event.to_json(), str::to_owned)),
+        }
+    }
+
     /// Step 5: the subscription effect. The decisions are the state
     /// machine's ([`subscription::step`] and [`subscription::resume`]); this
     /// only loads, asks Stripe and saves (again from a fresh load when
@@ -730,6 +776,7 @@ impl WebhookProcessor {
         &self,
         event: &Event,
         now: OffsetDateTime,
+        last_attempt: bool,
     ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
         let store = &self.inner.store;
         let id = match subscription::subject(event).map_err(StepError::Object)? {
@@ -746,7 +793,7 @@ impl WebhookProcessor {
             };
             let mut step = subscription::step(current.as_ref(), event, now);
             while let Step::Fetch(fetch) = step {
-                let outcome = self.fetch(fetch.target()).await;
+                let outcome = self.fetch(fetch.target(), last_attempt).await;
                 let stored = match fetch.record_to_load(&outcome) {
                     Some(id) => store.load(id).await?,
                     None => None,
@@ -774,7 +821,7 @@ impl WebhookProcessor {
     }
 
     /// Asks Stripe what a fetch step wants.
-    async fn fetch(&self, target: &FetchTarget) -> FetchOutcome {
+    async fn fetch(&self, target: &FetchTarget, last_attempt: bool) -> FetchOutcome {
         let Some(client) = &self.inner.client else {
             return FetchOutcome::NoClient;
         };
@@ -794,7 +841,10 @@ impl WebhookProcessor {
                 objects,
                 at: self.inner.clock.now(),
             },
-            Err(e) => FetchOutcome::Failed(e),
+            Err(error) => FetchOutcome::Failed {
+                error,
+                last_attempt,
+            },
         }
     }
 
@@ -853,6 +903,23 @@ impl From<StepError> for EffectError {
         Self::Step(e)
     }
 }
+
+/// A refetch the event needs failed: said loudly, at error level with the
+/// `tracing` feature (a revoked or wrong key stops every such event until it
+/// is fixed). The caller also gets [`Error::Client`] (503) to log.
+#[cfg(feature = "tracing")]
+fn refetch_failed(event: &Event, lease: &Lease, error: &crate::client::ClientError) {
+    tracing::error!(
+        event_id = event.id(),
+        event_type = event.event_type().as_str(),
+        attempt = lease.attempt,
+        error = %error,
+        "stripe webhook: a refetch the event needs failed; answering 503 so Stripe retries"
+    );
+}
+
+#[cfg(not(feature = "tracing"))]
+fn refetch_failed(_event: &Event, _lease: &Lease, _error: &crate::client::ClientError) {}
 
 #[cfg(feature = "tracing")]
 fn trace(event: &Event, what: &str) {

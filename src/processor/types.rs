@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -23,10 +24,11 @@ pub struct HandlerContext {
     pub event_id: String,
     /// Which attempt this is (1 for the first).
     pub attempt: u32,
-    /// When this worker's claim runs out. An effect committed after it may
-    /// race another worker's; check [`HandlerContext::lease_valid`] before
-    /// committing a slow effect.
-    pub lease_expires_at: OffsetDateTime,
+    /// When this worker's claim runs out, on the clock's monotonic face: the
+    /// time the store said was left on the lease, counted from just before
+    /// the claim. An effect committed after it may race another worker's;
+    /// check [`HandlerContext::lease_valid`] before committing a slow effect.
+    pub(super) deadline: Instant,
     /// What the subscription effect did.
     pub effect: Effect,
     /// The subscription record after the effect, when the event is about one.
@@ -39,9 +41,19 @@ pub struct HandlerContext {
 }
 
 impl HandlerContext {
-    /// Whether the claim is still held (by the processor's clock).
+    /// Whether the claim is still held: the lease's local monotonic deadline
+    /// has not passed. Never judged by comparing the application's wall
+    /// clock with the store's expiry timestamp (the two clocks can be
+    /// minutes apart).
     pub fn lease_valid(&self) -> bool {
-        self.clock.now() < self.lease_expires_at
+        self.clock.monotonic() < self.deadline
+    }
+
+    /// The time left on the claim (zero once it ran out), by the same
+    /// monotonic deadline as [`HandlerContext::lease_valid`].
+    pub fn lease_remaining(&self) -> std::time::Duration {
+        self.deadline
+            .saturating_duration_since(self.clock.monotonic())
     }
 }
 

@@ -15,9 +15,9 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::ledger::{
-    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest,
-    Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion, check_fence,
-    decide_claim, lease_is_live, state_after_failure,
+    ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome,
+    IgnoreRequest, Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion,
+    check_fence, decide_claim, lease_is_live, state_after_failure,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
@@ -110,11 +110,13 @@ impl MemoryStore {
         lease: Duration,
         now: OffsetDateTime,
     ) -> Lease {
+        let expires_at = now.saturating_add(lease);
         Lease {
             key: key.clone(),
             token: self.token(),
             attempt,
-            expires_at: now.saturating_add(lease),
+            expires_at,
+            remaining: expires_at - now,
         }
     }
 
@@ -291,11 +293,11 @@ impl EventLedger for MemoryStore {
         Ok(())
     }
 
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();
         if let Some(e) = inner.ledger.get(&request.key) {
-            return Ok(e.state);
+            return Ok(IgnoreOutcome::Known(e.state));
         }
         let mut entry = LedgerEntry {
             key: request.key.clone(),
@@ -316,7 +318,7 @@ impl EventLedger for MemoryStore {
         };
         entry.ignore_reason = Some(request.reason.clone());
         inner.ledger.insert(request.key.clone(), entry);
-        Ok(LedgerState::Ignored)
+        Ok(IgnoreOutcome::Recorded)
     }
 
     async fn get(&self, key: &EventKey) -> Result<Option<LedgerEntry>, StoreError> {
@@ -500,14 +502,12 @@ impl InboxStore for MemoryStore {
                 if e.subscription_id.is_none() {
                     e.subscription_id.clone_from(&request.subscription_id);
                 }
-                e.available_at.get_or_insert(request.available_at);
             }
             return Ok(EnqueueOutcome::Duplicate { state: e.state });
         }
         let mut entry = Self::new_entry(&request.claim, LedgerState::Pending, now);
         entry.payload = Some(request.payload.clone());
         entry.subscription_id.clone_from(&request.subscription_id);
-        entry.available_at = Some(request.available_at);
         inner.ledger.insert(request.claim.key.clone(), entry);
         Ok(EnqueueOutcome::Queued)
     }
@@ -578,7 +578,22 @@ impl InboxStore for MemoryStore {
         Ok(out)
     }
 
-    async fn retry_at(&self, key: &EventKey, at: OffsetDateTime) -> Result<(), StoreError> {
+    async fn renew(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, StoreError> {
+        let now = self.clock.now();
+        let mut inner = self.lock();
+        let entry = Self::fenced(&mut inner, lease)?;
+        let expires_at = now.saturating_add(lease_for);
+        entry.lease_expires_at = Some(expires_at);
+        entry.updated_at = now;
+        Ok(Lease {
+            expires_at,
+            remaining: expires_at - now,
+            ..lease.clone()
+        })
+    }
+
+    async fn retry_after(&self, key: &EventKey, delay: Duration) -> Result<(), StoreError> {
+        let at = self.clock.now().saturating_add(delay);
         if let Some(e) = self.lock().ledger.get_mut(key) {
             e.available_at = Some(at);
         }

@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest, Lease, LedgerEntry,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest,
+    Lease, LedgerEntry, LedgerQuery, LedgerState,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 
@@ -166,13 +166,15 @@ pub trait EventLedger: Send + Sync {
     /// As [`EventLedger::complete`].
     async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
 
-    /// Records an event filtered out on purpose. An existing entry is left as
-    /// it is and its state returned.
+    /// Records an event filtered out on purpose, insert-if-absent:
+    /// [`IgnoreOutcome::Recorded`] when it was new, else
+    /// [`IgnoreOutcome::Known`] with the existing entry's state (left as it
+    /// is), so that an already-ignored event is counted as a duplicate.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the store fails.
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError>;
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError>;
 
     /// One entry.
     ///
@@ -341,8 +343,6 @@ pub struct InboxRequest {
     /// The subscription it is about, if known: a worker never takes an event
     /// whose subscription has another event in processing.
     pub subscription_id: Option<String>,
-    /// Earliest time a worker may take it.
-    pub available_at: OffsetDateTime,
 }
 
 impl fmt::Debug for InboxItem {
@@ -361,7 +361,6 @@ impl fmt::Debug for InboxRequest {
             .field("claim", &self.claim)
             .field("payload_len", &self.payload.len())
             .field("subscription_id", &self.subscription_id)
-            .field("available_at", &self.available_at)
             .finish()
     }
 }
@@ -385,15 +384,15 @@ pub enum EnqueueOutcome {
 /// by workers, one at a time per subscription.
 #[async_trait]
 pub trait InboxStore: EventLedger {
-    /// Stores a verified event as `pending` (insert-if-absent).
+    /// Stores a verified event as `pending` (insert-if-absent), due at once.
     ///
     /// An event already known answers [`EnqueueOutcome::Duplicate`] with its
     /// state (or [`EnqueueOutcome::Conflict`] for different content). If that
     /// entry is unsettled (`pending`, `processing` or `failed`) and has no
     /// payload, as after a synchronous [`EventLedger::claim`], the payload
-    /// (and the subscription and `available_at`, where the entry has none)
-    /// is attached to it, so that once its lease expires a worker takes it:
-    /// a synchronous worker that dies cannot strand the event.
+    /// (and the subscription, where the entry has none) is attached to it,
+    /// so that once its lease expires a worker takes it: a synchronous
+    /// worker that dies cannot strand the event.
     ///
     /// # Errors
     ///
@@ -404,6 +403,8 @@ pub trait InboxStore: EventLedger {
     /// whose lease expired) and whose subscription has no other event in
     /// processing, oldest `created` first, leasing each for `lease`. Events of
     /// one subscription are handed out one at a time (SKIP LOCKED semantics).
+    /// Due times and lease expiry are judged on the store's clock, and each
+    /// lease reports its [`Lease::remaining`] time on that clock.
     ///
     /// # Errors
     ///
@@ -415,12 +416,30 @@ pub trait InboxStore: EventLedger {
         max_attempts: u32,
     ) -> Result<Vec<InboxItem>, StoreError>;
 
-    /// Sets when a failed event may be taken again (back-off).
+    /// Extends a lease this worker holds to `lease` from now on the store's
+    /// clock, fenced by the token like [`EventLedger::complete`]: the same
+    /// token, a new expiry, and the [`Lease::remaining`] time measured on the
+    /// store's clock. A lease that ran out but was not taken over may be
+    /// renewed (nobody else holds the event). Workers renew each event of a
+    /// batch just before running it, so every event starts with a full
+    /// lease.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::LeaseLost`] when another claim took the event over
+    /// or it is no longer processing; other kinds when the store fails.
+    async fn renew(&self, lease: &Lease, lease_for: time::Duration) -> Result<Lease, StoreError>;
+
+    /// Makes a failed event due again `delay` from now on the store's own
+    /// clock (back-off): `now + delay` is computed where the due time is
+    /// compared, so an application clock that is off the database's neither
+    /// delays nor hastens retries. A delay of zero or less makes it due at
+    /// once.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the store fails.
-    async fn retry_at(&self, key: &EventKey, at: OffsetDateTime) -> Result<(), StoreError>;
+    async fn retry_after(&self, key: &EventKey, delay: time::Duration) -> Result<(), StoreError>;
 
     /// Stores `payload` again on a processed entry (completion drops it): for
     /// applications that ask inbox mode to keep processed bodies. Entries in

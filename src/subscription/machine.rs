@@ -598,7 +598,11 @@ mod tests {
             (Some(S::Active), S::Unknown("new".into()), Gap),
             // Found by the state-machine fuzz target: a status this crate
             // does not know must not lead out of a terminal one.
-            (Some(S::IncompleteExpired), S::Unknown("new".into()), Impossible),
+            (
+                Some(S::IncompleteExpired),
+                S::Unknown("new".into()),
+                Impossible,
+            ),
             (Some(S::Canceled), S::Unknown("new".into()), Impossible),
             (Some(S::Unknown("new".into())), S::Active, Gap),
         ];

@@ -146,16 +146,19 @@ pub enum StepError {
     /// about.
     #[error("{0} names no subscription or customer to refetch")]
     NothingToFetch(String),
-    /// Stripe's object was needed and the request failed.
+    /// Stripe's object was needed and the request failed, for any reason
+    /// (including 401/403: a key problem is fixable, a dead letter is not).
+    /// Always retryable: the event is answered so that Stripe delivers it
+    /// again, and it is never dead-lettered for this.
     #[error("Stripe refetch: {0}")]
     Refetch(ClientError),
 }
 
 impl StepError {
-    /// Whether another attempt may succeed (a refetch that failed for a
-    /// retryable reason).
+    /// Whether another attempt may succeed: a refetch that failed, whatever
+    /// the reason (the key can be fixed, Stripe can come back).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Refetch(e) if e.is_retryable())
+        matches!(self, Self::Refetch(_))
     }
 }
 
@@ -240,7 +243,14 @@ pub enum FetchOutcome {
         at: OffsetDateTime,
     },
     /// The request failed.
-    Failed(ClientError),
+    Failed {
+        /// Why.
+        error: ClientError,
+        /// Whether this is the event's last attempt (its attempt number has
+        /// reached the configured maximum): only then does the fallback
+        /// decide; before it, the step fails so that the event is retried.
+        last_attempt: bool,
+    },
     /// No Stripe client is configured.
     NoClient,
 }
@@ -251,7 +261,7 @@ impl FetchOutcome {
     pub fn chosen(&self) -> Option<&SubscriptionView> {
         match self {
             Self::Fetched { objects, .. } => objects.iter().max_by_key(|s| s.created),
-            Self::Failed(_) | Self::NoClient => None,
+            Self::Failed { .. } | Self::NoClient => None,
         }
     }
 }
@@ -326,9 +336,15 @@ pub fn step(current: Option<&SubscriptionRecord>, event: &Event, now: OffsetDate
 /// - Without a client, the decision's fallback is saved (the event's own
 ///   snapshot, a tie decided by rule and flagged `needs_reconcile`, …); an
 ///   event that has no fallback (a thin event) cannot be applied.
-/// - When the request failed, the fallback is saved with a `refetch_failed`
-///   anomaly and the `needs_reconcile` flag; without a fallback the step
-///   fails with the client's error (retryable when the error is).
+/// - When the request failed, for any reason (a 401/403 included), and this
+///   is not the event's last attempt, the step fails with
+///   [`StepError::Refetch`], which is always retryable: the event is
+///   answered 503 so that Stripe delivers it again, and nothing is saved.
+/// - On the last attempt, the fallback decides: it is saved with a
+///   `refetch_failed` anomaly and the `needs_reconcile` flag (for the
+///   reconciler to repair). An event without a fallback (a thin event) flags
+///   the stored record the same way, unchanged otherwise; with no stored
+///   record either, the step fails (retryably) again.
 pub fn resume(
     fetch: Fetch,
     event: &Event,
@@ -365,21 +381,32 @@ pub fn resume(
                 ))),
             };
         }
-        FetchOutcome::Failed(e) => e,
+        FetchOutcome::Failed {
+            error,
+            last_attempt: false,
+        } => return Step::Failed(StepError::Refetch(error)),
+        FetchOutcome::Failed {
+            error,
+            last_attempt: true,
+        } => error,
     };
-    match fetch.fallback {
-        Some(mut f) => {
-            f.record.needs_reconcile = true;
-            f.record.note(
-                now.unix_timestamp(),
-                Some(event.id()),
-                AnomalyKind::RefetchFailed,
-                failure.kind().to_string(),
-            );
-            finish(*f, None, event)
-        }
-        None => Step::Failed(StepError::Refetch(failure)),
-    }
+    let mut applied = match (fetch.fallback, fetch.base) {
+        (Some(f), _) => *f,
+        (None, Some(record)) => Applied {
+            record,
+            reason: ApplyReason::AnomalyRecorded,
+            status_change: None,
+        },
+        (None, None) => return Step::Failed(StepError::Refetch(failure)),
+    };
+    applied.record.needs_reconcile = true;
+    applied.record.note(
+        now.unix_timestamp(),
+        Some(event.id()),
+        AnomalyKind::RefetchFailed,
+        failure.kind().to_string(),
+    );
+    finish(applied, None, event)
 }
 
 /// A decided record becomes a save: the status change is remembered with

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stripe_webhook_guard::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreRequest, Lease, LedgerEntry,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest,
+    Lease, LedgerEntry, LedgerQuery,
 };
 use stripe_webhook_guard::store::{
     CursorStore, EventLedger, MemoryStore, StoreError, SubscriptionQuery, SubscriptionStore,
@@ -47,7 +47,7 @@ impl EventLedger for Split {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         self.ledger.release(lease).await
     }
-    async fn ignore(&self, r: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, r: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         self.ledger.ignore(r).await
     }
     async fn get(&self, key: &EventKey) -> Result<Option<LedgerEntry>, StoreError> {

@@ -30,8 +30,8 @@ use super::{
 };
 use crate::ledger::{
     ClaimDecision, ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint,
-    IgnoreRequest, Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState, check_completion,
-    check_fence, decide_claim, state_after_failure,
+    IgnoreOutcome, IgnoreRequest, Lease, LeaseToken, LedgerEntry, LedgerQuery, LedgerState,
+    check_completion, check_fence, decide_claim, state_after_failure,
 };
 use crate::subscription::{CustomerEntitlements, SubscriptionRecord};
 

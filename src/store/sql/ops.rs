@@ -42,12 +42,22 @@ impl<D: Dialect> SqlStore<D> {
         let Some(row) = D::fetch_optional(conn, &self.sql.claim_insert, args).await? else {
             return Ok(None);
         };
-        Ok(Some(Lease {
-            key: request.key.clone(),
-            token: Self::token_of(D::int(&row, "lease_token")?)?,
-            attempt: 1,
-            expires_at: Self::req_time(&row, "lease_expires_at")?,
-        }))
+        Ok(Some(Self::lease_from_row(&row, &request.key, 1)?))
+    }
+
+    /// The lease a claim statement returned (`lease_token`,
+    /// `lease_expires_at` and the `updated_at` it was granted at): the time
+    /// left is measured on the database's clock.
+    fn lease_from_row(row: &D::Row, key: &EventKey, attempt: u32) -> Result<Lease, Fail> {
+        let expires_at = Self::req_time(row, "lease_expires_at")?;
+        let granted_at = Self::req_time(row, "updated_at")?;
+        Ok(Lease {
+            key: key.clone(),
+            token: Self::token_of(D::int(row, "lease_token")?)?,
+            attempt,
+            expires_at,
+            remaining: expires_at - granted_at,
+        })
     }
 
     pub(super) async fn claim_once(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Fail> {
@@ -107,12 +117,9 @@ impl<D: Dialect> SqlStore<D> {
                     ]);
                     args.extend(token);
                     match D::fetch_optional(conn, &self.sql.reclaim, args).await? {
-                        Some(row) => Some(ClaimOutcome::Claimed(Lease {
-                            key: key.clone(),
-                            token: Self::token_of(D::int(&row, "lease_token")?)?,
-                            attempt,
-                            expires_at: Self::req_time(&row, "lease_expires_at")?,
-                        })),
+                        Some(row) => Some(ClaimOutcome::Claimed(Self::lease_from_row(
+                            &row, key, attempt,
+                        )?)),
                         None => None,
                     }
                 }
@@ -194,7 +201,27 @@ impl<D: Dialect> SqlStore<D> {
         )))
     }
 
-    pub(super) async fn ignore_once(&self, request: &IgnoreRequest) -> Result<LedgerState, Fail> {
+    pub(super) async fn renew_once(
+        &self,
+        lease: &Lease,
+        lease_for: Duration,
+    ) -> Result<Lease, Fail> {
+        let token = Self::to_i64(lease.token.0, "lease token")?;
+        let mut conn = D::acquire(&self.pool).await?;
+        let mut args = key_args(&lease.key);
+        args.extend([Arg::Int(token), Arg::Int(lease_micros(lease_for))]);
+        if let Some(row) = D::fetch_optional(&mut conn, &self.sql.renew, args).await? {
+            return Self::lease_from_row(&row, &lease.key, lease.attempt);
+        }
+        let entry = self
+            .get_on(&mut conn, &lease.key)
+            .await?
+            .ok_or_else(not_found)?;
+        check_fence(&entry, lease).map_err(lease_lost)?;
+        Err(other(format!("{} renew: the entry kept changing", D::NAME)))
+    }
+
+    pub(super) async fn ignore_once(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, Fail> {
         for _ in 0..3 {
             let mut args = key_args(&request.key);
             args.extend([
@@ -204,10 +231,10 @@ impl<D: Dialect> SqlStore<D> {
                 Arg::Str(&request.reason),
             ]);
             if self.execute(&self.sql.ignore, args).await? > 0 {
-                return Ok(LedgerState::Ignored);
+                return Ok(IgnoreOutcome::Recorded);
             }
             if let Some((state, _)) = self.state_of(&request.key).await? {
-                return Ok(state);
+                return Ok(IgnoreOutcome::Known(state));
             }
         }
         Err(other(format!(
@@ -257,7 +284,6 @@ impl<D: Dialect> SqlStore<D> {
                 Arg::Bytes(&claim.fingerprint.0[..]),
                 Arg::Str(&request.payload),
                 Arg::OptStr(request.subscription_id.as_deref()),
-                Arg::Time(request.available_at),
             ]);
             if self.execute(&self.sql.enqueue, args).await? > 0 {
                 return Ok(EnqueueOutcome::Queued);
@@ -270,7 +296,6 @@ impl<D: Dialect> SqlStore<D> {
                 Arg::Bytes(&claim.fingerprint.0[..]),
                 Arg::Str(&request.payload),
                 Arg::OptStr(request.subscription_id.as_deref()),
-                Arg::Time(request.available_at),
             ]);
             self.execute(&self.sql.attach_payload, args).await?;
             if let Some((state, stored)) = self.state_of(&claim.key).await? {
@@ -447,7 +472,7 @@ impl<D: Dialect> EventLedger for SqlStore<D> {
         run::<D, _, _, _>("release", || self.release_once(lease)).await
     }
 
-    async fn ignore(&self, request: &IgnoreRequest) -> Result<LedgerState, StoreError> {
+    async fn ignore(&self, request: &IgnoreRequest) -> Result<IgnoreOutcome, StoreError> {
         run::<D, _, _, _>("ignore", || self.ignore_once(request)).await
     }
 
@@ -594,11 +619,15 @@ impl<D: Dialect> InboxStore for SqlStore<D> {
         run::<D, _, _, _>("take", || self.take_once(limit, lease, max_attempts)).await
     }
 
-    async fn retry_at(&self, key: &EventKey, at: OffsetDateTime) -> Result<(), StoreError> {
-        run::<D, _, _, _>("retry_at", || async {
+    async fn renew(&self, lease: &Lease, lease_for: Duration) -> Result<Lease, StoreError> {
+        run::<D, _, _, _>("renew", || self.renew_once(lease, lease_for)).await
+    }
+
+    async fn retry_after(&self, key: &EventKey, delay: Duration) -> Result<(), StoreError> {
+        run::<D, _, _, _>("retry_after", || async {
             let mut args = key_args(key);
-            args.push(Arg::Time(at));
-            self.execute(&self.sql.retry_at, args).await?;
+            args.push(Arg::Int(lease_micros(delay)));
+            self.execute(&self.sql.retry_after, args).await?;
             Ok(())
         })
         .await

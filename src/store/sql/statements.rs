@@ -37,7 +37,8 @@ pub(super) struct Statements {
     pub(super) attach_payload: Arc<str>,
     pub(super) take: Arc<str>,
     pub(super) try_lock_subscription: Option<Arc<str>>,
-    pub(super) retry_at: Arc<str>,
+    pub(super) retry_after: Arc<str>,
+    pub(super) renew: Arc<str>,
     pub(super) keep_payload: Arc<str>,
     pub(super) backlog: Arc<str>,
     pub(super) sub_load: Arc<str>,
@@ -70,6 +71,8 @@ impl Statements {
             ("{migrations}", D::table(naming, "migrations")),
             ("{token}", D::token_expr(naming)),
             ("{expiry}", D::plus_micros("n.t", "$6")),
+            ("{due}", D::plus_micros("{now}", "$3")),
+            ("{renewed}", D::plus_micros("n.t", "$4")),
             ("{lock_row}", D::LOCK_ROW.to_owned()),
             ("{lock_take}", D::LOCK_TAKE.to_owned()),
             ("{state_slots}", slots.join(", ")),
@@ -96,12 +99,12 @@ impl Statements {
                  SELECT $1, $2, $3, $4, $5, 'processing', 1, {token}, {expiry}, n.t, n.t \
                  FROM (SELECT {now} AS t) n WHERE true \
                  ON CONFLICT (event_id, account) DO NOTHING \
-                 RETURNING lease_token, lease_expires_at"),
+                 RETURNING lease_token, lease_expires_at, updated_at"),
             reclaim: r(
                 "UPDATE {ledger} AS l SET state = 'processing', attempts = $3, \
                  lease_token = {token}, lease_expires_at = $4, updated_at = $5 \
                  WHERE l.event_id = $1 AND l.account = $2 AND {no_live_sibling} \
-                 RETURNING lease_token, lease_expires_at",
+                 RETURNING lease_token, lease_expires_at, updated_at",
             ),
             expire_to_dead: r("UPDATE {ledger} AS l SET state = 'dead', \
                  lease_expires_at = NULL, last_error = $3, updated_at = $5 \
@@ -142,15 +145,14 @@ impl Statements {
                  WHERE state IN ('processed', 'ignored') AND updated_at < $1"),
             enqueue: r(
                 "INSERT INTO {ledger} (event_id, account, event_type, event_created, \
-                 fingerprint, state, attempts, payload, subscription_id, available_at, \
+                 fingerprint, state, attempts, payload, subscription_id, \
                  first_seen_at, updated_at) \
-                 SELECT $1, $2, $3, $4, $5, 'pending', 0, $6, $7, $8, n.t, n.t \
+                 SELECT $1, $2, $3, $4, $5, 'pending', 0, $6, $7, n.t, n.t \
                  FROM (SELECT {now} AS t) n WHERE true \
                  ON CONFLICT (event_id, account) DO NOTHING",
             ),
             attach_payload: r("UPDATE {ledger} SET payload = $4, \
-                 subscription_id = COALESCE(subscription_id, $5), \
-                 available_at = COALESCE(available_at, $6) \
+                 subscription_id = COALESCE(subscription_id, $5) \
                  WHERE event_id = $1 AND account = $2 AND fingerprint = $3 \
                  AND payload IS NULL AND state IN ('pending', 'processing', 'failed')"),
             take: r("SELECT {columns} FROM {ledger} l \
@@ -172,7 +174,13 @@ impl Statements {
                          < (l.event_created, l.event_id, l.account))))) \
                  ORDER BY l.event_created, l.event_id, l.account LIMIT $2{lock_take}"),
             try_lock_subscription: D::TRY_LOCK_SUBSCRIPTION.map(&r),
-            retry_at: r("UPDATE {ledger} SET available_at = $3 \
+            renew: r("WITH n AS (SELECT {now} AS t) UPDATE {ledger} \
+                 SET lease_expires_at = (SELECT {renewed} FROM n), \
+                 updated_at = (SELECT n.t FROM n) \
+                 WHERE event_id = $1 AND account = $2 AND state = 'processing' \
+                 AND lease_token = $3 \
+                 RETURNING lease_token, lease_expires_at, updated_at"),
+            retry_after: r("UPDATE {ledger} SET available_at = {due} \
                  WHERE event_id = $1 AND account = $2"),
             keep_payload: r("UPDATE {ledger} SET payload = $3 \
                  WHERE event_id = $1 AND account = $2 AND state = 'processed'"),

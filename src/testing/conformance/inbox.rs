@@ -4,7 +4,7 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-fn inbox_request(id: &str, sub: Option<&str>, created: i64, at: OffsetDateTime) -> InboxRequest {
+fn inbox_request(id: &str, sub: Option<&str>, created: i64) -> InboxRequest {
     InboxRequest {
         claim: ClaimRequest {
             event_created: created,
@@ -12,7 +12,6 @@ fn inbox_request(id: &str, sub: Option<&str>, created: i64, at: OffsetDateTime) 
         },
         payload: format!(r#"{{"id":"{id}"}}"#),
         subscription_id: sub.map(str::to_owned),
-        available_at: at,
     }
 }
 
@@ -20,12 +19,12 @@ fn inbox_request(id: &str, sub: Option<&str>, created: i64, at: OffsetDateTime) 
 /// event per subscription at a time, and a completed event frees its
 /// subscription.
 pub async fn inbox_orders_and_serializes<S: InboxStore + ?Sized>(store: &S, clock: &dyn Clock) {
-    let now = clock.now() - Duration::seconds(1);
+    let _ = clock;
     let reqs = [
-        inbox_request("evt_conf_in_3", Some("sub_x"), 30, now),
-        inbox_request("evt_conf_in_1", Some("sub_x"), 10, now),
-        inbox_request("evt_conf_in_2", Some("sub_y"), 20, now),
-        inbox_request("evt_conf_in_4", None, 40, now),
+        inbox_request("evt_conf_in_3", Some("sub_x"), 30),
+        inbox_request("evt_conf_in_1", Some("sub_x"), 10),
+        inbox_request("evt_conf_in_2", Some("sub_y"), 20),
+        inbox_request("evt_conf_in_4", None, 40),
     ];
     for r in &reqs {
         assert_eq!(store.enqueue(r).await.unwrap(), EnqueueOutcome::Queued);
@@ -87,16 +86,15 @@ pub async fn inbox_orders_and_serializes<S: InboxStore + ?Sized>(store: &S, cloc
 /// Inbox: failed events come back after their retry time; expired leases are
 /// taken again.
 pub async fn inbox_retries_and_recovers<S: InboxStore + ?Sized>(store: &S, clock: &dyn Clock) {
-    let now = clock.now() - Duration::seconds(1);
     store
-        .enqueue(&inbox_request("evt_conf_in_retry", Some("sub_r"), 1, now))
+        .enqueue(&inbox_request("evt_conf_in_retry", Some("sub_r"), 1))
         .await
         .unwrap();
     let item = store.take(1, LEASE, 3).await.unwrap().remove(0);
     store.fail(&item.lease, &failure(true, 3)).await.unwrap();
     let key = item.lease.key.clone();
     store
-        .retry_at(&key, clock.now() + Duration::seconds(60))
+        .retry_after(&key, Duration::seconds(60))
         .await
         .unwrap();
     assert!(
@@ -104,11 +102,12 @@ pub async fn inbox_retries_and_recovers<S: InboxStore + ?Sized>(store: &S, clock
         "not due yet"
     );
     store
-        .retry_at(&key, clock.now() - Duration::seconds(1))
+        .retry_after(&key, Duration::seconds(-1))
         .await
         .unwrap();
     let again = store.take(1, LEASE, 3).await.unwrap().remove(0);
     assert_eq!(again.lease.attempt, 2);
+    assert_eq!(again.lease.remaining, LEASE, "time left on a taken lease");
     // The worker dies; after the lease, another takes it.
     expire(clock).await;
     let third = store.take(1, LEASE, 3).await.unwrap().remove(0);
@@ -116,17 +115,58 @@ pub async fn inbox_retries_and_recovers<S: InboxStore + ?Sized>(store: &S, clock
     store.complete(&third.lease).await.unwrap();
 }
 
+/// Inbox: a held lease is renewed to its full length on the store's clock
+/// (same token, the whole lease left); a lease taken over by another worker
+/// cannot be renewed.
+pub async fn inbox_renew_extends_a_held_lease<S: InboxStore + ?Sized>(
+    store: &S,
+    clock: &dyn Clock,
+) {
+    store
+        .enqueue(&inbox_request("evt_conf_in_renew", Some("sub_renew"), 1))
+        .await
+        .unwrap();
+    // A lease long enough for the margins below to hold on a busy machine.
+    let lease = Duration::seconds(1);
+    let item = store.take(1, lease, 5).await.unwrap().remove(0);
+    clock.sleep(Duration::milliseconds(500)).await;
+    let renewed = store.renew(&item.lease, lease).await.unwrap();
+    assert_eq!(renewed.token, item.lease.token);
+    assert_eq!(renewed.attempt, item.lease.attempt);
+    assert_eq!(
+        renewed.remaining, lease,
+        "a renewed lease has all of it left"
+    );
+    assert!(renewed.expires_at > item.lease.expires_at);
+    // Past the first expiry, within the renewed one: still held.
+    clock.sleep(Duration::milliseconds(700)).await;
+    assert!(
+        store.take(1, lease, 5).await.unwrap().is_empty(),
+        "a renewed lease is not taken over"
+    );
+    // Past the renewed lease: another worker takes it; the old holder can
+    // neither renew nor complete.
+    clock.sleep(Duration::milliseconds(600)).await;
+    let other = store.take(1, lease, 5).await.unwrap().remove(0);
+    assert_eq!(other.lease.attempt, 2);
+    let err = store.renew(&renewed, LEASE).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+    store.complete(&other.lease).await.unwrap();
+    let err = store.renew(&other.lease, LEASE).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::LeaseLost);
+}
+
 /// Inbox: concurrent workers never receive the same event twice.
 pub async fn inbox_concurrent_takes_are_disjoint<S: InboxStore + ?Sized + 'static>(
     store: Arc<S>,
     clock: &dyn Clock,
 ) {
-    let now = clock.now() - Duration::seconds(1);
+    let _ = clock;
     for i in 0..60 {
         let id = format!("evt_conf_in_c{i:03}");
         let sub = format!("sub_c{}", i % 20);
         store
-            .enqueue(&inbox_request(&id, Some(&sub), i, now))
+            .enqueue(&inbox_request(&id, Some(&sub), i))
             .await
             .unwrap();
     }
@@ -175,12 +215,7 @@ pub async fn inbox_adopts_an_abandoned_synchronous_claim<S: InboxStore + ?Sized>
     let _abandoned = claimed(store, &req).await;
     let enqueued = InboxRequest {
         claim: req.clone(),
-        ..inbox_request(
-            id,
-            Some("sub_sync"),
-            1_700_000_000,
-            clock.now() - Duration::seconds(1),
-        )
+        ..inbox_request(id, Some("sub_sync"), 1_700_000_000)
     };
     assert_eq!(
         store.enqueue(&enqueued).await.unwrap(),
@@ -230,12 +265,11 @@ where
     S: InboxStore + ?Sized + 'static,
     C: Clock + ?Sized + 'static,
 {
-    let past = clock.now() - Duration::seconds(1);
     let total = 120;
     for i in 0..total {
         let id = format!("evt_ser_{i:04}");
         let sub = (i % 10 != 9).then(|| format!("sub_ser_{}", i % 6));
-        let req = inbox_request(&id, sub.as_deref(), i64::from(i), past);
+        let req = inbox_request(&id, sub.as_deref(), i64::from(i));
         store.enqueue(&req).await.unwrap();
     }
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -307,12 +341,11 @@ where
     S: InboxStore + ?Sized + 'static,
     C: Clock + ?Sized + 'static,
 {
-    let past = clock.now() - Duration::seconds(1);
     let total = 90;
     for i in 0..total {
         let id = format!("evt_retry_{i:04}");
         let sub = format!("sub_retry_{}", i % 3);
-        let req = inbox_request(&id, Some(&sub), i64::from(i), past);
+        let req = inbox_request(&id, Some(&sub), i64::from(i));
         store.enqueue(&req).await.unwrap();
     }
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -351,8 +384,11 @@ where
                             payload: None,
                         };
                         store.fail(&item.lease, &failure).await.expect("fail");
-                        let at = clock.now() + Duration::milliseconds(3);
-                        store.retry_at(&item.lease.key, at).await.expect("retry_at");
+                        let delay = Duration::milliseconds(3);
+                        store
+                            .retry_after(&item.lease.key, delay)
+                            .await
+                            .expect("retry_after");
                     } else {
                         store.complete(&item.lease).await.expect("complete");
                         done += 1;

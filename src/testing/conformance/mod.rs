@@ -27,8 +27,8 @@ use time::{Duration, OffsetDateTime};
 use crate::clock::Clock;
 use crate::event::SubscriptionStatus;
 use crate::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreRequest, Lease,
-    LedgerQuery, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, Fingerprint, IgnoreOutcome,
+    IgnoreRequest, Lease, LedgerQuery, LedgerState,
 };
 use crate::store::{
     CursorStore, EnqueueOutcome, EventLedger, InboxRequest, InboxStore, StoreErrorKind,
@@ -106,7 +106,7 @@ macro_rules! store_conformance_tests {
                 release_does_not_spend_an_attempt, dead_letters_are_listed_and_requeued,
                 prune_keeps_recent_and_dead, account_is_part_of_the_key,
                 inbox_orders_and_serializes, inbox_retries_and_recovers,
-                inbox_adopts_an_abandoned_synchronous_claim
+                inbox_adopts_an_abandoned_synchronous_claim, inbox_renew_extends_a_held_lease
             ],
             arc: [concurrent_claims_have_one_winner, inbox_concurrent_takes_are_disjoint],
             arc_clock: [
