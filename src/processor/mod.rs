@@ -44,7 +44,8 @@ use crate::rt::catch_unwind::{CatchUnwind, panic_message};
 use crate::signature::{Verified, Verifier};
 use crate::store::{InboxHandle, Storage, StoreError, StoreErrorKind, StoreHandle};
 use crate::subscription::{
-    self, Effect, FetchOutcome, FetchTarget, Step, StepError, Subject, SubscriptionRecord,
+    self, Effect, EntitlementFetch, EntitlementFetchOutcome, EntitlementStep, FetchOutcome,
+    FetchTarget, Step, StepError, Subject, SubscriptionRecord,
 };
 
 pub use types::{
@@ -370,8 +371,9 @@ impl WebhookProcessor {
             return Some(IgnoreReason::ForeignAccount);
         }
         let t = event.event_type();
-        let wanted =
-            t.has_subscription_effect() || self.inner.handler.as_ref().is_some_and(|h| h.wants(t));
+        let wanted = t.has_subscription_effect()
+            || crate::reconcile::RecoveryRequest::is_trigger(t)
+            || self.inner.handler.as_ref().is_some_and(|h| h.wants(t));
         (!wanted).then_some(IgnoreReason::UnhandledType)
     }
 
@@ -651,6 +653,12 @@ impl WebhookProcessor {
         now: OffsetDateTime,
     ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
         let store = &self.inner.store;
+        // Stripe failed to generate events: the reconciler's next catch-up
+        // goes back over the window.
+        if let Some(request) = crate::reconcile::RecoveryRequest::from_event(event) {
+            request.record(store.as_ref()).await?;
+            return Ok((Effect::None, None));
+        }
         let id = match subscription::subject(event).map_err(StepError::Object)? {
             Subject::None => return Ok((Effect::None, None)),
             Subject::Entitlements(customer) => {
@@ -665,7 +673,7 @@ impl WebhookProcessor {
             };
             let mut step = subscription::step(current.as_ref(), event, now);
             while let Step::Fetch(fetch) = step {
-                let outcome = self.fetch(fetch.target()).await;
+                let outcome = self.fetch(fetch.target(), event.account()).await;
                 let stored = match fetch.record_to_load(&outcome) {
                     Some(id) => store.load(id).await?,
                     None => None,
@@ -692,27 +700,51 @@ impl WebhookProcessor {
         )))
     }
 
-    /// Asks Stripe what a fetch step wants.
-    async fn fetch(&self, target: &FetchTarget) -> FetchOutcome {
+    /// Asks Stripe what a fetch step wants, about the event's account (a
+    /// connected account's event is refetched with `Stripe-Account`).
+    async fn fetch(&self, target: &FetchTarget, account: Option<&str>) -> FetchOutcome {
         let Some(client) = &self.inner.client else {
             return FetchOutcome::NoClient;
         };
         let objects = match target {
-            FetchTarget::Subscription(id) => {
-                client.retrieve_subscription(id).await.map(|s| vec![s])
-            }
+            FetchTarget::Subscription(id) => client
+                .retrieve_subscription(account, id)
+                .await
+                .map(|s| s.map(|s| vec![s])),
             FetchTarget::NewestOfCustomer(customer) => {
-                client.list_customer_subscriptions(customer).await
+                client.list_customer_subscriptions(account, customer).await
             }
         };
         match objects {
             // Stamped with the time the answer was read, not when the
-            // request began (it may have waited for the budget or retries).
-            Ok(objects) => FetchOutcome::Fetched {
-                objects,
+            // request began (it may have waited for the budget or retries),
+            // and with Stripe's own time for the watermark.
+            Ok(answer) => FetchOutcome::Fetched {
                 at: self.inner.clock.now(),
+                stripe_time: answer.date,
+                objects: answer.data,
             },
             Err(e) => FetchOutcome::Failed(e),
+        }
+    }
+
+    /// Lists a customer's active entitlements for an entitlement step.
+    async fn fetch_entitlements(&self, fetch: &EntitlementFetch) -> EntitlementFetchOutcome {
+        let Some(client) = &self.inner.client else {
+            return EntitlementFetchOutcome::NoClient;
+        };
+        match client
+            .list_customer_entitlements(fetch.account(), fetch.customer())
+            .await
+        {
+            Ok(answer) => EntitlementFetchOutcome::Fetched {
+                at: subscription::FetchTime {
+                    local: self.inner.clock.now(),
+                    stripe: answer.date,
+                },
+                lookup_keys: answer.data,
+            },
+            Err(e) => EntitlementFetchOutcome::Failed(e),
         }
     }
 
@@ -724,9 +756,14 @@ impl WebhookProcessor {
         let store = &self.inner.store;
         for _ in 0..MAX_SAVE_RACES {
             let current = store.load_entitlements(&customer).await?;
-            let Some(next) = subscription::decide_entitlements(current.as_ref(), event)
-                .map_err(StepError::Object)?
-            else {
+            let mut step = subscription::step_entitlements(current.as_ref(), event)
+                .map_err(StepError::Object)?;
+            if let EntitlementStep::Fetch(fetch) = step {
+                let outcome = self.fetch_entitlements(&fetch).await;
+                step = subscription::resume_entitlements(fetch, outcome)
+                    .map_err(StepError::Refetch)?;
+            }
+            let EntitlementStep::Save(next) = step else {
                 let effect = Effect::Entitlements {
                     customer,
                     changed: false,
