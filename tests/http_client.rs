@@ -1035,3 +1035,110 @@ fn bad_keys_and_settings_are_refused() {
         );
     }
 }
+
+// ----------------------------------------------------- Connect and Date
+
+/// Every call about a connected account carries `Stripe-Account`; calls
+/// about the platform carry none.
+#[tokio::test]
+async fn stripe_account_is_sent_for_connected_accounts_only() {
+    let server = Server::start(|r, _| match r.path.as_str() {
+        "/v1/events" | "/v1/subscriptions" => Reply::json(200, list(&[], false)),
+        "/v1/entitlements/active_entitlements" => Reply::json(200, list(&[], false)),
+        p if p.starts_with("/v1/subscriptions/") => Reply::json(200, subscription(VERSIONS[1])),
+        other => panic!("unexpected path {other}"),
+    })
+    .await;
+    let client = server.client();
+    for account in [None, Some("acct_1Connected")] {
+        client.retrieve_subscription(account, SUB_ID).await.unwrap();
+        client
+            .list_subscriptions(account, &SubscriptionListQuery::default())
+            .await
+            .unwrap();
+        client
+            .list_events(account, &EventListQuery::default())
+            .await
+            .unwrap();
+        client
+            .list_customer_entitlements(account, CUSTOMER)
+            .await
+            .unwrap();
+        let requests = server.requests();
+        let last_four = &requests[requests.len() - 4..];
+        assert_headers(last_four, DEFAULT_STRIPE_VERSION);
+        for r in last_four {
+            assert_eq!(r.header("stripe-account"), account, "{}", r.path);
+        }
+    }
+    // An account id that is not an id is refused without a request.
+    let before = server.requests().len();
+    let err = client
+        .retrieve_subscription(Some("acct_1\r\nX-Evil: 1"), SUB_ID)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::NotFound);
+    assert!(!err.is_retryable());
+    assert_eq!(server.requests().len(), before);
+}
+
+/// The server's `Date` header comes back as Stripe's clock; a missing or
+/// unreadable one as `None`.
+#[tokio::test]
+async fn the_date_header_is_read_as_stripes_clock() {
+    let server = Server::start(|_, i| {
+        let reply = Reply::json(200, subscription(VERSIONS[1]));
+        match i {
+            0 => reply.header("Date", "Thu, 01 Jan 2026 00:00:05 GMT"),
+            1 => reply.header("Date", "not a date"),
+            _ => reply,
+        }
+    })
+    .await;
+    let client = server.client();
+    let dated = client.retrieve_subscription(None, SUB_ID).await.unwrap();
+    assert_eq!(
+        dated.date.map(time::OffsetDateTime::unix_timestamp),
+        Some(1_767_225_605)
+    );
+    assert_eq!(dated.data.id.as_deref(), Some(SUB_ID));
+    for _ in 0..2 {
+        let undated = client.retrieve_subscription(None, SUB_ID).await.unwrap();
+        assert_eq!(undated.date, None);
+    }
+}
+
+/// `/v1/entitlements/active_entitlements` is paged with `starting_after`
+/// until `has_more` is false; the keys come back sorted, without repeats.
+#[tokio::test]
+async fn active_entitlements_are_listed_over_every_page() {
+    let entitlement = |id: &str, key: &str| {
+        format!(
+            r#"{{"id":"{id}","object":"entitlements.active_entitlement","feature":"feat_{key}","livemode":false,"lookup_key":"{key}"}}"#
+        )
+    };
+    let first = list(
+        &[entitlement("ent_1", "gamma"), entitlement("ent_2", "alpha")],
+        true,
+    );
+    let second = list(&[entitlement("ent_3", "beta")], false);
+    let server = Server::start(move |r, _| {
+        assert_eq!(r.path, "/v1/entitlements/active_entitlements");
+        assert_eq!(r.query("customer"), Some(CUSTOMER));
+        assert_eq!(r.query("limit"), Some("100"));
+        match r.query("starting_after") {
+            None => Reply::json(200, first.clone()),
+            Some("ent_2") => Reply::json(200, second.clone()),
+            Some(other) => panic!("unexpected starting_after {other}"),
+        }
+    })
+    .await;
+    let keys = server
+        .client()
+        .list_customer_entitlements(None, CUSTOMER)
+        .await
+        .unwrap()
+        .data;
+    assert_eq!(keys, ["alpha", "beta", "gamma"]);
+    assert_eq!(server.requests().len(), 2);
+}
