@@ -1043,8 +1043,9 @@ fn bad_keys_and_settings_are_refused() {
 #[tokio::test]
 async fn stripe_account_is_sent_for_connected_accounts_only() {
     let server = Server::start(|r, _| match r.path.as_str() {
-        "/v1/events" | "/v1/subscriptions" => Reply::json(200, list(&[], false)),
-        "/v1/entitlements/active_entitlements" => Reply::json(200, list(&[], false)),
+        "/v1/events" | "/v1/subscriptions" | "/v1/entitlements/active_entitlements" => {
+            Reply::json(200, list(&[], false))
+        }
         p if p.starts_with("/v1/subscriptions/") => Reply::json(200, subscription(VERSIONS[1])),
         other => panic!("unexpected path {other}"),
     })
