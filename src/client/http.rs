@@ -122,8 +122,12 @@ const REDACTED: &str = "[redacted]";
 ///     Arc::new(SystemClock),
 ///     BudgetConfig { max_retries: 2, ..BudgetConfig::default() },
 /// );
-/// let subscription = budgeted.retrieve_subscription("sub_123").await?;
+/// let subscription = budgeted.retrieve_subscription(None, "sub_123").await?.data;
 /// println!("{:?} until {:?}", subscription.status, subscription.current_period_end);
+/// // A connected account's subscription: the same call with its account,
+/// // sent as `Stripe-Account`; `date` is Stripe's clock (its `Date` header).
+/// let theirs = budgeted.retrieve_subscription(Some("acct_123"), "sub_456").await?;
+/// println!("as of {:?}", theirs.date);
 ///
 /// // The key never shows up in debug output.
 /// assert!(!format!("{client:?}").contains("sk_test_"));

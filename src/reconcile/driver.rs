@@ -608,6 +608,26 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The next page of every local record, in id order, after `after`
+    /// (moved to the page's last id); empty at the end.
+    async fn next_records(
+        &self,
+        after: &mut Option<String>,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let page = self
+            .store()
+            .list_subscriptions(&SubscriptionQuery {
+                after: after.clone(),
+                limit: STORE_PAGE,
+                ..SubscriptionQuery::default()
+            })
+            .await?;
+        if let Some(last) = page.last() {
+            *after = Some(last.id.clone());
+        }
+        Ok(page)
+    }
+
     /// Refetches the stored entitlements of the customers of reconciled
     /// accounts that are unverified or not verified for `older_than`.
     async fn sweep_entitlements(
@@ -619,16 +639,10 @@ impl Reconciler {
         let mut customers = BTreeMap::new();
         let mut after = None;
         loop {
-            let page = self
-                .store()
-                .list_subscriptions(&SubscriptionQuery {
-                    after: after.clone(),
-                    limit: STORE_PAGE,
-                    ..SubscriptionQuery::default()
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
+            let page = self.next_records(&mut after).await?;
+            if page.is_empty() {
+                break;
+            }
             for r in page {
                 if let Some(c) = r.state.customer
                     && self.reconciles(r.account.as_deref())
@@ -876,16 +890,10 @@ impl Reconciler {
     ) -> Result<(), ReconcileError> {
         let mut after = None;
         loop {
-            let page = self
-                .store()
-                .list_subscriptions(&SubscriptionQuery {
-                    after: after.clone(),
-                    limit: STORE_PAGE,
-                    ..SubscriptionQuery::default()
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
+            let page = self.next_records(&mut after).await?;
+            if page.is_empty() {
+                break;
+            }
             for r in page {
                 // Only records of the accounts whose listing completed.
                 let listed_before_it_existed = r
