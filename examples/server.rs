@@ -105,11 +105,10 @@ use sha2::{Digest, Sha256};
 use stripe_webhook_guard::access::AccessPolicy;
 use stripe_webhook_guard::client::http::{DEFAULT_BASE_URL, HttpStripeClient};
 use stripe_webhook_guard::client::{
-    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget, StripeClient,
-    SubscriptionListQuery,
+    BudgetConfig, ClientErrorKind, RefusingClient, RequestBudget, StripeClient,
 };
 use stripe_webhook_guard::clock::SystemClock;
-use stripe_webhook_guard::event::{Event, EventType, SubscriptionView};
+use stripe_webhook_guard::event::{Event, EventType};
 use stripe_webhook_guard::integrations::axum::{self as stripe_axum, Drained, WebhookEndpoint};
 use stripe_webhook_guard::ledger::{LedgerQuery, LedgerState};
 use stripe_webhook_guard::processor::{
@@ -514,41 +513,6 @@ struct ReconcileJob {
     running: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The Stripe API without a key: every call fails. Replays from stored
-/// payloads need no API; an event without one cannot be replayed.
-struct NoStripeKey;
-
-impl NoStripeKey {
-    fn refuse<T>() -> Result<T, ClientError> {
-        Err(ClientError::new(
-            ClientErrorKind::Unauthorized,
-            "STRIPE_SECRET_KEY is not set",
-        ))
-    }
-}
-
-#[async_trait]
-impl StripeClient for NoStripeKey {
-    async fn retrieve_subscription(&self, _id: &str) -> Result<SubscriptionView, ClientError> {
-        Self::refuse()
-    }
-
-    async fn list_subscriptions(
-        &self,
-        _query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        Self::refuse()
-    }
-
-    async fn list_events(&self, _query: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        Self::refuse()
-    }
-
-    async fn retrieve_event(&self, _id: &str) -> Result<Event, ClientError> {
-        Self::refuse()
-    }
-}
-
 /// The store, and what kind it is.
 struct Stores {
     store: Arc<dyn InboxStorage>,
@@ -699,7 +663,13 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartError> {
         Some(budget) => {
             Reconciler::new(processor.clone(), budget.clone()).with_shared_budget(budget)
         }
-        None => Reconciler::new(processor.clone(), Arc::new(NoStripeKey)),
+        None => Reconciler::new(
+            processor.clone(),
+            Arc::new(RefusingClient::new(
+                ClientErrorKind::Unauthorized,
+                "STRIPE_SECRET_KEY is not set",
+            )),
+        ),
     });
 
     Ok(AppState {

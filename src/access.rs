@@ -748,6 +748,9 @@ mod tests {
             lookup_keys: vec!["pro".into()],
             watermark: (1, "evt_1".into()),
             version: 1,
+            account: None,
+            verified: true,
+            last_verified_with_stripe: None,
         };
         let canceled = record(S::Canceled);
         assert_eq!(

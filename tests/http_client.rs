@@ -302,7 +302,11 @@ async fn retrieve_subscription_reads_every_api_shape() {
     .await;
     let client = server.client();
     for version in VERSIONS {
-        let s = client.retrieve_subscription(SUB_ID).await.unwrap();
+        let s = client
+            .retrieve_subscription(None, SUB_ID)
+            .await
+            .unwrap()
+            .data;
         assert_eq!(s.id.as_deref(), Some(SUB_ID), "{version}");
         assert_eq!(s.customer.as_deref(), Some(CUSTOMER), "{version}");
         assert_eq!(s.status, SubscriptionStatus::Active, "{version}");
@@ -349,9 +353,10 @@ async fn customer_subscriptions_are_paged_with_starting_after() {
     .await;
     let subs = server
         .client()
-        .list_customer_subscriptions(CUSTOMER)
+        .list_customer_subscriptions(None, CUSTOMER)
         .await
-        .unwrap();
+        .unwrap()
+        .data;
     let ids: Vec<_> = subs.iter().map(|s| s.id.as_deref().unwrap()).collect();
     assert_eq!(ids, ["sub_A", "sub_B", "sub_C"]);
     assert_eq!(subs[0].shape, ApiShape::PreBasil);
@@ -380,13 +385,17 @@ async fn list_subscriptions_query_and_limits() {
     let client = server.client();
     for (limit, sent) in [(0, "100"), (7, "7"), (100, "100"), (500, "100")] {
         let page = client
-            .list_subscriptions(&SubscriptionListQuery {
-                customer: None,
-                starting_after: Some("sub_x".to_owned()),
-                limit,
-            })
+            .list_subscriptions(
+                None,
+                &SubscriptionListQuery {
+                    customer: None,
+                    starting_after: Some("sub_x".to_owned()),
+                    limit,
+                },
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .data;
         assert!(page.data.is_empty() && !page.has_more);
         let r = server.requests().pop().unwrap();
         assert_eq!(r.query_names(), ["status", "starting_after", "limit"]);
@@ -396,10 +405,13 @@ async fn list_subscriptions_query_and_limits() {
     }
     // Values are encoded, never spliced into the URL.
     client
-        .list_subscriptions(&SubscriptionListQuery {
-            customer: Some("cus_1&status=active#x".to_owned()),
-            ..SubscriptionListQuery::default()
-        })
+        .list_subscriptions(
+            None,
+            &SubscriptionListQuery {
+                customer: Some("cus_1&status=active#x".to_owned()),
+                ..SubscriptionListQuery::default()
+            },
+        )
         .await
         .unwrap();
     let r = server.requests().pop().unwrap();
@@ -425,18 +437,22 @@ async fn list_events_sends_every_filter_and_parses_every_fixture() {
     .await;
     let client = server.client();
     let page = client
-        .list_events(&EventListQuery {
-            created_gte: Some(1_700_000_000),
-            starting_after: Some("evt_prev".to_owned()),
-            types: vec![
-                "customer.subscription.updated".to_owned(),
-                "invoice.paid".to_owned(),
-            ],
-            delivery_success: Some(false),
-            limit: 0,
-        })
+        .list_events(
+            None,
+            &EventListQuery {
+                created_gte: Some(1_700_000_000),
+                starting_after: Some("evt_prev".to_owned()),
+                types: vec![
+                    "customer.subscription.updated".to_owned(),
+                    "invoice.paid".to_owned(),
+                ],
+                delivery_success: Some(false),
+                limit: 0,
+            },
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .data;
     assert!(page.has_more);
     assert_eq!(page.data, expected);
     assert!(
@@ -457,11 +473,14 @@ async fn list_events_sends_every_filter_and_parses_every_fixture() {
 
     // No filters: only the page size.
     client
-        .list_events(&EventListQuery {
-            limit: 25,
-            delivery_success: Some(true),
-            ..EventListQuery::default()
-        })
+        .list_events(
+            None,
+            &EventListQuery {
+                limit: 25,
+                delivery_success: Some(true),
+                ..EventListQuery::default()
+            },
+        )
         .await
         .unwrap();
     let r = server.requests().pop().unwrap();
@@ -484,9 +503,10 @@ async fn retrieve_event_of_every_version() {
     let client = server.client();
     for _ in VERSIONS {
         let e = client
-            .retrieve_event("evt_1Pgc76B7WZ01zgkWwyRHS12y")
+            .retrieve_event(None, "evt_1Pgc76B7WZ01zgkWwyRHS12y")
             .await
-            .unwrap();
+            .unwrap()
+            .data;
         assert_eq!(e.id(), "evt_1Pgc76B7WZ01zgkWwyRHS12y");
         assert_eq!(e.event_type().as_str(), "plan.created");
         assert_eq!(e.created(), 1_234_567_890);
@@ -515,9 +535,10 @@ async fn pinned_version_and_path_prefix() {
         .unwrap();
     assert_eq!(client.api_version(), "2026-07-29.dahlia");
     let e = client
-        .retrieve_event("evt_1ADKLLLWlyqCpbLp0qRyqExL")
+        .retrieve_event(None, "evt_1ADKLLLWlyqCpbLp0qRyqExL")
         .await
-        .unwrap();
+        .unwrap()
+        .data;
     assert_eq!(e.api_version(), Some("2017-04-06"));
     assert_headers(&server.requests(), "2026-07-29.dahlia");
     assert!(
@@ -541,7 +562,11 @@ async fn rate_limits_and_server_errors_are_retried() {
     })
     .await;
     let budget = server.budget(BudgetConfig::default().max_retries);
-    let s = budget.retrieve_subscription(SUB_ID).await.unwrap();
+    let s = budget
+        .retrieve_subscription(None, SUB_ID)
+        .await
+        .unwrap()
+        .data;
     assert_eq!(s.id.as_deref(), Some(SUB_ID));
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
@@ -564,7 +589,7 @@ async fn retry_after_is_honoured() {
     let started = Instant::now();
     server
         .budget(BudgetConfig::default().max_retries)
-        .list_events(&EventListQuery::default())
+        .list_events(None, &EventListQuery::default())
         .await
         .unwrap();
     let elapsed = started.elapsed();
@@ -583,7 +608,11 @@ async fn rate_limit_error_after_retries_carries_retry_after() {
         .header("Retry-After", "0")
     })
     .await;
-    let err = server.budget(1).retrieve_event("evt_1").await.unwrap_err();
+    let err = server
+        .budget(1)
+        .retrieve_event(None, "evt_1")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::RateLimited);
     assert_eq!(err.status(), Some(429));
     assert_eq!(err.retry_after(), Some(time::Duration::ZERO));
@@ -604,7 +633,7 @@ async fn server_errors_beyond_max_retries_fail_with_the_status() {
     .await;
     let err = server
         .budget(2)
-        .retrieve_subscription(SUB_ID)
+        .retrieve_subscription(None, SUB_ID)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Api);
@@ -624,7 +653,7 @@ async fn server_errors_beyond_max_retries_fail_with_the_status() {
     let server = Server::start(|_, _| Reply::json(503, "Service Unavailable")).await;
     let err = server
         .budget(BudgetConfig::default().max_retries)
-        .retrieve_event("evt_1")
+        .retrieve_event(None, "evt_1")
         .await
         .unwrap_err();
     assert_eq!(
@@ -646,7 +675,7 @@ async fn stripe_should_retry_header_decides() {
     .await;
     let err = server
         .budget(BudgetConfig::default().max_retries)
-        .retrieve_subscription(SUB_ID)
+        .retrieve_subscription(None, SUB_ID)
         .await
         .unwrap_err();
     assert_eq!(
@@ -665,7 +694,7 @@ async fn stripe_should_retry_header_decides() {
     .await;
     let err = server
         .budget(BudgetConfig::default().max_retries)
-        .retrieve_event("evt_1")
+        .retrieve_event(None, "evt_1")
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::RateLimited);
@@ -685,7 +714,7 @@ async fn stripe_should_retry_header_decides() {
     .await;
     server
         .budget(BudgetConfig::default().max_retries)
-        .retrieve_subscription(SUB_ID)
+        .retrieve_subscription(None, SUB_ID)
         .await
         .unwrap();
     assert_eq!(server.requests().len(), 2);
@@ -706,7 +735,7 @@ async fn not_found_is_not_retried() {
     .await;
     let err = server
         .client()
-        .retrieve_subscription("sub_gone")
+        .retrieve_subscription(None, "sub_gone")
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::NotFound);
@@ -741,7 +770,7 @@ async fn unauthorized_never_echoes_the_key() {
         .await;
         let err = server
             .client()
-            .list_events(&EventListQuery::default())
+            .list_events(None, &EventListQuery::default())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ClientErrorKind::Unauthorized, "{status}");
@@ -780,17 +809,20 @@ async fn undecodable_answers_are_invalid_responses() {
         let server = Server::start(move |_, _| Reply::json(200, reply_body.clone())).await;
         let client = server.client();
         let err = match call {
-            "sub" => client.retrieve_subscription(SUB_ID).await.map(|_| ()),
+            "sub" => client.retrieve_subscription(None, SUB_ID).await.map(|_| ()),
             "subs" => client
-                .list_subscriptions(&SubscriptionListQuery::default())
+                .list_subscriptions(None, &SubscriptionListQuery::default())
                 .await
                 .map(|_| ()),
             "events" => client
-                .list_events(&EventListQuery::default())
+                .list_events(None, &EventListQuery::default())
                 .await
                 .map(|_| ()),
             // The answer names another event.
-            _ => client.retrieve_event("evt_requested").await.map(|_| ()),
+            _ => client
+                .retrieve_event(None, "evt_requested")
+                .await
+                .map(|_| ()),
         }
         .unwrap_err();
         assert_eq!(
@@ -818,7 +850,10 @@ async fn closed_port_is_a_transport_error() {
         .unwrap()
         .base_url(&format!("http://{addr}"))
         .unwrap();
-    let err = client.retrieve_subscription(SUB_ID).await.unwrap_err();
+    let err = client
+        .retrieve_subscription(None, SUB_ID)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Transport);
     assert_eq!(err.status(), None);
     assert!(err.is_retryable());
@@ -833,7 +868,7 @@ async fn a_slow_answer_times_out_as_transport() {
     .await;
     let started = Instant::now();
     let err = budget(server.client().timeout(Duration::from_millis(100)), 1)
-        .retrieve_subscription(SUB_ID)
+        .retrieve_subscription(None, SUB_ID)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Transport);
@@ -864,20 +899,23 @@ async fn the_client_alone_sends_one_request_per_call() {
     .await;
     let client = server.client();
 
-    let err = client.retrieve_subscription(SUB_ID).await.unwrap_err();
+    let err = client
+        .retrieve_subscription(None, SUB_ID)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(500));
     assert!(err.is_retryable());
     assert_eq!(err.retry_after(), None);
     assert_eq!(server.requests().len(), 1);
 
-    let err = client.retrieve_event("evt_1").await.unwrap_err();
+    let err = client.retrieve_event(None, "evt_1").await.unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::RateLimited);
     assert_eq!(err.retry_after(), Some(time::Duration::seconds(7)));
     assert!(err.is_retryable());
     assert_eq!(server.requests().len(), 2);
 
     let err = client
-        .list_events(&EventListQuery::default())
+        .list_events(None, &EventListQuery::default())
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(400));
@@ -888,7 +926,7 @@ async fn the_client_alone_sends_one_request_per_call() {
     assert_eq!(server.requests().len(), 3);
 
     let err = client
-        .list_subscriptions(&SubscriptionListQuery::default())
+        .list_subscriptions(None, &SubscriptionListQuery::default())
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(503));
@@ -906,7 +944,7 @@ async fn the_client_alone_sends_one_request_per_call() {
     let err = slow
         .client()
         .timeout(Duration::from_millis(100))
-        .retrieve_subscription(SUB_ID)
+        .retrieve_subscription(None, SUB_ID)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ClientErrorKind::Transport);
@@ -921,7 +959,7 @@ async fn one_call_through_budget_and_client_sends_at_most_max_retries_plus_one()
     for max_retries in [0, 1, 3, BudgetConfig::default().max_retries] {
         let server = Server::start(|_, _| Reply::json(503, "unavailable")).await;
         let budget = server.budget(max_retries);
-        let err = budget.retrieve_event("evt_1").await.unwrap_err();
+        let err = budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(err.status(), Some(503));
         let expected = usize::try_from(max_retries).unwrap() + 1;
         assert_eq!(
@@ -948,10 +986,10 @@ async fn unsafe_ids_are_refused_without_a_request() {
         "sub_%2e%2e",
         "sub_é",
     ] {
-        let err = client.retrieve_subscription(id).await.unwrap_err();
+        let err = client.retrieve_subscription(None, id).await.unwrap_err();
         assert_eq!(err.kind(), ClientErrorKind::NotFound, "{id:?}");
         assert!(!err.is_retryable());
-        let err = client.retrieve_event(id).await.unwrap_err();
+        let err = client.retrieve_event(None, id).await.unwrap_err();
         assert_eq!(err.kind(), ClientErrorKind::NotFound, "{id:?}");
     }
     assert!(server.requests().is_empty());
@@ -996,4 +1034,112 @@ fn bad_keys_and_settings_are_refused() {
             "{version:?}"
         );
     }
+}
+
+// ----------------------------------------------------- Connect and Date
+
+/// Every call about a connected account carries `Stripe-Account`; calls
+/// about the platform carry none.
+#[tokio::test]
+async fn stripe_account_is_sent_for_connected_accounts_only() {
+    let server = Server::start(|r, _| match r.path.as_str() {
+        "/v1/events" | "/v1/subscriptions" | "/v1/entitlements/active_entitlements" => {
+            Reply::json(200, list(&[], false))
+        }
+        p if p.starts_with("/v1/subscriptions/") => Reply::json(200, subscription(VERSIONS[1])),
+        other => panic!("unexpected path {other}"),
+    })
+    .await;
+    let client = server.client();
+    for account in [None, Some("acct_1Connected")] {
+        client.retrieve_subscription(account, SUB_ID).await.unwrap();
+        client
+            .list_subscriptions(account, &SubscriptionListQuery::default())
+            .await
+            .unwrap();
+        client
+            .list_events(account, &EventListQuery::default())
+            .await
+            .unwrap();
+        client
+            .list_customer_entitlements(account, CUSTOMER)
+            .await
+            .unwrap();
+        let requests = server.requests();
+        let last_four = &requests[requests.len() - 4..];
+        assert_headers(last_four, DEFAULT_STRIPE_VERSION);
+        for r in last_four {
+            assert_eq!(r.header("stripe-account"), account, "{}", r.path);
+        }
+    }
+    // An account id that is not an id is refused without a request.
+    let before = server.requests().len();
+    let err = client
+        .retrieve_subscription(Some("acct_1\r\nX-Evil: 1"), SUB_ID)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::NotFound);
+    assert!(!err.is_retryable());
+    assert_eq!(server.requests().len(), before);
+}
+
+/// The server's `Date` header comes back as Stripe's clock; a missing or
+/// unreadable one as `None`.
+#[tokio::test]
+async fn the_date_header_is_read_as_stripes_clock() {
+    let server = Server::start(|_, i| {
+        let reply = Reply::json(200, subscription(VERSIONS[1]));
+        match i {
+            0 => reply.header("Date", "Thu, 01 Jan 2026 00:00:05 GMT"),
+            1 => reply.header("Date", "not a date"),
+            _ => reply,
+        }
+    })
+    .await;
+    let client = server.client();
+    let dated = client.retrieve_subscription(None, SUB_ID).await.unwrap();
+    assert_eq!(
+        dated.date.map(time::OffsetDateTime::unix_timestamp),
+        Some(1_767_225_605)
+    );
+    assert_eq!(dated.data.id.as_deref(), Some(SUB_ID));
+    for _ in 0..2 {
+        let undated = client.retrieve_subscription(None, SUB_ID).await.unwrap();
+        assert_eq!(undated.date, None);
+    }
+}
+
+/// `/v1/entitlements/active_entitlements` is paged with `starting_after`
+/// until `has_more` is false; the keys come back sorted, without repeats.
+#[tokio::test]
+async fn active_entitlements_are_listed_over_every_page() {
+    let entitlement = |id: &str, key: &str| {
+        format!(
+            r#"{{"id":"{id}","object":"entitlements.active_entitlement","feature":"feat_{key}","livemode":false,"lookup_key":"{key}"}}"#
+        )
+    };
+    let first = list(
+        &[entitlement("ent_1", "gamma"), entitlement("ent_2", "alpha")],
+        true,
+    );
+    let second = list(&[entitlement("ent_3", "beta")], false);
+    let server = Server::start(move |r, _| {
+        assert_eq!(r.path, "/v1/entitlements/active_entitlements");
+        assert_eq!(r.query("customer"), Some(CUSTOMER));
+        assert_eq!(r.query("limit"), Some("100"));
+        match r.query("starting_after") {
+            None => Reply::json(200, first.clone()),
+            Some("ent_2") => Reply::json(200, second.clone()),
+            Some(other) => panic!("unexpected starting_after {other}"),
+        }
+    })
+    .await;
+    let keys = server
+        .client()
+        .list_customer_entitlements(None, CUSTOMER)
+        .await
+        .unwrap()
+        .data;
+    assert_eq!(keys, ["alpha", "beta", "gamma"]);
+    assert_eq!(server.requests().len(), 2);
 }

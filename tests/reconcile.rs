@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::{
-    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget, StripeClient,
-    SubscriptionListQuery,
+    ActiveEntitlement, BudgetConfig, ClientError, ClientErrorKind, EntitlementListQuery,
+    EventListQuery, Page, RequestBudget, Response, StripeClient, SubscriptionListQuery,
 };
 use stripe_webhook_guard::clock::{BoxFuture, Clock, ManualClock};
 use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
@@ -504,32 +504,55 @@ struct Stalls {
 
 #[async_trait]
 impl StripeClient for Stalls {
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+    async fn retrieve_subscription(
+        &self,
+        _: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
         match id {
             "sub_hang" => std::future::pending().await,
             "sub_panic" => panic!("client bug"),
             _ => {
                 self.barrier.wait().await;
-                Ok(SubscriptionView::from_json(&format!(
-                    r#"{{"id":"{id}","object":"subscription","status":"active"}}"#
+                Ok(Response::new(
+                    SubscriptionView::from_json(&format!(
+                        r#"{{"id":"{id}","object":"subscription","status":"active"}}"#
+                    ))
+                    .unwrap(),
                 ))
-                .unwrap())
             }
         }
     }
 
     async fn list_subscriptions(
         &self,
+        _: Option<&str>,
         _: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         Err(not_used())
     }
 
-    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
+    async fn list_events(
+        &self,
+        _: Option<&str>,
+        _: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
         Err(not_used())
     }
 
-    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+    async fn retrieve_event(
+        &self,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Response<Event>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        _: Option<&str>,
+        _: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
         Err(not_used())
     }
 }
@@ -556,9 +579,9 @@ async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
         // are dropped by the timeout.
         let hung = tokio::time::timeout(short, async {
             tokio::join!(
-                budget.retrieve_subscription("sub_hang"),
-                budget.retrieve_subscription("sub_hang"),
-                budget.retrieve_subscription("sub_hang"),
+                budget.retrieve_subscription(None, "sub_hang"),
+                budget.retrieve_subscription(None, "sub_hang"),
+                budget.retrieve_subscription(None, "sub_hang"),
             )
         })
         .await;
@@ -568,7 +591,7 @@ async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
         let b = budget.clone();
         let panicked = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            tokio::spawn(async move { b.retrieve_subscription("sub_panic").await }),
+            tokio::spawn(async move { b.retrieve_subscription(None, "sub_panic").await }),
         )
         .await
         .expect("the cancelled calls gave their permits back");
@@ -577,8 +600,8 @@ async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
     // Both permits are free: two calls can be in flight together.
     let answered = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         tokio::join!(
-            budget.retrieve_subscription("sub_1"),
-            budget.retrieve_subscription("sub_2"),
+            budget.retrieve_subscription(None, "sub_1"),
+            budget.retrieve_subscription(None, "sub_2"),
         )
     })
     .await
@@ -636,27 +659,49 @@ impl Probe {
 
 #[async_trait]
 impl StripeClient for Probe {
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
         self.call("retrieve", id)?;
-        self.inner.retrieve_subscription(id).await
+        self.inner.retrieve_subscription(account, id).await
     }
 
     async fn list_subscriptions(
         &self,
+        account: Option<&str>,
         query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         self.call("list_subscriptions", "")?;
-        self.inner.list_subscriptions(query).await
+        self.inner.list_subscriptions(account, query).await
     }
 
-    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
         self.call("list_events", "")?;
-        self.inner.list_events(query).await
+        self.inner.list_events(account, query).await
     }
 
-    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
+    async fn retrieve_event(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError> {
         self.call("retrieve_event", id)?;
-        self.inner.retrieve_event(id).await
+        self.inner.retrieve_event(account, id).await
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        account: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        self.call("list_active_entitlements", &query.customer)?;
+        self.inner.list_active_entitlements(account, query).await
     }
 }
 
@@ -837,25 +882,46 @@ struct Events(Vec<Event>);
 
 #[async_trait]
 impl StripeClient for Events {
-    async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
+    async fn retrieve_subscription(
+        &self,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
         Err(not_used())
     }
 
     async fn list_subscriptions(
         &self,
+        _: Option<&str>,
         _: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         Err(not_used())
     }
 
-    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        Ok(Page {
+    async fn list_events(
+        &self,
+        _: Option<&str>,
+        _: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
+        Ok(Response::new(Page {
             data: self.0.clone(),
             has_more: false,
-        })
+        }))
     }
 
-    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+    async fn retrieve_event(
+        &self,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Response<Event>, ClientError> {
+        Err(not_used())
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        _: Option<&str>,
+        _: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
         Err(not_used())
     }
 }
@@ -924,8 +990,9 @@ fn record_at(id: &str, status: &str, verified: OffsetDateTime) -> SubscriptionRe
     from_stripe(None, &view, verified, None).record
 }
 
-/// Records of Connect accounts: the platform key cannot see them, so they
-/// are neither retrieved nor flagged as unknown to Stripe.
+/// Records of Connect accounts the reconciler is not told to reconcile
+/// (`ReconcileConfig::connected_accounts`) are neither retrieved nor
+/// flagged as unknown to Stripe.
 #[tokio::test]
 async fn connect_records_are_left_alone() {
     let clock = ManualClock::at_unix(common::world::START);
@@ -1094,7 +1161,8 @@ async fn the_stale_sweep_skips_settled_and_reviewed_records() {
 #[tokio::test]
 async fn records_created_during_the_listing_are_not_flagged() {
     use stripe_webhook_guard::client::{
-        ClientError, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+        ActiveEntitlement, ClientError, EntitlementListQuery, EventListQuery, Page, Response,
+        StripeClient, SubscriptionListQuery,
     };
     use stripe_webhook_guard::event::{Event, SubscriptionView};
     struct RacingClient {
@@ -1104,14 +1172,19 @@ async fn records_created_during_the_listing_are_not_flagged() {
     }
     #[async_trait]
     impl StripeClient for RacingClient {
-        async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
-            self.fake.retrieve_subscription(id).await
+        async fn retrieve_subscription(
+            &self,
+            a: Option<&str>,
+            id: &str,
+        ) -> Result<Response<SubscriptionView>, ClientError> {
+            self.fake.retrieve_subscription(a, id).await
         }
         async fn list_subscriptions(
             &self,
+            a: Option<&str>,
             q: &SubscriptionListQuery,
-        ) -> Result<Page<SubscriptionView>, ClientError> {
-            let page = self.fake.list_subscriptions(q).await;
+        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
+            let page = self.fake.list_subscriptions(a, q).await;
             // Meanwhile a new customer checks out and its webhook lands.
             self.clock.advance(Duration::seconds(5));
             let c = self.fake.create_customer();
@@ -1121,11 +1194,26 @@ async fn records_created_during_the_listing_are_not_flagged() {
             }
             page
         }
-        async fn list_events(&self, q: &EventListQuery) -> Result<Page<Event>, ClientError> {
-            self.fake.list_events(q).await
+        async fn list_events(
+            &self,
+            a: Option<&str>,
+            q: &EventListQuery,
+        ) -> Result<Response<Page<Event>>, ClientError> {
+            self.fake.list_events(a, q).await
         }
-        async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
-            self.fake.retrieve_event(id).await
+        async fn retrieve_event(
+            &self,
+            a: Option<&str>,
+            id: &str,
+        ) -> Result<Response<Event>, ClientError> {
+            self.fake.retrieve_event(a, id).await
+        }
+        async fn list_active_entitlements(
+            &self,
+            a: Option<&str>,
+            q: &EntitlementListQuery,
+        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+            self.fake.list_active_entitlements(a, q).await
         }
     }
     let clock = ManualClock::at_unix(common::world::START);
@@ -1158,36 +1246,6 @@ async fn records_created_during_the_listing_are_not_flagged() {
     assert!(store.all_subscriptions().iter().all(|r| !r.needs_review));
 }
 
-/// `/v1/events` listing only events of types the application ignores
-/// (real Stripe lists every type on the account).
-struct IgnoredTypes {
-    events: Vec<Event>,
-}
-
-#[async_trait]
-impl StripeClient for IgnoredTypes {
-    async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_subscriptions(
-        &self,
-        _: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        Ok(Page {
-            data: self.events.clone(),
-            has_more: false,
-        })
-    }
-
-    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
-        Err(not_used())
-    }
-}
 
 /// Regression: an event of a type the application ignores was recorded as
 /// ignored again and counted as processed every time catch-up listed it (a
@@ -1222,7 +1280,7 @@ async fn a_second_catch_up_counts_ignored_events_as_duplicates() {
         .unwrap()
     })
     .collect();
-    let r = Reconciler::new(processor.clone(), Arc::new(IgnoredTypes { events }));
+    let r = Reconciler::new(processor.clone(), Arc::new(Events(events)));
     let first = r.catch_up().await.unwrap();
     assert_eq!((first.events_seen, first.events_processed), (3, 3));
     assert_eq!(first.events_duplicate, 0);

@@ -9,13 +9,10 @@ mod common;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use common::{secret, sign, sub_event};
-use stripe_webhook_guard::client::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
-};
+use stripe_webhook_guard::client::{ClientErrorKind, RefusingClient};
 use stripe_webhook_guard::clock::ManualClock;
-use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
+use stripe_webhook_guard::event::SubscriptionStatus;
 use stripe_webhook_guard::ledger::{EventKey, LedgerState};
 use stripe_webhook_guard::processor::{Error, Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::Verifier;
@@ -25,29 +22,8 @@ const T0: i64 = 1_700_000_000;
 const MAX_ATTEMPTS: u32 = 3;
 
 /// A Stripe client whose key was revoked: every call answers 401.
-struct RevokedKey;
-
-fn unauthorized() -> ClientError {
-    ClientError::new(ClientErrorKind::Unauthorized, "invalid API key")
-}
-
-#[async_trait]
-impl StripeClient for RevokedKey {
-    async fn retrieve_subscription(&self, _id: &str) -> Result<SubscriptionView, ClientError> {
-        Err(unauthorized())
-    }
-    async fn list_subscriptions(
-        &self,
-        _query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        Err(unauthorized())
-    }
-    async fn list_events(&self, _query: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        Err(unauthorized())
-    }
-    async fn retrieve_event(&self, _id: &str) -> Result<Event, ClientError> {
-        Err(unauthorized())
-    }
+fn revoked_key() -> RefusingClient {
+    RefusingClient::new(ClientErrorKind::Unauthorized, "invalid API key")
 }
 
 fn processor(store: &Arc<MemoryStore>, clock: &ManualClock, client: bool) -> WebhookProcessor {
@@ -56,7 +32,7 @@ fn processor(store: &Arc<MemoryStore>, clock: &ManualClock, client: bool) -> Web
         .clock(Arc::new(clock.clone()))
         .max_attempts(MAX_ATTEMPTS);
     if client {
-        builder = builder.client(Arc::new(RevokedKey));
+        builder = builder.client(Arc::new(revoked_key()));
     }
     builder.build()
 }

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    ActiveEntitlement, ClientError, ClientErrorKind, EntitlementListQuery, EventListQuery, Page,
+    Response, StripeClient, SubscriptionListQuery,
 };
 use crate::clock::Clock;
 use crate::event::{Event, SubscriptionView};
@@ -94,8 +95,8 @@ const ISSUED_WINDOW: usize = 4096;
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use async_trait::async_trait;
 /// use stripe_webhook_guard::client::{
-///     BudgetConfig, ClientError, ClientErrorKind, EventListQuery, Page, RequestBudget,
-///     StripeClient, SubscriptionListQuery,
+///     ActiveEntitlement, BudgetConfig, ClientError, ClientErrorKind, EntitlementListQuery,
+///     EventListQuery, Page, RequestBudget, Response, StripeClient, SubscriptionListQuery,
 /// };
 /// use stripe_webhook_guard::clock::ManualClock;
 /// use stripe_webhook_guard::event::{Event, SubscriptionView};
@@ -104,27 +105,34 @@ const ISSUED_WINDOW: usize = 4096;
 /// #[derive(Default)]
 /// struct Flaky(AtomicU32);
 ///
+/// fn unused() -> ClientError {
+///     ClientError::new(ClientErrorKind::Api, "not used here")
+/// }
+///
 /// #[async_trait]
 /// impl StripeClient for Flaky {
-///     async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
+///     async fn retrieve_subscription(&self, _: Option<&str>, _: &str)
+///         -> Result<Response<SubscriptionView>, ClientError> {
 ///         if self.0.fetch_add(1, Ordering::Relaxed) < 2 {
 ///             Err(ClientError::new(ClientErrorKind::Api, "unavailable").with_status(503))
 ///         } else {
 ///             Err(ClientError::new(ClientErrorKind::NotFound, "no such subscription"))
 ///         }
 ///     }
-///     async fn list_subscriptions(&self, _: &SubscriptionListQuery)
-///         -> Result<Page<SubscriptionView>, ClientError> { unimplemented!() }
-///     async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
-///         unimplemented!()
-///     }
-///     async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> { unimplemented!() }
+///     async fn list_subscriptions(&self, _: Option<&str>, _: &SubscriptionListQuery)
+///         -> Result<Response<Page<SubscriptionView>>, ClientError> { Err(unused()) }
+///     async fn list_events(&self, _: Option<&str>, _: &EventListQuery)
+///         -> Result<Response<Page<Event>>, ClientError> { Err(unused()) }
+///     async fn retrieve_event(&self, _: Option<&str>, _: &str)
+///         -> Result<Response<Event>, ClientError> { Err(unused()) }
+///     async fn list_active_entitlements(&self, _: Option<&str>, _: &EntitlementListQuery)
+///         -> Result<Response<Page<ActiveEntitlement>>, ClientError> { Err(unused()) }
 /// }
 ///
 /// // A manual clock: back-off and pacing sleeps return at once.
 /// let clock = Arc::new(ManualClock::at_unix(1_767_225_600));
 /// let budget = RequestBudget::new(Arc::new(Flaky::default()), clock, BudgetConfig::default());
-/// let err = budget.retrieve_subscription("sub_1").await.unwrap_err();
+/// let err = budget.retrieve_subscription(None, "sub_1").await.unwrap_err();
 /// // Two 503s were retried; the 404 is not retryable and is returned.
 /// assert_eq!(err.kind(), ClientErrorKind::NotFound);
 /// assert_eq!(budget.requests(), 3);
@@ -300,25 +308,49 @@ fn trace_retry(_err: &ClientError, _retry: u32, _delay: Duration) {}
 
 #[async_trait]
 impl StripeClient for RequestBudget {
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
-        self.call(|| Box::pin(self.inner.retrieve_subscription(id)))
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
+        self.call(|| Box::pin(self.inner.retrieve_subscription(account, id)))
             .await
     }
 
     async fn list_subscriptions(
         &self,
+        account: Option<&str>,
         query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        self.call(|| Box::pin(self.inner.list_subscriptions(query)))
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
+        self.call(|| Box::pin(self.inner.list_subscriptions(account, query)))
             .await
     }
 
-    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        self.call(|| Box::pin(self.inner.list_events(query))).await
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
+        self.call(|| Box::pin(self.inner.list_events(account, query)))
+            .await
     }
 
-    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
-        self.call(|| Box::pin(self.inner.retrieve_event(id))).await
+    async fn retrieve_event(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError> {
+        self.call(|| Box::pin(self.inner.retrieve_event(account, id)))
+            .await
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        account: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        self.call(|| Box::pin(self.inner.list_active_entitlements(account, query)))
+            .await
     }
 }
 
@@ -343,23 +375,43 @@ mod tests {
 
     #[async_trait]
     impl StripeClient for Scripted {
-        async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
+        async fn retrieve_subscription(
+            &self,
+            _: Option<&str>,
+            _: &str,
+        ) -> Result<Response<SubscriptionView>, ClientError> {
             Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
         }
         async fn list_subscriptions(
             &self,
+            _: Option<&str>,
             _: &SubscriptionListQuery,
-        ) -> Result<Page<SubscriptionView>, ClientError> {
+        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
             Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
         }
-        async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
+        async fn list_events(
+            &self,
+            _: Option<&str>,
+            _: &EventListQuery,
+        ) -> Result<Response<Page<Event>>, ClientError> {
             Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
         }
-        async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
+        async fn retrieve_event(
+            &self,
+            _: Option<&str>,
+            _: &str,
+        ) -> Result<Response<Event>, ClientError> {
             let mut calls = self.calls.lock().unwrap();
             calls.push(self.clock.now());
             let i = (calls.len() - 1).min(self.answers.len() - 1);
             Err((self.answers[i])())
+        }
+        async fn list_active_entitlements(
+            &self,
+            _: Option<&str>,
+            _: &EntitlementListQuery,
+        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+            Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
         }
     }
 
@@ -400,7 +452,7 @@ mod tests {
             ..fast()
         };
         let (inner, budget, _) = setup(vec![unavailable], config);
-        let err = budget.retrieve_event("evt_1").await.unwrap_err();
+        let err = budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(err.status(), Some(503));
         assert_eq!(inner.calls().len(), 3);
         assert_eq!(budget.requests(), 3);
@@ -411,12 +463,12 @@ mod tests {
             ..fast()
         };
         let (inner, budget, _) = setup(vec![unavailable], config);
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(inner.calls().len(), 1);
 
         // A non-retryable answer ends the retries.
         let (inner, budget, _) = setup(vec![unavailable, not_found], fast());
-        let err = budget.retrieve_event("evt_1").await.unwrap_err();
+        let err = budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(err.kind(), ClientErrorKind::NotFound);
         assert_eq!(inner.calls().len(), 2);
     }
@@ -424,7 +476,7 @@ mod tests {
     #[tokio::test]
     async fn stripe_should_retry_decides_both_ways() {
         let (inner, budget, _) = setup(vec![|| unavailable().with_should_retry(false)], fast());
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(inner.calls().len(), 1, "false: a 503 is not retried");
 
         let limited = || {
@@ -434,7 +486,7 @@ mod tests {
                 .with_should_retry(false)
         };
         let (inner, budget, _) = setup(vec![limited], fast());
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(inner.calls().len(), 1, "false: not even a 429");
         assert_eq!(budget.rate_limited(), 1);
 
@@ -444,7 +496,7 @@ mod tests {
                 .with_should_retry(true)
         };
         let (inner, budget, _) = setup(vec![conflict, not_found], fast());
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         assert_eq!(inner.calls().len(), 2, "true: even a 400 is retried");
     }
 
@@ -456,7 +508,7 @@ mod tests {
                 .with_retry_after(Duration::seconds(7))
         };
         let (inner, budget, _) = setup(vec![seven, not_found], fast());
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         let calls = inner.calls();
         assert_eq!(calls.len(), 2);
         assert!(calls[1] - calls[0] >= Duration::seconds(7));
@@ -468,7 +520,7 @@ mod tests {
                 .with_retry_after(Duration::hours(2))
         };
         let (inner, budget, _) = setup(vec![hours, not_found], fast());
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         let calls = inner.calls();
         assert_eq!(calls[1] - calls[0], RequestBudget::MAX_RETRY_AFTER);
     }
@@ -512,7 +564,7 @@ mod tests {
             ..BudgetConfig::default()
         };
         let (inner, budget, _) = setup(vec![unavailable, not_found], config);
-        budget.retrieve_event("evt_1").await.unwrap_err();
+        budget.retrieve_event(None, "evt_1").await.unwrap_err();
         let calls = inner.calls();
         assert_eq!(calls.len(), 2);
         assert!(calls[1] - calls[0] >= Duration::SECOND, "{calls:?}");

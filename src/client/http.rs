@@ -1,15 +1,21 @@
 //! `HttpStripeClient`: the Stripe API over reqwest (feature `reqwest`).
 //!
-//! [`HttpStripeClient`] implements [`StripeClient`] with four `GET` calls
+//! [`HttpStripeClient`] implements [`StripeClient`] with five `GET` calls
 //! (`/v1/subscriptions`, `/v1/subscriptions/{id}`, `/v1/events`,
-//! `/v1/events/{id}`). Every request carries:
+//! `/v1/events/{id}`, `/v1/entitlements/active_entitlements`). Every request
+//! carries:
 //!
 //! - `Authorization: Bearer <secret key>` (the header value is marked
 //!   sensitive; the key never appears in `Debug` output or in errors);
 //! - a pinned `Stripe-Version` ([`DEFAULT_STRIPE_VERSION`] unless set with
 //!   [`HttpStripeClient::stripe_version`]), so objects come back in a known
 //!   shape. The views read both shapes anyway, because events listed from
-//!   `/v1/events` keep the version they were rendered in.
+//!   `/v1/events` keep the version they were rendered in;
+//! - for a call about a connected account (`account: Some("acct_…")`), the
+//!   `Stripe-Account` header, so the platform's key acts on that account.
+//!
+//! Every answer carries the server's `Date` header, read as Stripe's clock
+//! ([`Response::date`]; `None` when absent or not an RFC 9110 date).
 //!
 //! # Failures and retries
 //!
@@ -36,8 +42,9 @@
 //! Object ids are put into URL paths only after validation: 1 to
 //! [`MAX_ID_LEN`] characters of `[A-Za-z0-9_]`, which every Stripe id
 //! satisfies. Anything else fails with [`ClientErrorKind::NotFound`] (no
-//! Stripe object can have such an id) without sending a request. Query
-//! parameters are form-encoded.
+//! Stripe object can have such an id) without sending a request. Account
+//! ids for `Stripe-Account` are validated the same way. Query parameters
+//! are form-encoded.
 
 use std::fmt;
 use std::time::Duration;
@@ -49,7 +56,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    ActiveEntitlement, ClientError, ClientErrorKind, EntitlementListQuery, EventListQuery, Page,
+    Response, StripeClient, SubscriptionListQuery, parse_http_date,
 };
 use crate::event::{Event, SubscriptionView};
 
@@ -114,8 +122,12 @@ const REDACTED: &str = "[redacted]";
 ///     Arc::new(SystemClock),
 ///     BudgetConfig { max_retries: 2, ..BudgetConfig::default() },
 /// );
-/// let subscription = budgeted.retrieve_subscription("sub_123").await?;
+/// let subscription = budgeted.retrieve_subscription(None, "sub_123").await?.data;
 /// println!("{:?} until {:?}", subscription.status, subscription.current_period_end);
+/// // A connected account's subscription: the same call with its account,
+/// // sent as `Stripe-Account`; `date` is Stripe's clock (its `Date` header).
+/// let theirs = budgeted.retrieve_subscription(Some("acct_123"), "sub_456").await?;
+/// println!("as of {:?}", theirs.date);
 ///
 /// // The key never shows up in debug output.
 /// assert!(!format!("{client:?}").contains("sk_test_"));
@@ -291,7 +303,7 @@ impl HttpStripeClient {
     }
 
     fn headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::with_capacity(4);
+        let mut headers = HeaderMap::with_capacity(5);
         headers.insert(AUTHORIZATION, self.authorization.clone());
         headers.insert(
             HeaderName::from_static("stripe-version"),
@@ -305,20 +317,39 @@ impl HttpStripeClient {
         headers
     }
 
-    /// `GET url`, one request (never retried); the 2xx body (at most
-    /// `limit` bytes), or the error with what the server said about
+    /// `GET url`, one request (never retried), about `account` (sent as
+    /// `Stripe-Account`); the 2xx body (at most `limit` bytes) with the
+    /// server's `Date`, or the error with what the server said about
     /// retrying.
-    async fn get(&self, url: &Url, limit: usize) -> Result<Vec<u8>, ClientError> {
+    async fn get(
+        &self,
+        url: &Url,
+        account: Option<&str>,
+        limit: usize,
+    ) -> Result<Response<Vec<u8>>, ClientError> {
+        let mut headers = self.headers();
+        if let Some(account) = account {
+            check_id("account", account)?;
+            let value = HeaderValue::from_str(account)
+                .map_err(|_| config_error("the account id is not a valid header value"))?;
+            headers.insert(HeaderName::from_static("stripe-account"), value);
+        }
         let response = self
             .http
             .get(url.clone())
-            .headers(self.headers())
+            .headers(headers)
             .timeout(self.timeout)
             .send()
             .await
             .map_err(transport_error)?;
         if response.status().is_success() {
-            read_body(response, limit).await
+            let date = response
+                .headers()
+                .get(reqwest::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_http_date);
+            let body = read_body(response, limit).await?;
+            Ok(Response::new(body).with_date(date))
         } else {
             Err(self.error_from_response(response).await)
         }
@@ -380,10 +411,61 @@ impl HttpStripeClient {
             .and_then(|v| v.strip_prefix("Bearer "))
     }
 
-    async fn get_subscription_list(
+    /// One page of a list: each item is read by `item` (`what` names it in
+    /// errors).
+    async fn get_list<T>(
         &self,
+        url: &Url,
+        account: Option<&str>,
+        what: &str,
+        item: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Response<Page<T>>, ClientError> {
+        let answer = self.get(url, account, MAX_RESPONSE_BYTES).await?;
+        let list = parse_list(&answer.data)?;
+        let data = list
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                item(raw.get())
+                    .map_err(|e| invalid_response(format!("{what} {i} of the list: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(Page {
+            data,
+            has_more: list.has_more,
+        })
+        .with_date(answer.date))
+    }
+}
+
+#[async_trait]
+impl StripeClient for HttpStripeClient {
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
+        check_id("subscription", id)?;
+        let url = self.url(&["v1", "subscriptions", id]);
+        let answer = self.get(&url, account, MAX_RESPONSE_BYTES).await?;
+        let text = std::str::from_utf8(&answer.data)
+            .map_err(|_| invalid_response("the subscription is not UTF-8".to_owned()))?;
+        let view = SubscriptionView::from_json(text)
+            .map_err(|e| invalid_response(format!("subscription: {e}")))?;
+        if view.id.as_deref() != Some(id) {
+            return Err(invalid_response(
+                "the answer is not the requested subscription".to_owned(),
+            ));
+        }
+        Ok(Response::new(view).with_date(answer.date))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        account: Option<&str>,
         query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         let mut url = self.url(&["v1", "subscriptions"]);
         {
             let mut pairs = url.query_pairs_mut();
@@ -396,24 +478,17 @@ impl HttpStripeClient {
             }
             pairs.append_pair("limit", &page_size(query.limit).to_string());
         }
-        let body = self.get(&url, MAX_RESPONSE_BYTES).await?;
-        let list = parse_list(&body)?;
-        let data = list
-            .data
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| {
-                SubscriptionView::from_json(raw.get())
-                    .map_err(|e| invalid_response(format!("subscription {i} of the list: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page {
-            data,
-            has_more: list.has_more,
+        self.get_list(&url, account, "subscription", |raw| {
+            SubscriptionView::from_json(raw).map_err(|e| e.to_string())
         })
+        .await
     }
 
-    async fn get_event_list(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
         let mut url = self.url(&["v1", "events"]);
         {
             let mut pairs = url.query_pairs_mut();
@@ -431,65 +506,50 @@ impl HttpStripeClient {
             }
             pairs.append_pair("limit", &page_size(query.limit).to_string());
         }
-        let body = self.get(&url, MAX_RESPONSE_BYTES).await?;
-        let list = parse_list(&body)?;
-        let data = list
-            .data
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| {
-                Event::parse_unverified_with_limit(raw.get().as_bytes(), MAX_EVENT_BYTES)
-                    .map_err(|e| invalid_response(format!("event {i} of the list: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Page {
-            data,
-            has_more: list.has_more,
+        self.get_list(&url, account, "event", |raw| {
+            Event::parse_unverified_with_limit(raw.as_bytes(), MAX_EVENT_BYTES)
+                .map_err(|e| e.to_string())
         })
-    }
-}
-
-#[async_trait]
-impl StripeClient for HttpStripeClient {
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
-        check_id("subscription", id)?;
-        let url = self.url(&["v1", "subscriptions", id]);
-        let body = self.get(&url, MAX_RESPONSE_BYTES).await?;
-        let text = std::str::from_utf8(&body)
-            .map_err(|_| invalid_response("the subscription is not UTF-8".to_owned()))?;
-        let view = SubscriptionView::from_json(text)
-            .map_err(|e| invalid_response(format!("subscription: {e}")))?;
-        if view.id.as_deref() != Some(id) {
-            return Err(invalid_response(
-                "the answer is not the requested subscription".to_owned(),
-            ));
-        }
-        Ok(view)
+        .await
     }
 
-    async fn list_subscriptions(
+    async fn retrieve_event(
         &self,
-        query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        self.get_subscription_list(query).await
-    }
-
-    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        self.get_event_list(query).await
-    }
-
-    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError> {
         check_id("event", id)?;
         let url = self.url(&["v1", "events", id]);
-        let body = self.get(&url, MAX_EVENT_BYTES).await?;
-        let event = Event::parse_unverified_with_limit(&body, MAX_EVENT_BYTES)
+        let answer = self.get(&url, account, MAX_EVENT_BYTES).await?;
+        let event = Event::parse_unverified_with_limit(&answer.data, MAX_EVENT_BYTES)
             .map_err(|e| invalid_response(format!("event: {e}")))?;
         if event.id() != id {
             return Err(invalid_response(
                 "the answer is not the requested event".to_owned(),
             ));
         }
-        Ok(event)
+        Ok(Response::new(event).with_date(answer.date))
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        account: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        let mut url = self.url(&["v1", "entitlements", "active_entitlements"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("customer", &query.customer);
+            if let Some(after) = &query.starting_after {
+                pairs.append_pair("starting_after", after);
+            }
+            pairs.append_pair("limit", &page_size(query.limit).to_string());
+        }
+        self.get_list(&url, account, "entitlement", |raw| {
+            serde_json::from_str::<ActiveEntitlement>(raw)
+                .map_err(|e| format!("the entitlement {}", json_problem(&e)))
+        })
+        .await
     }
 }
 

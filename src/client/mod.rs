@@ -6,6 +6,16 @@
 //! [`kind`](ClientError::kind), and carry what the server said about
 //! retrying (`Retry-After`, `Stripe-Should-Retry`).
 //!
+//! # Accounts and server time
+//!
+//! Every call names the account it concerns: `None` for the platform's own
+//! objects, `Some("acct_…")` for a Connect account's, which the HTTP client
+//! sends as the `Stripe-Account` header (the platform's key acting on the
+//! connected account). Every answer is a [`Response`]: the data plus the
+//! time the server stamped on it (its `Date` header), so records refreshed
+//! from Stripe are stamped with Stripe's clock rather than the host's, which
+//! may run ahead and would then make newer events look stale.
+//!
 //! Exactly one layer retries: [`RequestBudget`], a [`StripeClient`] wrapper
 //! that also paces requests and bounds how many are in flight. The clients
 //! themselves make one request per call, so wrap them in a budget to get
@@ -14,7 +24,8 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use time::Duration;
+use serde::Deserialize;
+use time::{Duration, OffsetDateTime};
 
 use crate::event::{Event, SubscriptionView};
 
@@ -170,6 +181,65 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
+/// An answer of the Stripe API: the data, and the time the server stamped
+/// on the answer (its `Date` header, one-second resolution), when it sent
+/// one that could be read.
+///
+/// Build one with [`Response::new`] and [`Response::with_date`]:
+///
+/// ```
+/// use stripe_webhook_guard::client::Response;
+/// use time::OffsetDateTime;
+///
+/// let stripe_now = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
+/// let answer = Response::new(vec!["pro".to_owned()]).with_date(Some(stripe_now));
+/// assert_eq!(answer.date, Some(stripe_now));
+/// // Without a server time, the caller's clock is the fallback.
+/// let local = OffsetDateTime::from_unix_timestamp(1_767_225_660).unwrap();
+/// assert_eq!(answer.date_or(local), stripe_now);
+/// assert_eq!(Response::new(()).date_or(local), local);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Response<T> {
+    /// What the server answered.
+    pub data: T,
+    /// The server's `Date`, when it sent a readable one.
+    pub date: Option<OffsetDateTime>,
+}
+
+impl<T> Response<T> {
+    /// An answer without a server time.
+    pub fn new(data: T) -> Self {
+        Self { data, date: None }
+    }
+
+    /// With the server's time.
+    #[must_use]
+    pub fn with_date(mut self, date: Option<OffsetDateTime>) -> Self {
+        self.date = date;
+        self
+    }
+
+    /// The server's time, or `fallback` (the local clock) without one.
+    pub fn date_or(&self, fallback: OffsetDateTime) -> OffsetDateTime {
+        self.date.unwrap_or(fallback)
+    }
+
+    /// The data, dropping the time.
+    pub fn into_data(self) -> T {
+        self.data
+    }
+
+    /// The same answer with its data mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Response<U> {
+        Response {
+            data: f(self.data),
+            date: self.date,
+        }
+    }
+}
+
 /// Paging for `/v1/subscriptions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubscriptionListQuery {
@@ -196,8 +266,35 @@ pub struct EventListQuery {
     pub limit: u32,
 }
 
+/// Paging for `/v1/entitlements/active_entitlements` (one customer's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntitlementListQuery {
+    /// The customer (required by Stripe).
+    pub customer: String,
+    /// The id to start after (the last id of the previous page).
+    pub starting_after: Option<String>,
+    /// Page size (1–100; 0 means 100).
+    pub limit: u32,
+}
+
+/// One of a customer's active entitlements
+/// (`entitlements.active_entitlement`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActiveEntitlement {
+    /// The entitlement id (`ent_…`).
+    pub id: String,
+    /// The feature's `lookup_key`: what `has_feature` asks about.
+    pub lookup_key: String,
+}
+
 /// The Stripe API calls this crate makes. Subscriptions are always listed
 /// with `status=all` (canceled ones included).
+///
+/// Every call takes the account it concerns: `None` for the platform,
+/// `Some("acct_…")` for a connected account (sent as `Stripe-Account`). Every
+/// answer is a [`Response`] carrying the server's `Date` when there was one;
+/// an implementation that cannot read it answers `date: None` and the crate
+/// falls back to its own clock.
 #[async_trait]
 pub trait StripeClient: Send + Sync {
     /// `GET /v1/subscriptions/{id}`.
@@ -206,7 +303,11 @@ pub trait StripeClient: Send + Sync {
     ///
     /// [`ClientError`]; [`ClientErrorKind::NotFound`] when there is no such
     /// subscription.
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError>;
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError>;
 
     /// `GET /v1/subscriptions?status=all` (optionally one customer's), one page.
     ///
@@ -215,46 +316,327 @@ pub trait StripeClient: Send + Sync {
     /// [`ClientError`].
     async fn list_subscriptions(
         &self,
+        account: Option<&str>,
         query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError>;
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError>;
 
     /// `GET /v1/events`, one page, newest first.
     ///
     /// # Errors
     ///
     /// [`ClientError`].
-    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError>;
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError>;
 
     /// `GET /v1/events/{id}`.
     ///
     /// # Errors
     ///
     /// [`ClientError`]; [`ClientErrorKind::NotFound`] after Stripe's 30 days.
-    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError>;
+    async fn retrieve_event(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError>;
 
-    /// Every subscription of one customer (all pages).
+    /// `GET /v1/entitlements/active_entitlements?customer=…`, one page.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`].
+    async fn list_active_entitlements(
+        &self,
+        account: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError>;
+
+    /// Every subscription of one customer (all pages). The date is the
+    /// last page's.
     ///
     /// # Errors
     ///
     /// [`ClientError`].
     async fn list_customer_subscriptions(
         &self,
+        account: Option<&str>,
         customer: &str,
-    ) -> Result<Vec<SubscriptionView>, ClientError> {
-        let mut out = Vec::new();
+    ) -> Result<Response<Vec<SubscriptionView>>, ClientError> {
         let mut query = SubscriptionListQuery {
             customer: Some(customer.to_owned()),
             starting_after: None,
             limit: 100,
         };
-        loop {
-            let page = self.list_subscriptions(&query).await?;
-            let last = page.data.last().and_then(|s| s.id.clone());
-            out.extend(page.data);
-            match (page.has_more, last) {
-                (true, Some(last)) => query.starting_after = Some(last),
-                _ => return Ok(out),
-            }
+        collect_pages(
+            |after| {
+                query.starting_after = after;
+                let query = query.clone();
+                async move { self.list_subscriptions(account, &query).await }
+            },
+            |s: &SubscriptionView| s.id.clone(),
+        )
+        .await
+    }
+
+    /// The lookup keys of every active entitlement of one customer (all
+    /// pages), sorted and without repeats. The date is the last page's.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`].
+    async fn list_customer_entitlements(
+        &self,
+        account: Option<&str>,
+        customer: &str,
+    ) -> Result<Response<Vec<String>>, ClientError> {
+        let mut query = EntitlementListQuery {
+            customer: customer.to_owned(),
+            starting_after: None,
+            limit: 100,
+        };
+        let all = collect_pages(
+            |after| {
+                query.starting_after = after;
+                let query = query.clone();
+                async move { self.list_active_entitlements(account, &query).await }
+            },
+            |e: &ActiveEntitlement| Some(e.id.clone()),
+        )
+        .await?;
+        Ok(all.map(|list| {
+            let mut keys: Vec<String> = list.into_iter().map(|e| e.lookup_key).collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        }))
+    }
+}
+
+/// A client that refuses every call with one error: for a deployment
+/// without a Stripe key (replays then use stored payloads only; refetches
+/// fail and are retried as any failed refetch), and for tests of failures
+/// such as a revoked key.
+///
+/// ```
+/// use stripe_webhook_guard::client::{ClientErrorKind, RefusingClient, StripeClient};
+/// # tokio_test_block_on(async {
+/// let client = RefusingClient::new(ClientErrorKind::Unauthorized, "no Stripe key is configured");
+/// let err = client.retrieve_subscription(None, "sub_1").await.unwrap_err();
+/// assert_eq!(err.kind(), ClientErrorKind::Unauthorized);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     let mut f = std::pin::pin!(f);
+/// #     match f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+/// #         std::task::Poll::Ready(v) => v,
+/// #         std::task::Poll::Pending => unreachable!("answers at once"),
+/// #     }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RefusingClient {
+    kind: ClientErrorKind,
+    message: String,
+}
+
+impl RefusingClient {
+    /// Refuses every call with `kind` and `message`.
+    pub fn new(kind: ClientErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
         }
+    }
+
+    fn refuse<T>(&self) -> Result<T, ClientError> {
+        Err(ClientError::new(self.kind, self.message.clone()))
+    }
+}
+
+#[async_trait]
+impl StripeClient for RefusingClient {
+    async fn retrieve_subscription(
+        &self,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
+        self.refuse()
+    }
+    async fn list_subscriptions(
+        &self,
+        _: Option<&str>,
+        _: &SubscriptionListQuery,
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
+        self.refuse()
+    }
+    async fn list_events(
+        &self,
+        _: Option<&str>,
+        _: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
+        self.refuse()
+    }
+    async fn retrieve_event(
+        &self,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<Response<Event>, ClientError> {
+        self.refuse()
+    }
+    async fn list_active_entitlements(
+        &self,
+        _: Option<&str>,
+        _: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        self.refuse()
+    }
+}
+
+/// Follows `starting_after` paging: `page(after)` fetches the page after an
+/// id (`None`: the first), `id` names an item. Stops at the first page
+/// without `has_more` (or whose last item has no id).
+async fn collect_pages<T, F, Fut>(
+    mut page: F,
+    id: impl Fn(&T) -> Option<String>,
+) -> Result<Response<Vec<T>>, ClientError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Page<T>>, ClientError>>,
+{
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let Response { data, date } = page(after.clone()).await?;
+        let last = data.data.last().and_then(&id);
+        out.extend(data.data);
+        match (data.has_more, last) {
+            // A page that does not move on (a misbehaving server) ends it.
+            (true, Some(last)) if after.as_ref() != Some(&last) => after = Some(last),
+            _ => return Ok(Response::new(out).with_date(date)),
+        }
+    }
+}
+
+/// Reads an HTTP `Date` header value (RFC 9110's preferred
+/// `IMF-fixdate`, `Sun, 06 Nov 1994 08:49:37 GMT`, which is what Stripe
+/// sends). `None` for anything else; callers then fall back to their own
+/// clock.
+///
+/// ```
+/// use stripe_webhook_guard::client::parse_http_date;
+/// let t = parse_http_date("Thu, 01 Jan 2026 00:00:05 GMT").unwrap();
+/// assert_eq!(t.unix_timestamp(), 1_767_225_605);
+/// assert_eq!(parse_http_date("yesterday"), None);
+/// ```
+pub fn parse_http_date(value: &str) -> Option<OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value.trim(), &format)
+        .ok()
+        .map(time::PrimitiveDateTime::assume_utc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_are_read_strictly() {
+        let t = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(t.unix_timestamp(), 784_111_777);
+        for bad in [
+            "",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 +0200",
+            "Sun, 31 Feb 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        }
+    }
+
+    /// A client serving one list in pages of two.
+    struct Paged(Vec<&'static str>);
+
+    #[async_trait]
+    impl StripeClient for Paged {
+        async fn retrieve_subscription(
+            &self,
+            _: Option<&str>,
+            _: &str,
+        ) -> Result<Response<SubscriptionView>, ClientError> {
+            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
+        }
+        async fn list_subscriptions(
+            &self,
+            _: Option<&str>,
+            _: &SubscriptionListQuery,
+        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
+            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
+        }
+        async fn list_events(
+            &self,
+            _: Option<&str>,
+            _: &EventListQuery,
+        ) -> Result<Response<Page<Event>>, ClientError> {
+            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
+        }
+        async fn retrieve_event(
+            &self,
+            _: Option<&str>,
+            _: &str,
+        ) -> Result<Response<Event>, ClientError> {
+            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
+        }
+        async fn list_active_entitlements(
+            &self,
+            account: Option<&str>,
+            query: &EntitlementListQuery,
+        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+            assert_eq!(
+                (account, query.customer.as_str()),
+                (Some("acct_1"), "cus_1")
+            );
+            // Ids are positions, so a repeated key is still a new item.
+            let start = query.starting_after.as_ref().map_or(0, |after| {
+                after
+                    .strip_prefix("ent_")
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .map_or(self.0.len(), |i| i + 1)
+            });
+            let data: Vec<ActiveEntitlement> = self
+                .0
+                .iter()
+                .enumerate()
+                .skip(start)
+                .take(2)
+                .map(|(i, k)| ActiveEntitlement {
+                    id: format!("ent_{i}"),
+                    lookup_key: (*k).to_owned(),
+                })
+                .collect();
+            let page = Page {
+                has_more: start + data.len() < self.0.len(),
+                data,
+            };
+            let served_at =
+                OffsetDateTime::from_unix_timestamp(1_000 + i64::try_from(start).unwrap_or(0)).ok();
+            Ok(Response::new(page).with_date(served_at))
+        }
+    }
+
+    #[tokio::test]
+    async fn entitlements_are_collected_over_every_page() {
+        let client = Paged(vec!["b", "a", "c", "a", "d"]);
+        let all = client
+            .list_customer_entitlements(Some("acct_1"), "cus_1")
+            .await
+            .unwrap();
+        assert_eq!(all.data, ["a", "b", "c", "d"]);
+        // The last page (starting at index 4) dated the answer.
+        assert_eq!(all.date.map(OffsetDateTime::unix_timestamp), Some(1_004));
     }
 }

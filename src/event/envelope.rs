@@ -442,6 +442,15 @@ impl Event {
         Self::from_bytes(bytes)
     }
 
+    /// Names the Connect account an event listed through `Stripe-Account`
+    /// belongs to, when the listing left it out (so its ledger key is the
+    /// one its webhook delivery has).
+    pub(crate) fn assume_account(&mut self, account: &str) {
+        if self.account.is_none() {
+            self.account = Some(account.to_owned());
+        }
+    }
+
     pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, ParseError> {
         check_depth(bytes)?;
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());

@@ -46,7 +46,8 @@ use crate::rt::catch_unwind::{CatchUnwind, panic_message};
 use crate::signature::{Verified, Verifier};
 use crate::store::{InboxHandle, Storage, StoreError, StoreErrorKind, StoreHandle};
 use crate::subscription::{
-    self, Effect, FetchOutcome, FetchTarget, Step, StepError, Subject, SubscriptionRecord,
+    self, Effect, EntitlementFetch, EntitlementFetchOutcome, EntitlementStep, FetchOutcome,
+    FetchTarget, Step, StepError, Subject, SubscriptionRecord,
 };
 
 pub use types::{
@@ -444,8 +445,9 @@ impl WebhookProcessor {
             return Some(IgnoreReason::ForeignAccount);
         }
         let t = event.event_type();
-        let wanted =
-            t.has_subscription_effect() || self.inner.handler.as_ref().is_some_and(|h| h.wants(t));
+        let wanted = t.has_subscription_effect()
+            || crate::reconcile::RecoveryRequest::is_trigger(t)
+            || self.inner.handler.as_ref().is_some_and(|h| h.wants(t));
         (!wanted).then_some(IgnoreReason::UnhandledType)
     }
 
@@ -779,6 +781,12 @@ impl WebhookProcessor {
         last_attempt: bool,
     ) -> Result<(Effect, Option<SubscriptionRecord>), EffectError> {
         let store = &self.inner.store;
+        // Stripe failed to generate events: the reconciler's next catch-up
+        // goes back over the window.
+        if let Some(request) = crate::reconcile::RecoveryRequest::from_event(event) {
+            request.record(store.as_ref()).await?;
+            return Ok((Effect::None, None));
+        }
         let id = match subscription::subject(event).map_err(StepError::Object)? {
             Subject::None => return Ok((Effect::None, None)),
             Subject::Entitlements(customer) => {
@@ -793,7 +801,9 @@ impl WebhookProcessor {
             };
             let mut step = subscription::step(current.as_ref(), event, now);
             while let Step::Fetch(fetch) = step {
-                let outcome = self.fetch(fetch.target(), last_attempt).await;
+                let outcome = self
+                    .fetch(fetch.target(), event.account(), last_attempt)
+                    .await;
                 let stored = match fetch.record_to_load(&outcome) {
                     Some(id) => store.load(id).await?,
                     None => None,
@@ -820,31 +830,62 @@ impl WebhookProcessor {
         )))
     }
 
-    /// Asks Stripe what a fetch step wants.
-    async fn fetch(&self, target: &FetchTarget, last_attempt: bool) -> FetchOutcome {
+    /// Asks Stripe what a fetch step wants, about the event's account (a
+    /// connected account's event is refetched with `Stripe-Account`).
+    /// `last_attempt`: this is the event's last attempt (a failure is then
+    /// decided by the fallback rule instead of retried).
+    async fn fetch(
+        &self,
+        target: &FetchTarget,
+        account: Option<&str>,
+        last_attempt: bool,
+    ) -> FetchOutcome {
         let Some(client) = &self.inner.client else {
             return FetchOutcome::NoClient;
         };
         let objects = match target {
-            FetchTarget::Subscription(id) => {
-                client.retrieve_subscription(id).await.map(|s| vec![s])
-            }
+            FetchTarget::Subscription(id) => client
+                .retrieve_subscription(account, id)
+                .await
+                .map(|s| s.map(|s| vec![s])),
             FetchTarget::NewestOfCustomer(customer) => {
-                client.list_customer_subscriptions(customer).await
+                client.list_customer_subscriptions(account, customer).await
             }
         };
         crate::metrics::refetch(objects.is_ok());
         match objects {
             // Stamped with the time the answer was read, not when the
-            // request began (it may have waited for the budget or retries).
-            Ok(objects) => FetchOutcome::Fetched {
-                objects,
+            // request began (it may have waited for the budget or retries),
+            // and with Stripe's own time for the watermark.
+            Ok(answer) => FetchOutcome::Fetched {
                 at: self.inner.clock.now(),
+                stripe_time: answer.date,
+                objects: answer.data,
             },
             Err(error) => FetchOutcome::Failed {
                 error,
                 last_attempt,
             },
+        }
+    }
+
+    /// Lists a customer's active entitlements for an entitlement step.
+    async fn fetch_entitlements(&self, fetch: &EntitlementFetch) -> EntitlementFetchOutcome {
+        let Some(client) = &self.inner.client else {
+            return EntitlementFetchOutcome::NoClient;
+        };
+        match client
+            .list_customer_entitlements(fetch.account(), fetch.customer())
+            .await
+        {
+            Ok(answer) => EntitlementFetchOutcome::Fetched {
+                at: subscription::FetchTime {
+                    local: self.inner.clock.now(),
+                    stripe: answer.date,
+                },
+                lookup_keys: answer.data,
+            },
+            Err(e) => EntitlementFetchOutcome::Failed(e),
         }
     }
 
@@ -856,9 +897,14 @@ impl WebhookProcessor {
         let store = &self.inner.store;
         for _ in 0..MAX_SAVE_RACES {
             let current = store.load_entitlements(&customer).await?;
-            let Some(next) = subscription::decide_entitlements(current.as_ref(), event)
-                .map_err(StepError::Object)?
-            else {
+            let mut step = subscription::step_entitlements(current.as_ref(), event)
+                .map_err(StepError::Object)?;
+            if let EntitlementStep::Fetch(fetch) = step {
+                let outcome = self.fetch_entitlements(&fetch).await;
+                step = subscription::resume_entitlements(fetch, outcome)
+                    .map_err(StepError::Refetch)?;
+            }
+            let EntitlementStep::Save(next) = step else {
                 let effect = Effect::Entitlements {
                     customer,
                     changed: false,

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 
 use super::{
-    Change, ChangeKind, ChangeSource, EVENT_RETENTION, EVENTS_CURSOR, Notifier, ReconcileConfig,
-    ReconcileError, ReconcileReport, STORE_PAGE, SweepScope, access_change, plan,
+    AccountFailure, Change, ChangeKind, ChangeSource, EVENT_RETENTION, Notifier, ReconcileConfig,
+    ReconcileError, ReconcileReport, RecoveryRequest, STORE_PAGE, SweepScope, access_change,
+    events_cursor, plan,
 };
 use crate::access::AccessPolicy;
 use crate::client::{
-    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, RequestBudget, StripeClient,
-    SubscriptionListQuery,
+    BudgetConfig, ClientError, ClientErrorKind, EventListQuery, RequestBudget, Response,
+    StripeClient, SubscriptionListQuery,
 };
 use crate::event::{Event, SubscriptionView};
 use crate::ledger::{EventKey, LedgerQuery, LedgerState};
@@ -23,6 +24,7 @@ use crate::processor::{Outcome, WebhookProcessor};
 use crate::rt::join::join_all;
 use crate::store::{StoreError, StoreErrorKind, SubscriptionQuery};
 use crate::subscription::{self, AnomalyKind, SubscriptionRecord};
+use crate::subscription::{FetchTime, entitlements_from_fetch};
 
 /// The reconciliation driver. Build with [`Reconciler::new`].
 pub struct Reconciler {
@@ -136,8 +138,10 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Lists `/v1/events` from the stored cursor and processes every event
-    /// through the processor (same ids, same ledger).
+    /// Lists `/v1/events` from the stored cursor of each reconciled account
+    /// and processes every event through the processor (same ids, same
+    /// ledger), going back over the window of a pending
+    /// [`RecoveryRequest`] first.
     ///
     /// Events whose failure is retryable hold the cursor back; events that
     /// fail permanently are listed in
@@ -155,7 +159,16 @@ impl Reconciler {
             ..ReconcileReport::default()
         };
         let mut before = BTreeMap::new();
-        let result = self.catch_up_events(&mut report, &mut before).await;
+        let mut result = Ok(());
+        for account in self.accounts() {
+            let done = self
+                .catch_up_account(account.as_deref(), &mut report, &mut before)
+                .await;
+            if let Err(e) = settle_account(account, done, &mut report) {
+                result = Err(e);
+                break;
+            }
+        }
         // Whatever was saved is reported and notified, even when the run
         // failed part-way: the next run would find it in sync.
         let diffed = if self.config.dry_run {
@@ -170,16 +183,64 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Lists and processes the events; records each touched subscription's
-    /// record as it was before its first event in `before`.
+    /// The accounts a run covers: the platform (`None`) when configured,
+    /// then each connected account.
+    fn accounts(&self) -> Vec<Option<String>> {
+        let platform = self.config.platform.then_some(None);
+        platform
+            .into_iter()
+            .chain(self.config.connected_accounts.iter().cloned().map(Some))
+            .collect()
+    }
+
+    /// Whether records of `account` are reconciled.
+    fn reconciles(&self, account: Option<&str>) -> bool {
+        match account {
+            None => self.config.platform,
+            Some(a) => self.config.connected_accounts.iter().any(|c| c == a),
+        }
+    }
+
+    /// Catch-up of one account, over a recovery window too when one is
+    /// pending (then also re-verifying the account's records not verified
+    /// since the window's start, since the event that failed to generate
+    /// is never listed).
+    async fn catch_up_account(
+        &self,
+        account: Option<&str>,
+        report: &mut ReconcileReport,
+        before: &mut BTreeMap<String, Option<SubscriptionRecord>>,
+    ) -> Result<(), ReconcileError> {
+        let pending = RecoveryRequest::pending(self.store().as_ref(), account).await?;
+        let window_start =
+            pending.map(|at| at - self.config.generation_failure_window.whole_seconds());
+        self.catch_up_events(account, window_start, report, before)
+            .await?;
+        if let (Some(alert_at), Some(from)) = (pending, window_start)
+            && !self.config.dry_run
+        {
+            let from = OffsetDateTime::from_unix_timestamp(from).unwrap_or(self.now());
+            self.sweep_stale(from, |a| a == account, report).await?;
+            RecoveryRequest::settle(self.store().as_ref(), account, alert_at).await?;
+            report.recoveries += 1;
+        }
+        Ok(())
+    }
+
+    /// Lists and processes one account's events (from `window_start` at the
+    /// latest); records each touched subscription's record as it was before
+    /// its first event in `before`.
     async fn catch_up_events(
         &self,
+        account: Option<&str>,
+        window_start: Option<i64>,
         report: &mut ReconcileReport,
         before: &mut BTreeMap<String, Option<SubscriptionRecord>>,
     ) -> Result<(), ReconcileError> {
         let started = self.now();
         let floor = (started - EVENT_RETENTION).unix_timestamp();
-        let cursor = match self.processor.store().load_cursor(EVENTS_CURSOR).await? {
+        let cursor_name = events_cursor(account);
+        let cursor = match self.processor.store().load_cursor(&cursor_name).await? {
             Some(text) => text.parse::<i64>().ok(),
             None => None,
         };
@@ -188,6 +249,7 @@ impl Reconciler {
                 || (started - self.config.lookback.min(EVENT_RETENTION)).unix_timestamp(),
                 |c| c - self.config.overlap.whole_seconds(),
             )
+            .min(window_start.unwrap_or(i64::MAX))
             .max(floor);
         let mut oldest_failure: Option<i64> = None;
         let mut query = EventListQuery {
@@ -198,7 +260,12 @@ impl Reconciler {
             limit: 100,
         };
         loop {
-            let page = self.client.list_events(&query).await?;
+            let mut page = self.client.list_events(account, &query).await?.data;
+            if let Some(account) = account {
+                for event in &mut page.data {
+                    event.assume_account(account);
+                }
+            }
             for event in &page.data {
                 report.events_seen += 1;
                 if self.config.dry_run {
@@ -245,9 +312,14 @@ impl Reconciler {
             let next = oldest_failure.unwrap_or_else(|| started.unix_timestamp());
             self.processor
                 .store()
-                .save_cursor(EVENTS_CURSOR, &next.to_string())
+                .save_cursor(&cursor_name, &next.to_string())
                 .await?;
-            report.cursor = Some(next);
+            match account {
+                None => report.cursor = Some(next),
+                Some(a) => {
+                    report.account_cursors.insert(a.to_owned(), next);
+                }
+            }
         }
         Ok(())
     }
@@ -277,9 +349,12 @@ impl Reconciler {
         first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
-    /// Compares subscriptions with Stripe and repairs them. Each object is
-    /// planned at the time it was fetched. Connect records (`account` set)
-    /// are not reconciled (see [`SweepScope`]).
+    /// Compares subscriptions with Stripe and repairs them, in each
+    /// reconciled account (see [`SweepScope`]). Each object is planned at
+    /// the time it was fetched. Then refetches customers' stored
+    /// entitlements that are unverified, or older than the scope's
+    /// threshold (30 days for [`SweepScope::All`], beyond which catch-up
+    /// cannot have seen their summaries).
     ///
     /// # Errors
     ///
@@ -293,7 +368,21 @@ impl Reconciler {
         };
         let result = match scope {
             SweepScope::All => self.sweep_all(&mut report).await,
-            SweepScope::StaleFor(threshold) => self.sweep_stale(threshold, &mut report).await,
+            SweepScope::StaleFor(threshold) => {
+                self.sweep_stale(self.now() - threshold, |a| self.reconciles(a), &mut report)
+                    .await
+            }
+        };
+        let entitlements_older_than = match scope {
+            SweepScope::All => EVENT_RETENTION,
+            SweepScope::StaleFor(threshold) => threshold,
+        };
+        let result = match result {
+            Ok(()) => {
+                self.sweep_entitlements(entitlements_older_than, &mut report)
+                    .await
+            }
+            e => e,
         };
         self.notify(&report.changes).await;
         result?;
@@ -304,37 +393,71 @@ impl Reconciler {
     async fn sweep_all(&self, report: &mut ReconcileReport) -> Result<(), ReconcileError> {
         let started = self.now();
         let mut seen = HashSet::new();
+        let mut swept = HashSet::new();
+        for account in self.accounts() {
+            let done = self
+                .sweep_all_in(account.as_deref(), &mut seen, report)
+                .await;
+            if done.is_ok() {
+                swept.insert(account.clone());
+            }
+            settle_account(account, done, report)?;
+        }
+        self.flag_unknown_to_stripe(&seen, &swept, started, self.now(), report)
+            .await
+    }
+
+    /// Lists every subscription of one account and applies each; the ids
+    /// seen go to `seen`.
+    async fn sweep_all_in(
+        &self,
+        account: Option<&str>,
+        seen: &mut HashSet<String>,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
         let mut query = SubscriptionListQuery {
             customer: None,
             starting_after: None,
             limit: 100,
         };
         loop {
-            let page = self.client.list_subscriptions(&query).await?;
-            let fetched_at = self.now();
+            let answer = self.client.list_subscriptions(account, &query).await?;
+            let fetched_at = self.fetch_time(&answer);
+            let page = answer.data;
             for view in &page.data {
                 if let Some(id) = &view.id {
                     seen.insert(id.clone());
                 }
-                self.apply_plan(view, fetched_at, ChangeSource::Sweep, report)
+                self.apply_plan(view, account, fetched_at, ChangeSource::Sweep, report)
                     .await?;
             }
             match (page.has_more, page.data.last().and_then(|s| s.id.clone())) {
                 (true, Some(last)) => query.starting_after = Some(last),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        self.flag_unknown_to_stripe(&seen, started, self.now(), report)
-            .await
     }
 
+    /// When an answer was read: now by the host's clock, and the answer's
+    /// `Date` (Stripe's clock).
+    fn fetch_time<T>(&self, answer: &Response<T>) -> FetchTime {
+        FetchTime {
+            local: self.now(),
+            stripe: answer.date,
+        }
+    }
+
+    /// Retrieves the records of the accounts `include` accepts that were
+    /// never verified or verified before `verified_before`, and the flagged
+    /// ones (see [`SweepScope::StaleFor`]), each in its own account.
     async fn sweep_stale(
         &self,
-        threshold: Duration,
+        verified_before: OffsetDateTime,
+        include: impl Fn(Option<&str>) -> bool,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
         let stale = SubscriptionQuery {
-            verified_before: Some(self.now() - threshold),
+            verified_before: Some(verified_before),
             limit: STORE_PAGE,
             ..SubscriptionQuery::default()
         };
@@ -351,12 +474,12 @@ impl Reconciler {
                 let page = self.store().list_subscriptions(&query).await?;
                 let Some(last) = page.last() else { break };
                 query.after = Some(last.id.clone());
-                let ids: Vec<String> = page
+                let ids: Vec<(String, Option<String>)> = page
                     .into_iter()
                     // `stale` has no paging bound, so this is its filter.
                     .filter(|r| pass == 0 || !stale.matches(r))
-                    .filter(worth_retrieving)
-                    .map(|r| r.id)
+                    .filter(|r| include(r.account.as_deref()) && worth_retrieving(r))
+                    .map(|r| (r.id, r.account))
                     .collect();
                 self.retrieve_and_apply(&ids, report).await?;
             }
@@ -368,7 +491,7 @@ impl Reconciler {
     /// applies each object at the time it arrived.
     async fn retrieve_and_apply(
         &self,
-        ids: &[String],
+        ids: &[(String, Option<String>)],
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
         let max_in_flight = self
@@ -378,24 +501,35 @@ impl Reconciler {
         for chunk in ids.chunks(max_in_flight) {
             let fetches: Vec<Fetch> = chunk
                 .iter()
-                .map(|id| {
+                .map(|(id, account)| {
                     let client = self.client.clone();
                     let clock = self.processor.clock().clone();
-                    let id = id.clone();
+                    let (id, account) = (id.clone(), account.clone());
                     Box::pin(async move {
-                        let result = client.retrieve_subscription(&id).await;
-                        (id, clock.now(), result)
+                        let result = client.retrieve_subscription(account.as_deref(), &id).await;
+                        (id, account, clock.now(), result)
                     }) as Fetch
                 })
                 .collect();
-            for (id, fetched_at, result) in join_all(fetches).await {
+            for (id, account, local, result) in join_all(fetches).await {
                 match result {
-                    Ok(view) => {
-                        self.apply_plan(&view, fetched_at, ChangeSource::Sweep, report)
-                            .await?;
+                    Ok(answer) => {
+                        let fetched_at = FetchTime {
+                            local,
+                            stripe: answer.date,
+                        };
+                        let account = account.as_deref();
+                        self.apply_plan(
+                            &answer.data,
+                            account,
+                            fetched_at,
+                            ChangeSource::Sweep,
+                            report,
+                        )
+                        .await?;
                     }
                     Err(e) if e.kind() == ClientErrorKind::NotFound => {
-                        self.flag_missing(&id, fetched_at, report).await?;
+                        self.flag_missing(&id, local, report).await?;
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -404,10 +538,11 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Refreshes one customer's subscriptions from Stripe: call it when a
-    /// customer logs in or presses "restore purchase". Bounded to that
-    /// customer (one list request, plus retries). Connect records are left
-    /// alone.
+    /// Refreshes one of the platform's customers from Stripe: call it when
+    /// a customer logs in or presses "restore purchase". Bounded to that
+    /// customer: one list request for the subscriptions and, unless
+    /// [`ReconcileConfig::entitlements`] is off, one for the entitlements
+    /// (plus retries and further pages).
     ///
     /// # Errors
     ///
@@ -417,12 +552,26 @@ impl Reconciler {
         &self,
         customer: &str,
     ) -> Result<ReconcileReport, ReconcileError> {
+        self.refresh_customer_in(None, customer).await
+    }
+
+    /// [`Reconciler::refresh_customer`] for a customer of a connected
+    /// account (`Some("acct_…")`; `None` is the platform).
+    ///
+    /// # Errors
+    ///
+    /// As [`Reconciler::refresh_customer`].
+    pub async fn refresh_customer_in(
+        &self,
+        account: Option<&str>,
+        customer: &str,
+    ) -> Result<ReconcileReport, ReconcileError> {
         let (requests0, limited0) = self.counters();
         let mut report = ReconcileReport {
             dry_run: self.config.dry_run,
             ..ReconcileReport::default()
         };
-        let result = self.refresh_inner(customer, &mut report).await;
+        let result = self.refresh_inner(account, customer, &mut report).await;
         self.notify(&report.changes).await;
         result?;
         self.count_requests(&mut report, requests0, limited0);
@@ -431,25 +580,150 @@ impl Reconciler {
 
     async fn refresh_inner(
         &self,
+        account: Option<&str>,
         customer: &str,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
-        let views = self.client.list_customer_subscriptions(customer).await?;
-        let fetched_at = self.now();
+        let answer = self
+            .client
+            .list_customer_subscriptions(account, customer)
+            .await?;
+        let fetched_at = self.fetch_time(&answer);
         let mut seen = HashSet::new();
-        for view in &views {
+        for view in &answer.data {
             if let Some(id) = &view.id {
                 seen.insert(id.clone());
             }
-            self.apply_plan(view, fetched_at, ChangeSource::Refresh, report)
+            self.apply_plan(view, account, fetched_at, ChangeSource::Refresh, report)
                 .await?;
         }
         for r in self.store().find_by_customer(customer).await? {
-            if !seen.contains(&r.id) && r.account.is_none() {
-                self.flag_missing(&r.id, fetched_at, report).await?;
+            if !seen.contains(&r.id) && r.account.as_deref() == account {
+                self.flag_missing(&r.id, fetched_at.local, report).await?;
             }
         }
+        if self.config.entitlements {
+            self.refresh_entitlements(account, customer, report).await?;
+        }
         Ok(())
+    }
+
+    /// The next page of every local record, in id order, after `after`
+    /// (moved to the page's last id); empty at the end.
+    async fn next_records(
+        &self,
+        after: &mut Option<String>,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let page = self
+            .store()
+            .list_subscriptions(&SubscriptionQuery {
+                after: after.clone(),
+                limit: STORE_PAGE,
+                ..SubscriptionQuery::default()
+            })
+            .await?;
+        if let Some(last) = page.last() {
+            *after = Some(last.id.clone());
+        }
+        Ok(page)
+    }
+
+    /// Refetches the stored entitlements of the customers of reconciled
+    /// accounts that are unverified or not verified for `older_than`.
+    async fn sweep_entitlements(
+        &self,
+        older_than: Duration,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let cutoff = (self.now() - older_than).unix_timestamp();
+        let mut customers = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = self.next_records(&mut after).await?;
+            if page.is_empty() {
+                break;
+            }
+            for r in page {
+                if let Some(c) = r.state.customer
+                    && self.reconciles(r.account.as_deref())
+                {
+                    customers.entry(c).or_insert(r.account);
+                }
+            }
+        }
+        for (customer, account) in customers {
+            let Some(stored) = self.store().load_entitlements(&customer).await? else {
+                continue;
+            };
+            let known_at = stored
+                .last_verified_with_stripe
+                .map_or(stored.watermark.0, OffsetDateTime::unix_timestamp)
+                .max(stored.watermark.0);
+            if stored.verified && known_at >= cutoff {
+                continue;
+            }
+            let done = self
+                .refresh_entitlements(account.as_deref(), &customer, report)
+                .await;
+            settle_account(account, done, report)?;
+        }
+        Ok(())
+    }
+
+    /// Lists one customer's active entitlements and saves them (unless in a
+    /// dry run), over concurrent writers.
+    async fn refresh_entitlements(
+        &self,
+        account: Option<&str>,
+        customer: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let answer = self
+            .client
+            .list_customer_entitlements(account, customer)
+            .await?;
+        let fetched_at = self.fetch_time(&answer);
+        report.entitlements_refreshed += 1;
+        if self.config.dry_run {
+            return Ok(());
+        }
+        for _ in 0..8 {
+            let stored = self.store().load_entitlements(customer).await?;
+            // No entitlements stored and none active: nothing to record (a
+            // stored empty list would read as "entitled to nothing" where
+            // the policy otherwise falls back to the subscriptions).
+            if stored.is_none() && answer.data.is_empty() {
+                return Ok(());
+            }
+            let next = entitlements_from_fetch(
+                stored.as_ref(),
+                customer,
+                account,
+                answer.data.clone(),
+                fetched_at,
+            );
+            if stored.as_ref().is_some_and(|s| {
+                s.verified
+                    && s.lookup_keys == next.lookup_keys
+                    && s.last_verified_with_stripe
+                        .is_some_and(|v| v + self.config.reverify_after > fetched_at.local)
+            }) {
+                return Ok(());
+            }
+            match self.store().save_entitlements(&next).await {
+                Ok(_) => {
+                    report.writes += 1;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == StoreErrorKind::Conflict => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::new(
+            StoreErrorKind::Conflict,
+            "entitlements kept changing during the refresh",
+        )
+        .into())
     }
 
     fn count_requests(&self, report: &mut ReconcileReport, requests0: u64, limited0: u64) {
@@ -476,8 +750,15 @@ impl Reconciler {
                 .map_err(|_| ReconcileError::NotReplayable(event_id.to_owned()))?,
             None => self
                 .client
-                .retrieve_event(event_id)
+                .retrieve_event(account, event_id)
                 .await
+                .map(|answer| {
+                    let mut event = answer.data;
+                    if let Some(account) = account {
+                        event.assume_account(account);
+                    }
+                    event
+                })
                 .map_err(|_| ReconcileError::NotReplayable(event_id.to_owned()))?,
         };
         if self.config.dry_run {
@@ -538,7 +819,8 @@ impl Reconciler {
     async fn apply_plan(
         &self,
         view: &SubscriptionView,
-        now: OffsetDateTime,
+        account: Option<&str>,
+        fetched_at: FetchTime,
         source: ChangeSource,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
@@ -551,13 +833,15 @@ impl Reconciler {
             let p = plan(
                 local.as_ref(),
                 view,
-                now,
+                account,
+                fetched_at,
                 &self.policy,
                 self.config.reverify_after,
             );
             let change = p.change.map(|kind| Change {
                 kind,
                 source,
+                account: account.map(str::to_owned),
                 subscription_id: id.clone(),
                 customer: view
                     .customer
@@ -599,31 +883,26 @@ impl Reconciler {
     async fn flag_unknown_to_stripe(
         &self,
         seen: &HashSet<String>,
+        swept: &HashSet<Option<String>>,
         listed_from: OffsetDateTime,
         now: OffsetDateTime,
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
         let mut after = None;
         loop {
-            let page = self
-                .store()
-                .list_subscriptions(&SubscriptionQuery {
-                    after: after.clone(),
-                    limit: STORE_PAGE,
-                    ..SubscriptionQuery::default()
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
+            let page = self.next_records(&mut after).await?;
+            if page.is_empty() {
+                break;
+            }
             for r in page {
-                // Connect records: the platform key does not list them.
+                // Only records of the accounts whose listing completed.
                 let listed_before_it_existed = r
                     .watermark
                     .as_ref()
                     .is_none_or(|w| w.created >= listed_from.unix_timestamp());
                 if !seen.contains(&r.id)
                     && !r.needs_review
-                    && r.account.is_none()
+                    && swept.contains(&r.account)
                     && !listed_before_it_existed
                 {
                     self.flag_missing(&r.id, now, report).await?;
@@ -651,6 +930,7 @@ impl Reconciler {
         let change = Change {
             kind: ChangeKind::NeedsReview,
             source: ChangeSource::Sweep,
+            account: record.account.clone(),
             subscription_id: id.to_owned(),
             customer: record.state.customer.clone(),
             before_status: Some(record.state.status.clone()),
@@ -702,6 +982,7 @@ impl Reconciler {
         Some(Change {
             kind,
             source,
+            account: after.account.clone(),
             subscription_id: after.id.clone(),
             customer: after.state.customer.clone(),
             before_status,
@@ -727,20 +1008,43 @@ impl Reconciler {
     }
 }
 
-/// Whether [`SweepScope::StaleFor`] retrieves `record`.
+/// Whether [`SweepScope::StaleFor`] retrieves `record` (of an account it
+/// reconciles).
 fn worth_retrieving(record: &SubscriptionRecord) -> bool {
     let settled = record.state.status.is_terminal()
         && record.last_verified_with_stripe.is_some()
         && !record.needs_reconcile;
-    record.account.is_none() && !record.needs_review && !settled
+    !record.needs_review && !settled
 }
 
-/// A retrieve's id, when its answer arrived, and the answer.
+/// A retrieve's id and account, when its answer arrived (host clock), and
+/// the answer.
 type Fetched = (
     String,
+    Option<String>,
     OffsetDateTime,
-    Result<SubscriptionView, ClientError>,
+    Result<Response<SubscriptionView>, ClientError>,
 );
 
 /// A retrieve in flight.
 type Fetch = Pin<Box<dyn Future<Output = Fetched> + Send>>;
+
+/// One account's part of a run is over: a connected account's failure
+/// is reported and the run goes on; the platform's is returned.
+fn settle_account(
+    account: Option<String>,
+    done: Result<(), ReconcileError>,
+    report: &mut ReconcileReport,
+) -> Result<(), ReconcileError> {
+    match (done, account) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(account)) => {
+            report.account_failures.push(AccountFailure {
+                account,
+                error: e.to_string(),
+            });
+            Ok(())
+        }
+        (Err(e), None) => Err(e),
+    }
+}

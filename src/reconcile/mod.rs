@@ -30,10 +30,9 @@
 //! [`SweepScope::All`] lists every subscription and flags local records
 //! Stripe did not list (except those created while the listing ran);
 //! [`SweepScope::StaleFor`] retrieves the records not verified recently.
-//! Records of Connect accounts (`account` set) are not reconciled by this
-//! version: the platform key cannot list connected accounts'
-//! subscriptions. [`Reconciler::refresh_customer`] does the same for one
-//! customer: call it at login or from a "restore purchase" button.
+//! [`Reconciler::refresh_customer`] does the same for one customer: call it
+//! at login or from a "restore purchase" button. Both also refresh
+//! customers' entitlements (see below).
 //!
 //! Each object is compared with the local record by the pure [`plan()`]
 //! **at the time it was fetched**:
@@ -50,6 +49,44 @@
 //!
 //! A save that loses a race with a concurrent writer (a webhook) is planned
 //! again from the new record, a few times at most.
+//!
+//! # Connect accounts
+//!
+//! A platform lists the connected accounts to reconcile in
+//! [`ReconcileConfig::connected_accounts`] (and whether the platform's own
+//! objects are reconciled, [`ReconcileConfig::platform`]). Each account is
+//! reconciled on its own, with the platform's key and the `Stripe-Account`
+//! header: catch-up pages that account's `/v1/events` from a cursor of its
+//! own ([`events_cursor`]), a sweep lists or retrieves that account's
+//! subscriptions and flags only that account's local records, and
+//! [`Reconciler::refresh_customer_in`] refreshes one of its customers. All
+//! accounts share the reconciler's request budget, one account after the
+//! other. A connected account whose run fails (say it was disconnected,
+//! and Stripe answers 403) does not stop the others: the failure is
+//! reported in [`ReconcileReport::account_failures`] and the account is
+//! tried again on the next run; a failure on the platform is returned as
+//! an error, as before. Records of accounts not listed are left alone.
+//!
+//! # Entitlements
+//!
+//! A customer's entitlements ([`CustomerEntitlements`]) that are
+//! unverified — a summary event whose list was incomplete (`has_more`) or
+//! tied with the stored one in the same second, and that could not be
+//! completed from the API when it arrived — are fetched again from
+//! `/v1/entitlements/active_entitlements` by every sweep. `refresh_customer`
+//! always refetches the customer's entitlements.
+//!
+//! # Event generation failures
+//!
+//! When Stripe fails to generate events it later sends the thin event
+//! `v2.core.health.event_generation_failure.resolved`. The processor records
+//! it as a [`RecoveryRequest`] (in the cursor store) and the next
+//! [`Reconciler::catch_up`] goes back over the affected window: from
+//! [`ReconcileConfig::generation_failure_window`] before the alert, for the
+//! account it concerns (its `context`). The event that failed is never
+//! listed by `/v1/events`, so that run also retrieves the account's records
+//! not verified with Stripe since the window's start, which repairs what the
+//! lost event would have changed.
 //!
 //! # Replay
 //!
@@ -84,9 +121,11 @@ use time::Duration;
 
 use crate::access::Access;
 use crate::client::ClientError;
-use crate::event::SubscriptionStatus;
+use crate::event::{Event, SubscriptionStatus};
 use crate::processor::Error as ProcessError;
-use crate::store::StoreError;
+use crate::store::{CursorStore, StoreError};
+#[cfg(doc)]
+use crate::subscription::CustomerEntitlements;
 
 mod driver;
 mod plan;
@@ -99,6 +138,128 @@ pub const EVENTS_CURSOR: &str = "stripe_webhook_guard.events";
 
 /// Stripe keeps events for 30 days.
 pub const EVENT_RETENTION: Duration = Duration::days(30);
+
+/// The type of the thin event Stripe sends after it failed to generate
+/// events and recovered.
+pub const GENERATION_FAILURE_RESOLVED: &str = "v2.core.health.event_generation_failure.resolved";
+
+/// The name of the events cursor of `account` (`None`: the platform's,
+/// [`EVENTS_CURSOR`]; a connected account's is `EVENTS_CURSOR.acct_…`).
+///
+/// ```
+/// use stripe_webhook_guard::reconcile::{events_cursor, EVENTS_CURSOR};
+/// assert_eq!(events_cursor(None), EVENTS_CURSOR);
+/// assert_eq!(events_cursor(Some("acct_1")), "stripe_webhook_guard.events.acct_1");
+/// ```
+pub fn events_cursor(account: Option<&str>) -> String {
+    match account {
+        None => EVENTS_CURSOR.to_owned(),
+        Some(a) => format!("{EVENTS_CURSOR}.{a}"),
+    }
+}
+
+/// A catch-up the reconciler owes an account after Stripe reported that it
+/// failed to generate events ([`GENERATION_FAILURE_RESOLVED`]). Kept in the
+/// cursor store (`stripe_webhook_guard.recover`, `.acct_…` for a connected
+/// account) as the `created` of the earliest alert not yet recovered.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use stripe_webhook_guard::event::Event;
+/// use stripe_webhook_guard::reconcile::RecoveryRequest;
+/// use stripe_webhook_guard::store::MemoryStore;
+///
+/// // The thin event as delivered: no data, the account in `context`.
+/// let alert = Event::parse_unverified(br#"{"id":"evt_test_65R1","object":"v2.core.event",
+///   "type":"v2.core.health.event_generation_failure.resolved",
+///   "created":"2026-01-01T00:10:00.000Z","livemode":false,"context":"acct_1"}"#).unwrap();
+/// let request = RecoveryRequest::from_event(&alert).unwrap();
+/// assert_eq!(request.account.as_deref(), Some("acct_1"));
+///
+/// let store = MemoryStore::new();
+/// request.record(&store).await.unwrap();
+/// assert_eq!(RecoveryRequest::pending(&store, Some("acct_1")).await.unwrap(), Some(request.alert_at));
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryRequest {
+    /// The account whose events failed (`None`: the platform).
+    pub account: Option<String>,
+    /// When the alert was created (Unix seconds, Stripe's clock): the
+    /// window ends here and starts
+    /// [`ReconcileConfig::generation_failure_window`] before.
+    pub alert_at: i64,
+}
+
+impl RecoveryRequest {
+    /// The request an event asks for: `Some` for
+    /// [`GENERATION_FAILURE_RESOLVED`], `None` for any other type.
+    pub fn from_event(event: &Event) -> Option<Self> {
+        (event.event_type().as_str() == GENERATION_FAILURE_RESOLVED).then(|| Self {
+            account: event.account().map(str::to_owned),
+            alert_at: event.created(),
+        })
+    }
+
+    /// Whether events of this type are recovery triggers.
+    pub fn is_trigger(event_type: &crate::event::EventType) -> bool {
+        event_type.as_str() == GENERATION_FAILURE_RESOLVED
+    }
+
+    fn cursor(account: Option<&str>) -> String {
+        match account {
+            None => RECOVERY_CURSOR.to_owned(),
+            Some(a) => format!("{RECOVERY_CURSOR}.{a}"),
+        }
+    }
+
+    /// Records the request, merged with a pending one (the earliest alert
+    /// wins, so the window covers both).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    pub async fn record(&self, store: &dyn CursorStore) -> Result<(), StoreError> {
+        let name = Self::cursor(self.account.as_deref());
+        let pending = Self::pending(store, self.account.as_deref()).await?;
+        if pending.is_some_and(|p| p <= self.alert_at) {
+            return Ok(());
+        }
+        store.save_cursor(&name, &self.alert_at.to_string()).await
+    }
+
+    /// The earliest alert time of a pending request of `account`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    pub async fn pending(
+        store: &dyn CursorStore,
+        account: Option<&str>,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(store
+            .load_cursor(&Self::cursor(account))
+            .await?
+            .and_then(|v| v.parse::<i64>().ok()))
+    }
+
+    /// Clears the pending request of `account` when it is still the one
+    /// that was recovered (`alert_at`); a different one recorded meanwhile
+    /// is kept for the next run.
+    async fn settle(
+        store: &dyn CursorStore,
+        account: Option<&str>,
+        alert_at: i64,
+    ) -> Result<(), StoreError> {
+        if Self::pending(store, account).await? == Some(alert_at) {
+            store.save_cursor(&Self::cursor(account), "").await?;
+        }
+        Ok(())
+    }
+}
+
+/// The cursor-store key of pending recovery requests.
+const RECOVERY_CURSOR: &str = "stripe_webhook_guard.recover";
 
 /// What a change means for the customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -148,6 +309,8 @@ pub struct Change {
     pub kind: ChangeKind,
     /// Where it was found.
     pub source: ChangeSource,
+    /// The Connect account of the subscription (`None`: the platform's).
+    pub account: Option<String>,
     /// The subscription.
     pub subscription_id: String,
     /// The customer.
@@ -205,8 +368,26 @@ pub struct ReconcileReport {
     pub requests: u64,
     /// Requests answered with 429.
     pub rate_limited: u64,
-    /// The events cursor after the run (Unix seconds).
+    /// The platform's events cursor after the run (Unix seconds).
     pub cursor: Option<i64>,
+    /// Each connected account's events cursor after the run.
+    pub account_cursors: std::collections::BTreeMap<String, i64>,
+    /// Customers whose entitlements were refetched from Stripe.
+    pub entitlements_refreshed: u64,
+    /// Catch-ups over a window after an event generation failure.
+    pub recoveries: u64,
+    /// Connected accounts whose part of the run failed (the others went
+    /// on): the account and the error. They are tried again next run.
+    pub account_failures: Vec<AccountFailure>,
+}
+
+/// A connected account whose part of a run failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountFailure {
+    /// The account.
+    pub account: String,
+    /// What failed (the error's text).
+    pub error: String,
 }
 
 impl ReconcileReport {
@@ -224,6 +405,10 @@ impl ReconcileReport {
         self.requests += other.requests;
         self.rate_limited += other.rate_limited;
         self.cursor = other.cursor.or(self.cursor);
+        self.account_cursors.extend(other.account_cursors);
+        self.entitlements_refreshed += other.entitlements_refreshed;
+        self.recoveries += other.recoveries;
+        self.account_failures.extend(other.account_failures);
     }
 
     /// Changes of one kind.
@@ -233,6 +418,8 @@ impl ReconcileReport {
 }
 
 /// Reconciliation settings.
+// Four independent switches, not a state machine in disguise.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReconcileConfig {
     /// First catch-up run: how far back to list events (capped at 30 days).
@@ -249,6 +436,21 @@ pub struct ReconcileConfig {
     pub reverify_after: Duration,
     /// Report without writing, processing or notifying.
     pub dry_run: bool,
+    /// Reconcile the platform's own objects and events (default `true`).
+    /// A platform that processes only its connected accounts' events sets
+    /// it to `false`.
+    pub platform: bool,
+    /// Connected accounts (`acct_…`) to reconcile too, each with its own
+    /// events cursor, through `Stripe-Account` (default: none).
+    pub connected_accounts: Vec<String>,
+    /// Whether `refresh_customer` also refetches the customer's
+    /// entitlements (one more request; default `true`). Sweeps refetch only
+    /// entitlements already stored.
+    pub entitlements: bool,
+    /// After an event generation failure, catch-up starts this long before
+    /// the alert (default 1 day; the alert does not say when the failure
+    /// began).
+    pub generation_failure_window: Duration,
 }
 
 impl Default for ReconcileConfig {
@@ -260,20 +462,22 @@ impl Default for ReconcileConfig {
             event_types: Vec::new(),
             reverify_after: Duration::hours(1),
             dry_run: false,
+            platform: true,
+            connected_accounts: Vec::new(),
+            entitlements: true,
+            generation_failure_window: Duration::days(1),
         }
     }
 }
 
-/// Which subscriptions [`Reconciler::sweep`] checks.
-///
-/// Connect accounts are not reconciled by this version: the platform key
-/// lists and retrieves the platform's own subscriptions only, so local
-/// records with an `account` are neither retrieved nor flagged as unknown to
-/// Stripe.
+/// Which subscriptions [`Reconciler::sweep`] checks, in each reconciled
+/// account (the platform when [`ReconcileConfig::platform`], and every
+/// [`ReconcileConfig::connected_accounts`] entry). Local records of other
+/// accounts are neither retrieved nor flagged as unknown to Stripe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SweepScope {
-    /// Every subscription Stripe lists (and local ones it does not, except
-    /// Connect records).
+    /// Every subscription Stripe lists in each reconciled account (and the
+    /// local records of those accounts it does not list).
     All,
     /// Local records never verified, verified before `now - threshold`, or
     /// flagged `needs_reconcile`; one retrieve each. The store is read in
@@ -281,7 +485,7 @@ pub enum SweepScope {
     /// human has them; [`SweepScope::All`] still compares them), terminal
     /// records (`canceled`, `incomplete_expired`) verified with Stripe at
     /// least once and not flagged `needs_reconcile` (their status cannot
-    /// change), and Connect records.
+    /// change), and records of accounts not reconciled.
     StaleFor(Duration),
 }
 

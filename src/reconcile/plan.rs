@@ -3,12 +3,12 @@
 //! an argument, so the same inputs always give the same plan.
 
 use serde::Serialize;
-use time::{Duration, OffsetDateTime};
+use time::Duration;
 
 use super::{ChangeKind, access_change};
 use crate::access::{Access, AccessPolicy};
 use crate::event::{SubscriptionStatus, SubscriptionView};
-use crate::subscription::{self, AnomalyKind, SubscriptionRecord, SubscriptionState};
+use crate::subscription::{self, AnomalyKind, FetchTime, SubscriptionRecord, SubscriptionState};
 
 /// What [`plan`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,7 +44,13 @@ pub struct Plan {
     pub detail: Option<String>,
 }
 
-/// Compares a local record with Stripe's object at `now` (pure).
+/// Compares a local record with Stripe's object, fetched from `account`
+/// (`None`: the platform) at `fetched_at` (pure). The host's time of the
+/// fetch is the `now` of every access decision and of the verification
+/// stamp; Stripe's time (the answer's `Date`), when known, stamps the
+/// repaired record's watermark, so a host clock ahead of Stripe's does not
+/// make the next events look stale. A plain `OffsetDateTime` is a fetch
+/// known by the host's clock only.
 ///
 /// - Matching records are in sync; they are re-stamped as verified only when
 ///   their last verification is older than `reverify_after` (so a second run
@@ -55,20 +61,26 @@ pub struct Plan {
 ///   computed by deciding access before and after with `policy`, for the
 ///   record actually saved.
 /// - A record that did not exist locally is [`ChangeKind::Discovered`].
-/// - A terminal record that Stripe reports live, or a different customer,
-///   is repaired but flagged for review.
+/// - A terminal record that Stripe reports live, a different customer, or a
+///   record of another Connect account, is repaired but flagged for review.
+/// - A record created or repaired from a connected account's object belongs
+///   to that account.
 pub fn plan(
     local: Option<&SubscriptionRecord>,
     stripe: &SubscriptionView,
-    now: OffsetDateTime,
+    account: Option<&str>,
+    fetched_at: impl Into<FetchTime>,
     policy: &AccessPolicy,
     reverify_after: Duration,
 ) -> Plan {
+    let fetched_at: FetchTime = fetched_at.into();
+    let now = fetched_at.local;
     let truth = SubscriptionState::from_view(stripe);
     let before = local.map(|r| (r.state.status.clone(), policy.decide(r, now).access));
     if let Some(r) = local
         && r.has_snapshot()
         && r.matches(&truth)
+        && r.account.as_deref() == account
     {
         let stale = r
             .last_verified_with_stripe
@@ -93,10 +105,18 @@ pub fn plan(
             detail: None,
         };
     }
-    let mut repaired = subscription::from_stripe(local, stripe, now, None).record;
+    let mut repaired = subscription::from_stripe(local, stripe, fetched_at, None).record;
     let mut detail = None;
+    if repaired.account.is_none() {
+        repaired.account = account.map(str::to_owned);
+    }
     if let Some(r) = local {
-        if r.state.status.is_terminal() && !truth.status.is_terminal() {
+        if let Some(theirs) = r.account.as_deref().filter(|a| Some(*a) != account) {
+            detail = Some(format!(
+                "record belongs to account {theirs}, Stripe listed it in {}",
+                account.unwrap_or("the platform")
+            ));
+        } else if r.state.status.is_terminal() && !truth.status.is_terminal() {
             detail = Some(format!(
                 "record was {}, Stripe says {}",
                 r.state.status, truth.status
@@ -154,6 +174,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::OffsetDateTime;
 
     fn view(status: &str, end: i64) -> SubscriptionView {
         SubscriptionView::from_json(&format!(
@@ -168,6 +189,17 @@ mod tests {
         OffsetDateTime::from_unix_timestamp(t).unwrap()
     }
 
+    /// A platform object fetched at `now` by the host's clock only.
+    fn plan_at(
+        local: Option<&SubscriptionRecord>,
+        stripe: &SubscriptionView,
+        now: OffsetDateTime,
+        policy: &AccessPolicy,
+        reverify_after: Duration,
+    ) -> Plan {
+        plan(local, stripe, None, now, policy, reverify_after)
+    }
+
     #[test]
     fn planner_classifies_consequences() {
         let p = AccessPolicy::default();
@@ -175,19 +207,19 @@ mod tests {
         let hour = Duration::hours(1);
         // Unknown locally, active at Stripe: discovered (not "restored":
         // nothing was taken away that we know of).
-        let plan_new = plan(None, &view("active", 20_000), now, &p, hour);
+        let plan_new = plan(None, &view("active", 20_000), None, now, &p, hour);
         assert_eq!(plan_new.kind, PlanKind::Repair);
         assert_eq!(plan_new.change, Some(ChangeKind::Discovered));
         assert_eq!(plan_new.before, None);
         let record = plan_new.record.unwrap();
         // In sync and just verified: nothing to write.
-        let same = plan(Some(&record), &view("active", 20_000), now, &p, hour);
+        let same = plan_at(Some(&record), &view("active", 20_000), now, &p, hour);
         assert_eq!(
             (same.kind, same.change, same.record.is_none()),
             (PlanKind::InSync, None, true)
         );
         // An hour later it is re-stamped, still without a change.
-        let later = plan(
+        let later = plan_at(
             Some(&record),
             &view("active", 20_000),
             at(10_000 + 3600),
@@ -197,18 +229,18 @@ mod tests {
         assert_eq!((later.kind, later.change), (PlanKind::InSync, None));
         assert!(later.record.is_some());
         // Stripe says unpaid: revoked.
-        let revoked = plan(Some(&record), &view("unpaid", 20_000), now, &p, hour);
+        let revoked = plan_at(Some(&record), &view("unpaid", 20_000), now, &p, hour);
         assert_eq!(revoked.change, Some(ChangeKind::AccessRevoked));
         // Period moved only: repaired.
-        let moved = plan(Some(&record), &view("active", 25_000), now, &p, hour);
+        let moved = plan_at(Some(&record), &view("active", 25_000), now, &p, hour);
         assert_eq!(moved.change, Some(ChangeKind::Repaired));
         // Past due at Stripe while we had active: status change, access kept (grace).
-        let past_due = plan(Some(&record), &view("past_due", 20_000), now, &p, hour);
+        let past_due = plan_at(Some(&record), &view("past_due", 20_000), now, &p, hour);
         assert_eq!(past_due.change, Some(ChangeKind::StatusChanged));
         // A canceled record that Stripe reports active: review.
         let mut canceled = record.clone();
         canceled.state.status = SubscriptionStatus::Canceled;
-        let review = plan(Some(&canceled), &view("active", 20_000), now, &p, hour);
+        let review = plan_at(Some(&canceled), &view("active", 20_000), now, &p, hour);
         assert_eq!(review.kind, PlanKind::Review);
         assert!(review.record.unwrap().needs_review);
     }
@@ -220,14 +252,14 @@ mod tests {
     fn restamping_an_in_sync_record_reports_the_access_it_ends() {
         let p = AccessPolicy::default();
         let hour = Duration::hours(1);
-        let record = plan(None, &view("active", 20_000), at(10_000), &p, hour)
+        let record = plan(None, &view("active", 20_000), None, at(10_000), &p, hour)
             .record
             .unwrap();
         // Two days after the period end, never verified since: grace.
         let now = at(20_000 + 2 * 86_400);
         assert_eq!(p.decide(&record, now).access, Access::Grace);
         // Stripe's object is still the same (the renewal failed quietly).
-        let same = plan(Some(&record), &view("active", 20_000), now, &p, hour);
+        let same = plan_at(Some(&record), &view("active", 20_000), now, &p, hour);
         assert_eq!(same.kind, PlanKind::InSync);
         let saved = same.record.clone().unwrap();
         assert_eq!(saved.last_verified_with_stripe, Some(now));
@@ -243,8 +275,68 @@ mod tests {
         assert_eq!(same.after.1, Access::Denied);
         // Recently verified and unchanged: nothing saved, nothing reported,
         // `after` is the local record.
-        let again = plan(Some(&saved), &view("active", 20_000), now, &p, hour);
+        let again = plan_at(Some(&saved), &view("active", 20_000), now, &p, hour);
         assert_eq!((again.change, again.record), (None, None));
         assert_eq!(again.after, (SubscriptionStatus::Active, Access::Denied));
+    }
+
+    /// A host clock a minute ahead of Stripe's: the repaired record's
+    /// watermark is Stripe's time, its verification stamp the host's.
+    #[test]
+    fn stripe_time_stamps_the_watermark_and_the_host_time_the_verification() {
+        let p = AccessPolicy::default();
+        let host = at(10_060);
+        let fetched = FetchTime {
+            local: host,
+            stripe: Some(at(10_000)),
+        };
+        let plan_new = plan(
+            None,
+            &view("active", 20_000),
+            None,
+            fetched,
+            &p,
+            Duration::hours(1),
+        );
+        let record = plan_new.record.unwrap();
+        assert_eq!(record.watermark.unwrap().created, 10_000);
+        assert_eq!(record.last_verified_with_stripe, Some(host));
+    }
+
+    #[test]
+    fn connected_objects_belong_to_their_account() {
+        let p = AccessPolicy::default();
+        let hour = Duration::hours(1);
+        let new = plan(
+            None,
+            &view("active", 20_000),
+            Some("acct_1"),
+            at(10_000),
+            &p,
+            hour,
+        );
+        let record = new.record.unwrap();
+        assert_eq!(record.account.as_deref(), Some("acct_1"));
+        // In sync within its account.
+        let same = plan(
+            Some(&record),
+            &view("active", 20_000),
+            Some("acct_1"),
+            at(10_000),
+            &p,
+            hour,
+        );
+        assert_eq!((same.kind, same.record), (PlanKind::InSync, None));
+        // Listed in another account: a human looks.
+        let other = plan(
+            Some(&record),
+            &view("active", 20_000),
+            Some("acct_2"),
+            at(10_000),
+            &p,
+            hour,
+        );
+        assert_eq!(other.kind, PlanKind::Review);
+        assert!(other.detail.unwrap().contains("acct_1"));
     }
 }

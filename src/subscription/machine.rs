@@ -464,6 +464,38 @@ fn check_customer(
     }
 }
 
+/// When Stripe's object was read, by both clocks: `local` (the host's)
+/// stamps `last_verified_with_stripe`, which the access policy compares with
+/// the host's `now`; `stripe` (the answer's `Date` header) stamps the
+/// watermark, which is compared with events' `created` — Stripe's clock. A
+/// host clock running ahead of Stripe's would otherwise stamp refetches in
+/// Stripe's future and make the next events look stale. Without a server
+/// time the local time stamps both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchTime {
+    /// The host's clock when the answer was read.
+    pub local: OffsetDateTime,
+    /// The server's `Date` on the answer, when it had one.
+    pub stripe: Option<OffsetDateTime>,
+}
+
+impl FetchTime {
+    /// What stamps the watermark: Stripe's time, else the local one.
+    pub fn stamp(&self) -> OffsetDateTime {
+        self.stripe.unwrap_or(self.local)
+    }
+}
+
+impl From<OffsetDateTime> for FetchTime {
+    /// A fetch known by the local clock only.
+    fn from(local: OffsetDateTime) -> Self {
+        Self {
+            local,
+            stripe: None,
+        }
+    }
+}
+
 /// Replaces the subscription fields of `current` (or a new record) with
 /// Stripe's object, fetched at `fetched_at` on our clock, possibly because of
 /// `trigger`. Payment facts, links and anomalies are kept. The watermark
@@ -473,9 +505,10 @@ fn check_customer(
 pub fn from_stripe(
     current: Option<&SubscriptionRecord>,
     truth: &SubscriptionView,
-    fetched_at: OffsetDateTime,
+    fetched_at: impl Into<FetchTime>,
     trigger: Option<&Event>,
 ) -> Applied {
+    let fetched_at: FetchTime = fetched_at.into();
     let id = truth
         .id
         .clone()
@@ -487,7 +520,7 @@ pub fn from_stripe(
     let before = record.state.status.clone();
     let incoming = SubscriptionState::from_view(truth);
     let created = [
-        Some(fetched_at.unix_timestamp()),
+        Some(fetched_at.stamp().unix_timestamp()),
         record.watermark.as_ref().map(|w| w.created),
         trigger.map(Event::created),
     ]
@@ -516,7 +549,7 @@ pub fn from_stripe(
         source: WatermarkSource::Refetch,
     };
     adopt(&mut record, incoming, mark);
-    record.last_verified_with_stripe = Some(fetched_at);
+    record.last_verified_with_stripe = Some(fetched_at.local);
     record.needs_reconcile = false;
     Applied {
         status_change: change(&before, &record.state.status),

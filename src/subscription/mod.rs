@@ -72,6 +72,8 @@
 //! - `checkout.session.*` links `client_reference_id` and the customer to the
 //!   subscription and never sets a status by itself.
 //! - `entitlements.active_entitlement_summary.updated` is per customer; see
+//!   [`step_entitlements`]: incomplete lists and same-second summaries are
+//!   fetched from Stripe, never guessed.
 //!
 //! # Layout
 //!
@@ -81,7 +83,8 @@
 //! - [`step`] and [`resume`]: the whole effect of an event as a sans-IO
 //!   machine, including refetches from Stripe and their failures — the
 //!   processor only loads, fetches and saves;
-//! - [`decide_entitlements`]: customer entitlements.
+//! - [`step_entitlements`] and [`resume_entitlements`]: customer
+//!   entitlements, with their refetches.
 
 mod entitlements;
 mod machine;
@@ -89,9 +92,13 @@ pub mod model;
 mod payments;
 mod step;
 
-pub use entitlements::{CustomerEntitlements, decide_entitlements};
+pub use entitlements::{
+    CustomerEntitlements, EntitlementFetch, EntitlementFetchOutcome, EntitlementFetchReason,
+    EntitlementStep, decide_entitlements, entitlements_from_fetch, resume_entitlements,
+    step_entitlements,
+};
 pub use machine::{
-    Applied, ApplyReason, Decision, RefetchReason, TransitionKind, decide, from_stripe,
+    Applied, ApplyReason, Decision, FetchTime, RefetchReason, TransitionKind, decide, from_stripe,
     subscription_id_of, tie_rank, transition,
 };
 pub use model::{

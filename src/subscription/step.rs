@@ -238,9 +238,13 @@ pub enum FetchOutcome {
     Fetched {
         /// The subscriptions.
         objects: Vec<SubscriptionView>,
-        /// When the answer was read (stamps the record's watermark and
-        /// `last_verified_with_stripe`).
+        /// When the answer was read, by the host's clock (stamps
+        /// `last_verified_with_stripe`, and the watermark when
+        /// `stripe_time` is `None`).
         at: OffsetDateTime,
+        /// The answer's `Date` (Stripe's clock), which stamps the
+        /// watermark.
+        stripe_time: Option<OffsetDateTime>,
     },
     /// The request failed.
     Failed {
@@ -354,12 +358,19 @@ pub fn resume(
 ) -> Step {
     let reason = fetch.reason;
     let failure = match outcome {
-        FetchOutcome::Fetched { ref objects, at } => {
+        FetchOutcome::Fetched {
+            ref objects,
+            at,
+            stripe_time,
+        } => {
             let chosen = outcome.chosen();
             if let Some(view) = chosen {
                 let base = fetch.base.or(stored);
-                let mut applied =
-                    super::from_stripe(base.as_ref(), view, at.max(fetch.decided_at), Some(event));
+                let fetched_at = super::FetchTime {
+                    local: at.max(fetch.decided_at),
+                    stripe: stripe_time,
+                };
+                let mut applied = super::from_stripe(base.as_ref(), view, fetched_at, Some(event));
                 if reason == RefetchReason::ImpossibleTransition {
                     applied.record.needs_review = fetch.had_review_flag;
                 }

@@ -76,15 +76,11 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use time::OffsetDateTime;
 
 use crate::access::AccessPolicy;
-use crate::client::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
-};
-use crate::event::{Event, SubscriptionView};
+use crate::client::{ClientErrorKind, RefusingClient};
 use crate::processor::WebhookProcessor;
 use crate::reconcile::{Change, Reconciler};
 
@@ -204,7 +200,10 @@ impl AdminBuilder {
         let reconciler = self.reconciler.unwrap_or_else(|| {
             Arc::new(Reconciler::new(
                 self.processor.clone(),
-                Arc::new(NoStripeClient),
+                Arc::new(RefusingClient::new(
+                    ClientErrorKind::Unauthorized,
+                    "no Stripe client is configured for the console",
+                )),
             ))
         });
         AdminConsole {
@@ -355,36 +354,4 @@ fn push_bounded<T>(ring: &mut VecDeque<T>, item: T, cap: usize) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The client of a console without a Stripe key: every call fails as
-/// unauthorized, so replays use stored payloads only.
-struct NoStripeClient;
-
-impl NoStripeClient {
-    fn error() -> ClientError {
-        ClientError::new(
-            ClientErrorKind::Unauthorized,
-            "no Stripe client is configured for the console",
-        )
-    }
-}
-
-#[async_trait]
-impl StripeClient for NoStripeClient {
-    async fn retrieve_subscription(&self, _: &str) -> Result<SubscriptionView, ClientError> {
-        Err(Self::error())
-    }
-    async fn list_subscriptions(
-        &self,
-        _: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
-        Err(Self::error())
-    }
-    async fn list_events(&self, _: &EventListQuery) -> Result<Page<Event>, ClientError> {
-        Err(Self::error())
-    }
-    async fn retrieve_event(&self, _: &str) -> Result<Event, ClientError> {
-        Err(Self::error())
-    }
 }

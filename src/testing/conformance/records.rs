@@ -269,6 +269,9 @@ pub async fn entitlements_are_versioned<S: SubscriptionStore + ?Sized>(store: &S
         lookup_keys: vec!["a".into(), "b".into()],
         watermark: (10, "evt_e".into()),
         version: 0,
+        account: Some("acct_conf_e".into()),
+        verified: false,
+        last_verified_with_stripe: time::OffsetDateTime::from_unix_timestamp(1_767_225_600).ok(),
     };
     assert_eq!(store.save_entitlements(&e).await.unwrap(), 1);
     let loaded = store

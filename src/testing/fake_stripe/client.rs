@@ -1,16 +1,20 @@
 //! [`FakeStripe`] answers the [`StripeClient`] trait from its own truth:
 //! subscriptions in the pinned API shape, newest first; events kept for 30
-//! days, newest first, filterable by type and delivery success. It can be
-//! told to rate-limit every n-th request or to fail retrievals.
+//! days, newest first, filterable by type and delivery success; a
+//! customer's active entitlements. A call naming a connected account is
+//! answered from that account's fake. Every answer is dated with the fake's
+//! clock (Stripe's `Date` header). It can be told to rate-limit every n-th
+//! request or to fail retrievals.
 
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use time::Duration;
+use time::{Duration, OffsetDateTime};
 
 use super::{DAY, FakeStripe, Logged, Sub, render_subscription};
 use crate::client::{
-    ClientError, ClientErrorKind, EventListQuery, Page, StripeClient, SubscriptionListQuery,
+    ActiveEntitlement, ClientError, ClientErrorKind, EntitlementListQuery, EventListQuery, Page,
+    Response, StripeClient, SubscriptionListQuery,
 };
 use crate::event::{Event, SubscriptionView};
 
@@ -28,11 +32,50 @@ impl FakeStripe {
         }
         Ok(())
     }
+
+    /// An answer dated now by the fake's clock, at the `Date` header's
+    /// one-second resolution.
+    fn dated<T>(&self, data: T) -> Response<T> {
+        Response::new(data).with_date(OffsetDateTime::from_unix_timestamp(self.now()).ok())
+    }
+
+    fn render(&self, s: &Sub) -> Option<SubscriptionView> {
+        SubscriptionView::from_json(&render_subscription(s, self.config.api_shape).to_string()).ok()
+    }
+}
+
+/// One page of `items` (already in Stripe's order): after the item whose id
+/// is `starting_after` (none left when that id is unknown), at most `limit`
+/// (0 means 100, at most 100).
+fn page_of<T: Clone, U>(
+    items: &[T],
+    id: impl Fn(&T) -> &str,
+    starting_after: Option<&str>,
+    limit: u32,
+    render: impl Fn(&T) -> Option<U>,
+) -> Page<U> {
+    let limit = if limit == 0 { 100 } else { limit.min(100) } as usize;
+    let start = match starting_after {
+        Some(after) => items
+            .iter()
+            .position(|x| id(x) == after)
+            .map_or(items.len(), |p| p + 1),
+        None => 0,
+    };
+    let taken = &items[start..(start + limit).min(items.len())];
+    Page {
+        has_more: start + taken.len() < items.len(),
+        data: taken.iter().filter_map(render).collect(),
+    }
 }
 
 #[async_trait]
 impl StripeClient for FakeStripe {
-    async fn retrieve_subscription(&self, id: &str) -> Result<SubscriptionView, ClientError> {
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
         self.gate()?;
         if self.lock().fail_retrieve {
             return Err(ClientError::new(
@@ -40,22 +83,20 @@ impl StripeClient for FakeStripe {
                 "connection reset (fake)",
             ));
         }
-        self.truth(id).ok_or_else(|| {
+        let view = self.scope(account)?.truth(id).ok_or_else(|| {
             ClientError::new(ClientErrorKind::NotFound, "no such subscription").with_status(404)
-        })
+        })?;
+        Ok(self.dated(view))
     }
 
     async fn list_subscriptions(
         &self,
+        account: Option<&str>,
         query: &SubscriptionListQuery,
-    ) -> Result<Page<SubscriptionView>, ClientError> {
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         self.gate()?;
-        let limit = if query.limit == 0 {
-            100
-        } else {
-            query.limit.min(100)
-        } as usize;
-        let inner = self.lock();
+        let scope = self.scope(account)?;
+        let inner = scope.lock();
         // Newest first, like Stripe.
         let mut subs: Vec<&Sub> = inner
             .subs
@@ -63,39 +104,25 @@ impl StripeClient for FakeStripe {
             .filter(|s| query.customer.as_ref().is_none_or(|c| *c == s.customer))
             .collect();
         subs.sort_by(|a, b| (b.created, &b.id).cmp(&(a.created, &a.id)));
-        let start = match &query.starting_after {
-            Some(after) => subs
-                .iter()
-                .position(|s| s.id == *after)
-                .map_or(subs.len(), |p| p + 1),
-            None => 0,
-        };
-        let page: Vec<SubscriptionView> = subs
-            .iter()
-            .skip(start)
-            .take(limit)
-            .filter_map(|s| {
-                SubscriptionView::from_json(
-                    &render_subscription(s, self.config.api_shape).to_string(),
-                )
-                .ok()
-            })
-            .collect();
-        Ok(Page {
-            has_more: start + page.len() < subs.len(),
-            data: page,
-        })
+        let page = page_of(
+            &subs,
+            |s| &s.id,
+            query.starting_after.as_deref(),
+            query.limit,
+            |s| scope.render(s),
+        );
+        Ok(self.dated(page))
     }
 
-    async fn list_events(&self, query: &EventListQuery) -> Result<Page<Event>, ClientError> {
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
         self.gate()?;
-        let limit = if query.limit == 0 {
-            100
-        } else {
-            query.limit.min(100)
-        } as usize;
         let now = self.now();
-        let inner = self.lock();
+        let scope = self.scope(account)?;
+        let inner = scope.lock();
         // Stripe keeps events for 30 days and lists them newest first.
         let matching: Vec<&Logged> = inner
             .log
@@ -112,30 +139,26 @@ impl StripeClient for FakeStripe {
             })
             .filter(|l| query.delivery_success.is_none_or(|d| l.delivered == d))
             .collect();
-        let start = match &query.starting_after {
-            Some(after) => matching
-                .iter()
-                .position(|l| l.event.id() == after)
-                .map_or(matching.len(), |p| p + 1),
-            None => 0,
-        };
-        let data: Vec<Event> = matching
-            .iter()
-            .skip(start)
-            .take(limit)
-            .map(|l| l.event.clone())
-            .collect();
-        Ok(Page {
-            has_more: start + data.len() < matching.len(),
-            data,
-        })
+        let page = page_of(
+            &matching,
+            |l| l.event.id(),
+            query.starting_after.as_deref(),
+            query.limit,
+            |l| Some(l.event.clone()),
+        );
+        Ok(self.dated(page))
     }
 
-    async fn retrieve_event(&self, id: &str) -> Result<Event, ClientError> {
+    async fn retrieve_event(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError> {
         self.gate()?;
         let now = self.now();
-        let inner = self.lock();
-        inner
+        let scope = self.scope(account)?;
+        let inner = scope.lock();
+        let event = inner
             .by_event
             .get(id)
             .and_then(|&i| inner.log.get(i))
@@ -143,6 +166,33 @@ impl StripeClient for FakeStripe {
             .map(|l| l.event.clone())
             .ok_or_else(|| {
                 ClientError::new(ClientErrorKind::NotFound, "no such event").with_status(404)
-            })
+            })?;
+        Ok(self.dated(event))
+    }
+
+    async fn list_active_entitlements(
+        &self,
+        account: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        self.gate()?;
+        let scope = self.scope(account)?;
+        let keys = scope.entitlements(&query.customer);
+        let page = page_of(
+            &keys,
+            String::as_str,
+            query
+                .starting_after
+                .as_deref()
+                .map(|a| a.strip_prefix("ent_").unwrap_or(a)),
+            query.limit,
+            |k| {
+                Some(ActiveEntitlement {
+                    id: format!("ent_{k}"),
+                    lookup_key: k.clone(),
+                })
+            },
+        );
+        Ok(self.dated(page))
     }
 }

@@ -37,7 +37,7 @@ impl FakeStripe {
         if let Some(p) = previous.filter(|p| p.as_object().is_some_and(|o| !o.is_empty())) {
             data["previous_attributes"] = p;
         }
-        let body = json!({
+        let mut body = json!({
             "id": id,
             "object": "event",
             "api_version": api_version(shape),
@@ -47,8 +47,11 @@ impl FakeStripe {
             "pending_webhooks": 1,
             "request": { "id": null, "idempotency_key": null },
             "type": event_type,
-        })
-        .to_string();
+        });
+        if let Some(account) = &self.account {
+            body["account"] = json!(account);
+        }
+        let body = body.to_string();
         // The body is built here from valid JSON, so it always parses.
         if let Ok(event) = Event::parse_unverified_with_limit(body.as_bytes(), usize::MAX) {
             let index = inner.log.len();
@@ -186,15 +189,17 @@ impl FakeStripe {
         }
         inner.entitlements.insert(customer.to_owned(), keys.clone());
         let shape = self.shape(inner);
+        let shown = self.config.entitlement_summary_limit.unwrap_or(usize::MAX);
         let data: Vec<Value> = keys
             .iter()
+            .take(shown)
             .map(|k| json!({"id": format!("ent_{k}"), "object": "entitlements.active_entitlement", "feature": format!("feat_{k}"), "lookup_key": k, "livemode": false}))
             .collect();
         let object = json!({
             "object": "entitlements.active_entitlement_summary",
             "customer": customer,
             "livemode": false,
-            "entitlements": {"object": "list", "data": data, "has_more": false, "url": "/v1/customer/entitlements"},
+            "entitlements": {"object": "list", "data": data, "has_more": keys.len() > shown, "url": "/v1/customer/entitlements"},
         });
         self.emit(
             inner,

@@ -11,7 +11,10 @@
 //! - `events.rs`: the events each move emits, in Stripe's order and shapes,
 //!   and the entitlement summaries;
 //! - `client.rs`: the [`StripeClient`](crate::client::StripeClient)
-//!   implementation, answered from the same truth.
+//!   implementation, answered from the same truth, with the fake's clock as
+//!   the server time of every answer;
+//! - `accounts.rs`: Connect: connected accounts, each a fake of its own on
+//!   the same clock, answered when a call names the account.
 //!
 //! The fake knows nothing of webhook delivery: a delivery simulator (or a
 //! test) takes the emitted events with [`FakeStripe::take_new_events`] and
@@ -20,7 +23,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
@@ -29,6 +32,7 @@ use super::rng::Rng;
 use crate::clock::{Clock, ManualClock};
 use crate::event::{ApiShape, Event, SubscriptionStatus, SubscriptionView};
 
+mod accounts;
 mod client;
 mod events;
 mod lifecycle;
@@ -85,6 +89,11 @@ pub struct FakeConfig {
     /// Emit `invoice.created` / `invoice.finalized` (types with no
     /// subscription effect) too.
     pub noise_events: bool,
+    /// Show at most this many entitlements in an
+    /// `entitlements.active_entitlement_summary.updated` event (with
+    /// `has_more: true` when more are active), as Stripe does for long
+    /// lists; `None` shows them all. The API lists all of them.
+    pub entitlement_summary_limit: Option<usize>,
 }
 
 impl Default for FakeConfig {
@@ -98,6 +107,7 @@ impl Default for FakeConfig {
             after_retries: AfterRetries::Unpaid,
             features: HashMap::new(),
             noise_events: true,
+            entitlement_summary_limit: None,
         }
     }
 }
@@ -209,6 +219,8 @@ struct Inner {
     entitlements: HashMap<String, Vec<String>>,
     rate_limit_every: u64,
     fail_retrieve: bool,
+    /// Connected accounts (on a platform).
+    accounts: BTreeMap<String, Arc<FakeStripe>>,
 }
 
 /// A stateful fake Stripe: it owns the true subscription states, performs
@@ -233,6 +245,8 @@ struct Inner {
 /// ```
 pub struct FakeStripe {
     inner: Mutex<Inner>,
+    /// The connected account this fake is (`None`: a platform).
+    account: Option<String>,
     clock: ManualClock,
     config: FakeConfig,
     requests: AtomicU64,
@@ -265,7 +279,9 @@ impl FakeStripe {
                 entitlements: HashMap::new(),
                 rate_limit_every: 0,
                 fail_retrieve: false,
+                accounts: BTreeMap::new(),
             }),
+            account: None,
             clock,
             config,
             requests: AtomicU64::new(0),
@@ -399,9 +415,10 @@ impl FakeStripe {
         self.advance_to(target);
     }
 
-    /// Moves the clock to `target`, running scheduled actions due on the way.
+    /// Moves the clock to `target`, running scheduled actions due on the way
+    /// (its connected accounts' too, in time order).
     pub fn advance_to(&self, target: OffsetDateTime) {
-        while self.run_next_due(target.unix_timestamp()) {}
+        while self.run_next_due_anywhere(target.unix_timestamp()) {}
         if self.clock.now() < target {
             self.clock.set(target);
         }
