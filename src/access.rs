@@ -953,6 +953,162 @@ mod tests {
         }
     }
 
+    /// Grace while Stripe plans a retry: until `past_due_grace` after the
+    /// planned retry, capped from the dunning cycle's start, never shorter
+    /// than the fixed window.
+    #[test]
+    fn dunning_grace_while_stripe_retries() {
+        let policy = AccessPolicy {
+            dunning: DunningGrace::WhileRetrying {
+                cap: Duration::days(14),
+            },
+            ..AccessPolicy::default()
+        };
+        let mut r = record(S::PastDue);
+        r.payment_failures = vec![T0];
+        r.last_verified_with_stripe = Some(at(T0 + 30 * DAY));
+        let grace = |r: &SubscriptionRecord, t| {
+            let d = policy.decide(r, at(t));
+            (
+                d.access,
+                d.reason,
+                d.valid_until.map(OffsetDateTime::unix_timestamp),
+            )
+        };
+        // Retry planned in 5 days: grace until 3 days after it.
+        r.next_payment_attempt = Some(T0 + 5 * DAY);
+        assert_eq!(
+            grace(&r, T0 + 4 * DAY),
+            (
+                Access::Grace,
+                AccessReason::PastDueGrace,
+                Some(T0 + 8 * DAY)
+            )
+        );
+        assert_eq!(grace(&r, T0 + 8 * DAY).0, Access::Denied);
+        // A retry far out: capped at 14 days from the first failure.
+        r.next_payment_attempt = Some(T0 + 20 * DAY);
+        assert_eq!(grace(&r, T0 + 13 * DAY).2, Some(T0 + 14 * DAY));
+        assert_eq!(grace(&r, T0 + 14 * DAY).0, Access::Denied);
+        // Stripe gave up (no retry planned): the fixed window.
+        r.next_payment_attempt = None;
+        assert_eq!(grace(&r, T0 + DAY).2, Some(T0 + 3 * DAY));
+        // The default policy ignores planned retries.
+        r.next_payment_attempt = Some(T0 + 5 * DAY);
+        assert_eq!(decide(&r, T0 + DAY).2, Some(T0 + 3 * DAY));
+    }
+
+    /// Paused collection: access kept by default; with
+    /// `UntilPaidPeriodEnds`, until the paid period ends, then denied.
+    #[test]
+    fn paused_collection_until_the_paid_period_ends() {
+        let until_paid = AccessPolicy {
+            paused_collection: PausedCollectionAccess::UntilPaidPeriodEnds,
+            ..AccessPolicy::default()
+        };
+        let mut r = record(S::Active);
+        r.state.pause_collection = Some(crate::subscription::PauseCollection {
+            behavior: Some("void".into()),
+            resumes_at: None,
+        });
+        // Stripe renewed the period while paused; the last paid invoice
+        // covered up to T0 - 10 days.
+        r.state.current_period_end = Some(T0 + 20 * DAY);
+        r.paid_through = Some(T0 - 10 * DAY);
+        let at_policy = |p: &AccessPolicy, r: &SubscriptionRecord, t| {
+            let d = p.decide(r, at(t));
+            (
+                d.access,
+                d.reason,
+                d.valid_until.map(OffsetDateTime::unix_timestamp),
+            )
+        };
+        assert_eq!(
+            at_policy(&AccessPolicy::default(), &r, T0),
+            (
+                Access::Granted,
+                AccessReason::CollectionPaused,
+                Some(T0 + 20 * DAY)
+            )
+        );
+        assert_eq!(
+            at_policy(&until_paid, &r, T0 - 10 * DAY - 1),
+            (
+                Access::Granted,
+                AccessReason::CollectionPaused,
+                Some(T0 - 10 * DAY)
+            )
+        );
+        assert_eq!(
+            at_policy(&until_paid, &r, T0 - 10 * DAY),
+            (Access::Denied, AccessReason::CollectionPaused, None)
+        );
+        // No paid invoice seen: the current period's end.
+        r.paid_through = None;
+        assert_eq!(at_policy(&until_paid, &r, T0).2, Some(T0 + 20 * DAY));
+        // A cancellation scheduled earlier still ends it first.
+        r.state.cancel_at = Some(T0 + DAY);
+        assert_eq!(
+            at_policy(&until_paid, &r, T0),
+            (
+                Access::Granted,
+                AccessReason::CancelScheduled,
+                Some(T0 + DAY)
+            )
+        );
+    }
+
+    #[test]
+    fn product_price_and_named_subscriptions() {
+        let p = AccessPolicy::default();
+        let mut team = record(S::Active);
+        team.state.items = vec![crate::subscription::SubscriptionItem {
+            id: Some("si_1".into()),
+            price_id: Some("price_team".into()),
+            product_id: Some("prod_team".into()),
+            quantity: Some(5),
+            current_period_start: None,
+            current_period_end: None,
+        }];
+        team.state.metadata = [("type".to_owned(), "team".to_owned())].into();
+        let mut solo = record(S::Canceled);
+        solo.id = "sub_2".into();
+        solo.state.items = vec![crate::subscription::SubscriptionItem {
+            price_id: Some("price_solo".into()),
+            product_id: Some("prod_solo".into()),
+            ..team.state.items[0].clone()
+        }];
+        solo.state.metadata = [("type".to_owned(), "personal".to_owned())].into();
+        let both = [&team, &solo];
+        let now = at(T0 - 1);
+        assert_eq!(
+            p.decide_product(both, "prod_team", now).access,
+            Access::Granted
+        );
+        assert_eq!(
+            p.decide_product(both, "prod_solo", now).reason,
+            AccessReason::Canceled
+        );
+        assert_eq!(
+            p.decide_price(both, "price_team", now).access,
+            Access::Granted
+        );
+        assert_eq!(
+            p.decide_price(both, "price_none", now).reason,
+            AccessReason::NoSubscription
+        );
+        assert_eq!(
+            p.decide_named(both, "type", "team", now).access,
+            Access::Granted
+        );
+        assert_eq!(
+            p.decide_named(both, "type", "personal", now).access,
+            Access::Denied
+        );
+        assert_eq!(team.quantity_of("price_team"), 5);
+        assert_eq!(solo.quantity_of("price_team"), 0);
+    }
+
     #[test]
     fn customer_best_access_wins() {
         let p = AccessPolicy::default();

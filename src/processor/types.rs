@@ -14,7 +14,7 @@ use crate::event::{Event, EventType, ParseError};
 use crate::ledger::{Lease, LedgerState};
 use crate::signature::VerifyError;
 use crate::store::StoreError;
-use crate::subscription::{Effect, SubscriptionRecord};
+use crate::subscription::{Effect, PaidInvoice, SubscriptionRecord};
 
 /// What the application's handler gets besides the event.
 #[derive(Debug, Clone)]
@@ -42,6 +42,19 @@ impl HandlerContext {
     /// Whether the claim is still held (by the processor's clock).
     pub fn lease_valid(&self) -> bool {
         self.clock.now() < self.lease_expires_at
+    }
+
+    /// The payment this event is the first report of, if it is one. Stripe
+    /// reports one payment twice, with `invoice.paid` and
+    /// `invoice.payment_succeeded` (often in the same second, in either
+    /// order); only the event processed first answers `Some` (also on its
+    /// retries), so a handler that sends a receipt or provisions on payment
+    /// acts once per payment by acting only then. `PaidInvoice::latest`
+    /// says whether it paid the subscription's latest invoice.
+    pub fn first_payment_report(&self) -> Option<&PaidInvoice> {
+        self.subscription
+            .as_ref()?
+            .payment_first_reported_by(&self.event_id)
     }
 }
 

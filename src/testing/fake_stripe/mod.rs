@@ -82,9 +82,15 @@ pub struct FakeConfig {
     /// Entitlement feature keys granted while a subscription to a price is
     /// active or trialing.
     pub features: HashMap<String, Vec<String>>,
-    /// Emit `invoice.created` / `invoice.finalized` (types with no
-    /// subscription effect) too.
+    /// Emit `invoice.created` / `invoice.finalized` / `invoice.overdue`
+    /// (types with no subscription effect) too.
     pub noise_events: bool,
+    /// Run every subscription on one Stripe test clock this far ahead of
+    /// the real clock (the [`ManualClock`] the fake was given): events and
+    /// objects carry simulated times (`created`, periods), objects name the
+    /// clock (`test_clock`, as an id), and scheduled actions run when the
+    /// simulated time reaches them. `None`: no test clock.
+    pub test_clock_ahead: Option<Duration>,
 }
 
 impl Default for FakeConfig {
@@ -98,6 +104,7 @@ impl Default for FakeConfig {
             after_retries: AfterRetries::Unpaid,
             features: HashMap::new(),
             noise_events: true,
+            test_clock_ahead: None,
         }
     }
 }
@@ -114,11 +121,37 @@ pub enum Card {
     Missing,
 }
 
+/// How Stripe collects a subscription's payments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Collection {
+    /// Charge the customer's card (`charge_automatically`).
+    #[default]
+    Automatic,
+    /// Send each invoice, due this many days after it is finalised
+    /// (`send_invoice`). The customer pays with
+    /// [`FakeStripe::pay_open_invoice`]; an invoice unpaid at its due date
+    /// makes the subscription `past_due` (no payment failure is sent), and
+    /// after the retry delays' total it turns `unpaid` or `canceled`
+    /// ([`FakeConfig::after_retries`]).
+    SendInvoice {
+        /// `days_until_due`.
+        days_until_due: u32,
+    },
+}
+
 /// How to subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscribe {
-    /// The price.
+    /// The price. Its product is `prod_` followed by what comes after
+    /// `price_` (`price_basic` → `prod_basic`).
     pub price: String,
+    /// The item's quantity.
+    pub quantity: u64,
+    /// The subscription's metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// How payments are collected (an invoiced subscription does not go
+    /// through Checkout).
+    pub collection: Collection,
     /// A free trial of this many days.
     pub trial_days: Option<u32>,
     /// The application's reference passed to Checkout.
@@ -131,6 +164,9 @@ impl Default for Subscribe {
     fn default() -> Self {
         Self {
             price: "price_basic".into(),
+            quantity: 1,
+            metadata: BTreeMap::new(),
+            collection: Collection::Automatic,
             trial_days: None,
             client_reference_id: None,
             checkout: true,
@@ -145,6 +181,9 @@ pub struct FakeEvent {
     pub event: Event,
     /// The JSON body a webhook delivery carries.
     pub body: String,
+    /// When Stripe sent it, on the real clock (Unix seconds): the event's
+    /// `created`, except on a test clock, whose `created` is simulated.
+    pub emitted_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +191,14 @@ struct Sub {
     id: String,
     customer: String,
     price: String,
+    quantity: u64,
+    metadata: BTreeMap<String, String>,
+    /// `days_until_due` of an invoiced subscription (`None`: charged
+    /// automatically).
+    days_until_due: Option<u32>,
+    /// The open invoice's finalisation time and due date (invoiced).
+    invoice_dates: Option<(i64, i64)>,
+    test_clock: Option<String>,
     item_id: String,
     status: SubscriptionStatus,
     created: i64,
@@ -179,6 +226,8 @@ enum Action {
     Retry,
     ExpireIncomplete,
     CancelAtPeriodEnd,
+    /// An invoiced subscription's open invoice reaches its due date.
+    InvoiceDue,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -194,6 +243,7 @@ struct Scheduled {
 struct Logged {
     event: Event,
     body: String,
+    emitted_at: i64,
     delivered: bool,
 }
 
@@ -277,8 +327,29 @@ impl FakeStripe {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Stripe's time for the subscriptions: the real clock, or the test
+    /// clock's simulated time.
     fn now(&self) -> i64 {
+        self.real_now() + self.ahead()
+    }
+
+    /// The real clock's time (Unix seconds).
+    fn real_now(&self) -> i64 {
         self.clock.now().unix_timestamp()
+    }
+
+    /// How far the test clock runs ahead of the real clock (0 without one).
+    fn ahead(&self) -> i64 {
+        self.config
+            .test_clock_ahead
+            .map_or(0, Duration::whole_seconds)
+    }
+
+    /// The test clock's simulated time, when subscriptions run on one.
+    pub fn test_clock_time(&self) -> Option<OffsetDateTime> {
+        self.config
+            .test_clock_ahead
+            .map(|ahead| self.clock.now().saturating_add(ahead))
     }
 
     /// The clock.
@@ -360,25 +431,12 @@ impl FakeStripe {
         let mut inner = self.lock();
         let start = inner.taken;
         inner.taken = inner.log.len();
-        inner.log[start..]
-            .iter()
-            .map(|l| FakeEvent {
-                event: l.event.clone(),
-                body: l.body.clone(),
-            })
-            .collect()
+        inner.log[start..].iter().map(Logged::to_fake).collect()
     }
 
     /// Every event emitted so far.
     pub fn all_events(&self) -> Vec<FakeEvent> {
-        self.lock()
-            .log
-            .iter()
-            .map(|l| FakeEvent {
-                event: l.event.clone(),
-                body: l.body.clone(),
-            })
-            .collect()
+        self.lock().log.iter().map(Logged::to_fake).collect()
     }
 
     /// Records that a webhook delivery of `event_id` got a 2xx (for the
@@ -407,22 +465,29 @@ impl FakeStripe {
         }
     }
 
-    /// The time of the next scheduled action, if any.
+    /// The time of the next scheduled action, if any (on the real clock).
     pub fn next_action_at(&self) -> Option<i64> {
-        self.lock().schedule.peek().map(|Reverse(s)| s.at)
+        let ahead = self.ahead();
+        self.lock().schedule.peek().map(|Reverse(s)| s.at - ahead)
     }
 
-    /// Runs the earliest action due at or before `until`. Returns whether one ran.
+    /// Runs the earliest action due at or before `until` (on the real
+    /// clock). Returns whether one ran.
     pub fn run_next_due(&self, until: i64) -> bool {
+        let ahead = self.ahead();
         let mut inner = self.lock();
-        if inner.schedule.peek().is_none_or(|Reverse(s)| s.at > until) {
+        if inner
+            .schedule
+            .peek()
+            .is_none_or(|Reverse(s)| s.at - ahead > until)
+        {
             return false;
         }
         let Some(Reverse(job)) = inner.schedule.pop() else {
             return false;
         };
-        if self.clock.now().unix_timestamp() < job.at
-            && let Ok(t) = OffsetDateTime::from_unix_timestamp(job.at)
+        if self.clock.now().unix_timestamp() < job.at - ahead
+            && let Ok(t) = OffsetDateTime::from_unix_timestamp(job.at - ahead)
         {
             self.clock.set(t);
         }
@@ -434,6 +499,16 @@ impl FakeStripe {
         }
         self.run(&mut inner, sub, job.action);
         true
+    }
+}
+
+impl Logged {
+    fn to_fake(&self) -> FakeEvent {
+        FakeEvent {
+            event: self.event.clone(),
+            body: self.body.clone(),
+            emitted_at: self.emitted_at,
+        }
     }
 }
 
@@ -453,12 +528,17 @@ fn base62(mut n: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// The product of a price: `price_basic` → `prod_basic`.
+fn product_of(price: &str) -> String {
+    format!("prod_{}", price.strip_prefix("price_").unwrap_or(price))
+}
+
 fn render_subscription(s: &Sub, shape: ApiShape) -> Value {
     let mut item = json!({
         "id": s.item_id,
         "object": "subscription_item",
-        "price": {"id": s.price, "object": "price"},
-        "quantity": 1,
+        "price": {"id": s.price, "object": "price", "product": product_of(&s.price)},
+        "quantity": s.quantity,
         "subscription": s.id,
     });
     let mut object = json!({
@@ -476,6 +556,10 @@ fn render_subscription(s: &Sub, shape: ApiShape) -> Value {
         "latest_invoice": s.latest_invoice,
         "livemode": false,
         "pause_collection": s.pause_collection.as_ref().map(|b| json!({"behavior": b, "resumes_at": null})),
+        "metadata": s.metadata,
+        "collection_method": if s.days_until_due.is_some() { "send_invoice" } else { "charge_automatically" },
+        "days_until_due": s.days_until_due,
+        "test_clock": s.test_clock,
     });
     match shape {
         ApiShape::PreBasil => {
