@@ -298,6 +298,7 @@ fn apply_snapshot(
         let mut record = cur.clone();
         let before = record.state.status.clone();
         adopt(&mut record, incoming, mark);
+        restore_if_paid_since(&mut record);
         return Decision::Apply(Box::new(Applied {
             status_change: change(&before, &record.state.status),
             record,
@@ -366,6 +367,7 @@ fn apply_snapshot(
     }
     check_customer(&mut record, incoming.customer.as_deref(), now_s, event.id());
     adopt(&mut record, incoming, mark);
+    restore_if_paid_since(&mut record);
     Decision::Apply(Box::new(Applied {
         status_change: change(&before, &record.state.status),
         record,
@@ -418,11 +420,20 @@ fn decide_tie(
 /// `(created, event id)` on its own watermark.
 fn adopt(record: &mut SubscriptionRecord, state: SubscriptionState, mark: Watermark) {
     let invoice_mark = (mark.created, mark.event_id.clone());
-    if state.latest_invoice.is_some()
+    // The snapshot names the latest invoice of its time: it replaces a
+    // latest invoice created before that time (an older invoice), and
+    // otherwise the later writer wins.
+    let replaces_older = state.latest_invoice.is_some()
+        && state.latest_invoice != record.state.latest_invoice
         && record
-            .invoice_watermark
-            .as_ref()
-            .is_none_or(|w| invoice_mark > *w)
+            .latest_invoice_created
+            .is_some_and(|created| created < mark.created);
+    if state.latest_invoice.is_some()
+        && (replaces_older
+            || record
+                .invoice_watermark
+                .as_ref()
+                .is_none_or(|w| invoice_mark > *w))
     {
         if state.latest_invoice != record.state.latest_invoice {
             // Another invoice: what was known of the old one does not hold,
@@ -437,10 +448,51 @@ fn adopt(record: &mut SubscriptionRecord, state: SubscriptionState, mark: Waterm
             .state
             .latest_invoice
             .clone_from(&state.latest_invoice);
-        record.invoice_watermark = Some(invoice_mark);
+        if record
+            .invoice_watermark
+            .as_ref()
+            .is_none_or(|w| invoice_mark > *w)
+        {
+            record.invoice_watermark = Some(invoice_mark);
+        }
     }
     record.set_state(state);
     record.watermark = Some(mark);
+}
+
+/// A snapshot that says `past_due`, `unpaid` or `incomplete` while the
+/// payment of the invoice it names as the latest was reported after it
+/// (the payment arrived first): the payment wins, as it would have had it
+/// arrived second. The record is flagged for the reconciler (the status
+/// comes from a payment, not from Stripe's subscription).
+fn restore_if_paid_since(record: &mut SubscriptionRecord) {
+    let (Some(latest), Some(mark)) = (&record.state.latest_invoice, &record.watermark) else {
+        return;
+    };
+    if !matches!(
+        record.state.status,
+        SubscriptionStatus::PastDue | SubscriptionStatus::Unpaid | SubscriptionStatus::Incomplete
+    ) {
+        return;
+    }
+    let Some(paid) = record.paid_invoices.iter().find(|p| &p.invoice == latest) else {
+        return;
+    };
+    let payment = Watermark {
+        created: paid.created,
+        event_id: paid.event_id.clone(),
+        rank: TieRank {
+            terminal: false,
+            period_end: i64::MIN,
+            phase: 0,
+        },
+        source: WatermarkSource::Payment,
+    };
+    if payment.order_key() > mark.order_key() {
+        record.state.status = SubscriptionStatus::Active;
+        record.watermark = Some(payment);
+        record.needs_reconcile = true;
+    }
 }
 
 pub(super) fn change(

@@ -59,8 +59,9 @@ pub(super) fn apply_invoice(
             record.paid_through = Some(record.paid_through.map_or(end, |p| p.max(end)));
         }
         record.last_paid_at = Some(record.last_paid_at.map_or(created, |p| p.max(created)));
-        let paid = record.last_paid_at.unwrap_or(created);
-        record.payment_failures.retain(|f| *f > paid);
+        // Every failure on record is the latest invoice's (they are
+        // cleared when a newer invoice becomes the latest): it is paid.
+        record.payment_failures.clear();
         // A payment newer than the snapshot that said past_due / unpaid, by
         // the same total order as snapshots (a payment ranks below any
         // subscription event of its second).
@@ -97,9 +98,11 @@ pub(super) fn apply_invoice(
                 .last_payment_failed_at
                 .map_or(created, |p| p.max(created)),
         );
-        // Only failures after the last payment belong to the dunning cycle;
-        // kept as a set so the first one does not depend on arrival order.
-        if record.last_paid_at.is_none_or(|p| created > p)
+        // Failures of the latest invoice while it is unpaid make the
+        // dunning cycle (a paid invoice does not fail again: a failure that
+        // arrives after its payment is older); kept as a set so the first
+        // one does not depend on arrival order.
+        if record.latest_invoice_paid != Some(true)
             && let Err(pos) = record.payment_failures.binary_search(&created)
             && pos < MAX_FAILURES
         {
@@ -187,8 +190,10 @@ fn take_invoice_facts(record: &mut SubscriptionRecord, event: &Event, view: &Inv
             .as_ref()
             .is_some_and(|w| mark <= *w)
     {
-        // An older event of the same invoice: its creation time and due date
-        // hold still (a snapshot names the invoice without them).
+        // An older event of the same invoice: what a snapshot does not say
+        // (whether it is paid, its creation time and due date) is taken
+        // when unknown.
+        record.latest_invoice_paid = record.latest_invoice_paid.or(Some(view.paid));
         record.latest_invoice_created = record.latest_invoice_created.or(view.created);
         record.latest_invoice_due = record
             .latest_invoice_due
