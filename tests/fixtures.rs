@@ -351,6 +351,20 @@ mod billing {
         )
     }
 
+    /// The invoiced subscription's record after the snapshot that reported
+    /// it past due (a minute after the due date).
+    fn past_due_record(shape: &str) -> SubscriptionRecord {
+        let sub_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
+        let past_due = event(
+            "evt_pd",
+            "customer.subscription.updated",
+            DUE + 60,
+            shape,
+            &sub_json,
+        );
+        apply(None, &[past_due])
+    }
+
     #[test]
     fn send_invoice_objects_read_in_both_shapes() {
         for shape in SHAPES {
@@ -480,15 +494,7 @@ mod billing {
     #[test]
     fn only_the_latest_invoice_payment_restores() {
         for shape in SHAPES {
-            let sub_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
-            let past_due = event(
-                "evt_pd",
-                "customer.subscription.updated",
-                DUE + 60,
-                shape,
-                &sub_json,
-            );
-            let record = apply(None, &[past_due]);
+            let record = past_due_record(shape);
             assert_eq!(record.state.latest_invoice.as_deref(), Some(INVOICE));
             // Last month's invoice, paid late.
             let mut older = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
@@ -529,15 +535,7 @@ mod billing {
     #[test]
     fn an_invoice_newer_than_the_snapshot_restores() {
         for shape in SHAPES {
-            let sub_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
-            let past_due = event(
-                "evt_pd",
-                "customer.subscription.updated",
-                DUE + 60,
-                shape,
-                &sub_json,
-            );
-            let record = apply(None, &[past_due]);
+            let record = past_due_record(shape);
             let mut newer = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
             newer["id"] = json!("in_newer");
             newer["created"] = json!(DUE + 120);
