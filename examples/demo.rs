@@ -8,13 +8,15 @@
 //! A month for a handful of customers plays on FakeStripe's virtual clock:
 //! checkout with and without a trial, renewals, a failed payment that enters
 //! the past-due grace period and recovers, one that ends unpaid, a
-//! cancellation at period end, a pause and resume, and a four-day endpoint
+//! cancellation at period end, a pause and resume, an invoiced customer
+//! (`send_invoice`) whose renewal invoice goes overdue and keeps grace from
+//! its due date, and a four-day endpoint
 //! outage that reconciliation repairs. Every event is delivered up to three
 //! times, reordered, with same-second ties. The demo prints what the crate
 //! decided for each delivery, who has access at key moments, and finally
 //! compares every local record with Stripe's truth.
 //!
-//! With `--customers N` (more than the six named ones) the same program is
+//! With `--customers N` (more than the seven named ones) the same program is
 //! a load run: random lifecycles, no timeline, events per second at the end.
 
 use std::collections::HashMap;
@@ -31,8 +33,8 @@ use stripe_webhook_guard::signature::{Verifier, WebhookSecret};
 use stripe_webhook_guard::store::MemoryStore;
 use stripe_webhook_guard::subscription::SubscriptionState;
 use stripe_webhook_guard::testing::{
-    Card, DeliveryRecord, DeliveryResult, FakeConfig, FakeStripe, Rng, ShapeMix, SimConfig,
-    Simulator, Subscribe,
+    Card, Collection, DeliveryRecord, DeliveryResult, FakeConfig, FakeStripe, Rng, ShapeMix,
+    SimConfig, Simulator, Subscribe,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -395,7 +397,7 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     let s = &demo.style;
     println!(
         "{}\n{}",
-        s.bold("stripe-webhook-guard demo: one month, six customers, a fake Stripe that misbehaves"),
+        s.bold("stripe-webhook-guard demo: one month, seven customers, a fake Stripe that misbehaves"),
         s.dim("Every event is delivered 1-3 times, up to 3 minutes late (so out of order), many in the same second.")
     );
     println!(
@@ -408,6 +410,7 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     let dee = demo.customer("Dee");
     let eli = demo.customer("Eli");
     let fay = demo.customer("Fay");
+    let gus = demo.customer("Gus");
     let subscribe = |trial: Option<u32>, who: &str| Subscribe {
         trial_days: trial,
         client_reference_id: Some(format!("user_{who}")),
@@ -426,6 +429,16 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     }
     let brook_sub = demo.fake.subscribe(&brook, &subscribe(Some(7), "brook"));
     let _ = brook_sub;
+    demo.say("Gus is invoiced (send_invoice): each invoice is due 3 days after it is sent");
+    let gus_sub = demo.fake.subscribe(
+        &gus,
+        &Subscribe {
+            collection: Collection::SendInvoice { days_until_due: 3 },
+            metadata: [("subscription_type".to_owned(), "team".to_owned())].into(),
+            quantity: 5,
+            ..subscribe(None, "gus")
+        },
+    );
     demo.advance(Duration::hours(1)).await;
     demo.access_table("after checkout");
 
@@ -434,7 +447,10 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     demo.fake.cancel_at_period_end(&eli_sub, true);
     demo.fake.set_card(&cruz, Card::Declines);
     demo.fake.set_card(&dee, Card::Declines);
-    demo.advance(Duration::days(4)).await;
+    demo.advance(Duration::days(2)).await;
+    demo.say("Gus pays his first invoice by bank transfer, before its due date");
+    demo.fake.pay_open_invoice(&gus_sub);
+    demo.advance(Duration::days(2)).await;
 
     demo.say("Brook's trial converts (the trial_will_end notice came first)");
     demo.advance(Duration::days(5)).await;
@@ -490,7 +506,9 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     demo.fake.pay_open_invoice(&cruz_sub);
     demo.advance(Duration::days(4)).await;
     demo.flush().await;
-    demo.access_table("end of the month: Dee's retries are exhausted (unpaid)");
+    demo.access_table(
+        "end of the month: Dee's retries are exhausted (unpaid); Gus's renewal invoice is overdue since yesterday (grace from its due date)",
+    );
     Ok(())
 }
 

@@ -280,3 +280,347 @@ fn async_stripe_known_answer_vector() {
     assert_eq!(event.event_type().as_str(), "invoiceitem.created");
     assert_eq!(event.api_version(), Some("2017-05-25"));
 }
+
+// ---------------------------------------------------------------------------
+// Billing scenarios on fixtures derived from the real objects above
+// (`derived.*.json`, made by `scripts/fixtures/derive.py`; SOURCES.md lists
+// every field changed): a `send_invoice` subscription and its invoice, and a
+// subscription on a test clock, in the pre-basil and basil shapes.
+
+mod billing {
+    use super::read;
+    use serde_json::{Value, json};
+    use stripe_webhook_guard::access::{Access, AccessPolicy, AccessReason};
+    use stripe_webhook_guard::event::{
+        ApiShape, CollectionMethod, Event, InvoiceView, SubscriptionStatus, SubscriptionView,
+    };
+    use stripe_webhook_guard::subscription::{Decision, SubscriptionRecord, decide, from_stripe};
+    use time::OffsetDateTime;
+
+    pub const SHAPES: [&str; 2] = ["2025-02-24.acacia", "2025-03-31.basil"];
+    pub const DAY: i64 = 86_400;
+    /// The derived objects' period start, finalisation and due date.
+    pub const PERIOD_START: i64 = 1_730_419_200;
+    pub const FINALIZED: i64 = PERIOD_START + 3_600;
+    pub const DUE: i64 = FINALIZED + 14 * DAY;
+    pub const INVOICE: &str = "in_1Pgc6tB7WZ01zgkWu9fdqL6I";
+
+    pub fn at(t: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(t).unwrap()
+    }
+
+    pub fn object(name: &str) -> Value {
+        serde_json::from_str(&read(name)).unwrap()
+    }
+
+    /// An event of `kind` created at `created` carrying `object`.
+    pub fn event(id: &str, kind: &str, created: i64, shape: &str, object: &Value) -> Event {
+        let body = json!({
+            "id": id, "object": "event", "type": kind, "created": created,
+            "livemode": false, "api_version": shape,
+            "data": {"object": object},
+        });
+        Event::parse_unverified(body.to_string().as_bytes()).unwrap()
+    }
+
+    /// The record after `events`, applied in order (fallbacks taken: no
+    /// Stripe client).
+    pub fn apply(mut record: Option<SubscriptionRecord>, events: &[Event]) -> SubscriptionRecord {
+        for e in events {
+            match decide(record.as_ref(), e, at(e.created())).unwrap() {
+                Decision::Apply(a) => record = Some(a.record),
+                Decision::Refetch {
+                    fallback: Some(f), ..
+                } => record = Some(f.record),
+                _ => {}
+            }
+        }
+        record.unwrap()
+    }
+
+    pub fn decision(
+        record: &SubscriptionRecord,
+        policy: &AccessPolicy,
+        t: i64,
+    ) -> (Access, AccessReason, Option<i64>) {
+        let d = policy.decide(record, at(t));
+        (
+            d.access,
+            d.reason,
+            d.valid_until.map(OffsetDateTime::unix_timestamp),
+        )
+    }
+
+    /// The invoiced subscription's record after the snapshot that reported
+    /// it past due (a minute after the due date).
+    fn past_due_record(shape: &str) -> SubscriptionRecord {
+        let sub_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
+        let past_due = event(
+            "evt_pd",
+            "customer.subscription.updated",
+            DUE + 60,
+            shape,
+            &sub_json,
+        );
+        apply(None, &[past_due])
+    }
+
+    #[test]
+    fn send_invoice_objects_read_in_both_shapes() {
+        for shape in SHAPES {
+            let sub = SubscriptionView::from_json(&read(&format!(
+                "derived.subscription.send_invoice.{shape}.json"
+            )))
+            .unwrap();
+            assert_eq!(
+                sub.collection_method,
+                Some(CollectionMethod::SendInvoice),
+                "{shape}"
+            );
+            assert!(sub.is_invoiced());
+            assert_eq!(sub.days_until_due, Some(14));
+            assert_eq!(sub.current_period_start, Some(PERIOD_START), "{shape}");
+            assert_eq!(
+                sub.metadata.get("subscription_type").map(String::as_str),
+                Some("team")
+            );
+            assert_eq!(
+                sub.items[0].product_id.as_deref(),
+                Some("prod_QXg1hqf4jFNsqG")
+            );
+            assert_eq!(sub.items[0].quantity, Some(1));
+            let shape_read = if shape.ends_with("acacia") {
+                ApiShape::PreBasil
+            } else {
+                ApiShape::Basil
+            };
+            assert_eq!(sub.shape, shape_read);
+
+            let open = InvoiceView::from_json(&read(&format!(
+                "derived.invoice.send_invoice.open.{shape}.json"
+            )))
+            .unwrap();
+            assert_eq!(open.shape, shape_read, "{shape}");
+            assert_eq!(open.subscription_id.as_deref(), sub.id.as_deref());
+            assert_eq!(open.collection_method, Some(CollectionMethod::SendInvoice));
+            assert_eq!(open.finalized_at, Some(FINALIZED));
+            assert_eq!(open.due_at(Some(14)), Some(DUE));
+            assert!(!open.paid);
+            let paid = InvoiceView::from_json(&read(&format!(
+                "derived.invoice.send_invoice.paid.{shape}.json"
+            )))
+            .unwrap();
+            assert!(paid.paid, "{shape}");
+        }
+        // The real fixtures are charged automatically: no due date counts.
+        for shape in SHAPES {
+            let inv = InvoiceView::from_json(&read(&format!("invoice.{shape}.json"))).unwrap();
+            assert_eq!(
+                inv.collection_method,
+                Some(CollectionMethod::ChargeAutomatically)
+            );
+            assert_eq!(inv.due_at(Some(14)), None);
+        }
+    }
+
+    /// Regression (issue 13, item 1): an invoiced customer turned past due
+    /// kept no grace, because the grace clock started at the period's
+    /// start (no payment failure is ever sent for `send_invoice`). It now
+    /// counts from the invoice's due date, known from the subscription's
+    /// `days_until_due` alone or from the invoice's `due_date`.
+    #[test]
+    fn invoiced_past_due_grace_counts_from_the_due_date() {
+        let policy = AccessPolicy::default();
+        for shape in SHAPES {
+            let sub_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
+            let past_due = event(
+                "evt_pd",
+                "customer.subscription.updated",
+                DUE + 60,
+                shape,
+                &sub_json,
+            );
+            // From the snapshot alone: due = period start + 14 days.
+            let record = apply(None, std::slice::from_ref(&past_due));
+            assert_eq!(record.status(), &SubscriptionStatus::PastDue);
+            assert_eq!(record.invoice_due_at(), Some(PERIOD_START + 14 * DAY));
+            let grace_end = PERIOD_START + 17 * DAY;
+            assert_eq!(
+                decision(&record, &policy, DUE + DAY),
+                (Access::Grace, AccessReason::PastDueGrace, Some(grace_end)),
+                "{shape}: a day after the due date"
+            );
+            // With the invoice seen (its due date, an hour later): the
+            // later of the two.
+            let invoice = object(&format!("derived.invoice.send_invoice.open.{shape}.json"));
+            let finalized = event(
+                "evt_f",
+                "invoice.payment_action_required",
+                FINALIZED,
+                shape,
+                &invoice,
+            );
+            let record = apply(Some(record), &[finalized]);
+            assert_eq!(record.latest_invoice_due, Some(DUE), "{shape}");
+            assert_eq!(
+                decision(&record, &policy, DUE + DAY),
+                (
+                    Access::Grace,
+                    AccessReason::PastDueGrace,
+                    Some(DUE + 3 * DAY)
+                )
+            );
+            let mut verified = record.clone();
+            verified.last_verified_with_stripe = Some(at(DUE + 3 * DAY));
+            assert_eq!(
+                decision(&verified, &policy, DUE + 3 * DAY),
+                (Access::Denied, AccessReason::PaymentFailed, None)
+            );
+            // The same record charged automatically keeps the old rule:
+            // from the period's start.
+            let mut charged = verified.clone();
+            charged.state.collection_method = Some(CollectionMethod::ChargeAutomatically);
+            assert_eq!(
+                decision(&charged, &policy, DUE + DAY),
+                (Access::Denied, AccessReason::PaymentFailed, None)
+            );
+        }
+    }
+
+    /// Regression (issue 13, item 2): paying an older invoice restored a
+    /// past-due subscription and overwrote `latest_invoice`. Now only the
+    /// latest invoice's payment restores; an older one is recorded as a
+    /// payment and changes nothing else.
+    #[test]
+    fn only_the_latest_invoice_payment_restores() {
+        for shape in SHAPES {
+            let record = past_due_record(shape);
+            assert_eq!(record.state.latest_invoice.as_deref(), Some(INVOICE));
+            // Last month's invoice, paid late.
+            let mut older = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
+            older["id"] = json!("in_older");
+            older["created"] = json!(PERIOD_START - 30 * DAY);
+            older["lines"]["data"][0]["period"] =
+                json!({"start": PERIOD_START - 30 * DAY, "end": PERIOD_START});
+            let old_paid = event("evt_old", "invoice.paid", DUE + DAY, shape, &older);
+            let after_old = apply(Some(record.clone()), &[old_paid]);
+            assert_eq!(after_old.status(), &SubscriptionStatus::PastDue, "{shape}");
+            assert_eq!(after_old.state.latest_invoice.as_deref(), Some(INVOICE));
+            assert_eq!(after_old.last_paid_at, record.last_paid_at);
+            assert_eq!(after_old.paid_through, record.paid_through);
+            let recorded = after_old.payment_first_reported_by("evt_old").unwrap();
+            assert_eq!(
+                (recorded.invoice.as_str(), recorded.latest),
+                ("in_older", false)
+            );
+
+            // The latest invoice's payment restores.
+            let latest = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
+            let paid = event("evt_paid", "invoice.paid", DUE + 2 * DAY, shape, &latest);
+            let restored = apply(Some(after_old), &[paid]);
+            assert_eq!(restored.status(), &SubscriptionStatus::Active, "{shape}");
+            assert_eq!(restored.latest_invoice_paid, Some(true));
+            assert_eq!(restored.paid_through, Some(1_733_011_200));
+            assert!(
+                restored
+                    .payment_first_reported_by("evt_paid")
+                    .unwrap()
+                    .latest
+            );
+        }
+    }
+
+    /// A newer invoice than the one the snapshot named (created after the
+    /// snapshot) is the latest: its payment restores.
+    #[test]
+    fn an_invoice_newer_than_the_snapshot_restores() {
+        for shape in SHAPES {
+            let record = past_due_record(shape);
+            let mut newer = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
+            newer["id"] = json!("in_newer");
+            newer["created"] = json!(DUE + 120);
+            let paid = event("evt_new", "invoice.paid", DUE + 180, shape, &newer);
+            let restored = apply(Some(record), &[paid]);
+            assert_eq!(restored.status(), &SubscriptionStatus::Active, "{shape}");
+            assert_eq!(restored.state.latest_invoice.as_deref(), Some("in_newer"));
+        }
+    }
+
+    /// Test clocks (issue 13, item 12): a subscription on a test clock has
+    /// events with simulated `created` times, here a month ahead of the
+    /// real clock. A refetch of it is stamped with the clock's
+    /// `frozen_time` when the object carries the expanded clock, so a
+    /// delayed event older than the fetched state stays stale; access is
+    /// decided at the simulated time.
+    #[test]
+    fn test_clock_refetch_stamps_and_access_follow_simulated_time() {
+        const PERIOD_END: i64 = 1_733_011_200;
+        let frozen = PERIOD_END + DAY;
+        let real_now = PERIOD_START - 20 * DAY;
+        for shape in SHAPES {
+            let json = object(&format!("derived.subscription.test_clock.{shape}.json"));
+            let view = SubscriptionView::from_json(&json.to_string()).unwrap();
+            assert_eq!(
+                view.test_clock.as_deref(),
+                Some("clock_1Pgc6yB7WZ01zgkWVlemIOED")
+            );
+            assert_eq!(view.test_clock_frozen_time, Some(frozen), "{shape}");
+            let fetched = from_stripe(None, &view, at(real_now), None).record;
+            assert_eq!(
+                fetched.watermark.as_ref().unwrap().created,
+                frozen,
+                "{shape}"
+            );
+            assert_eq!(fetched.state.test_clock, view.test_clock);
+            // A delayed event from simulated time before the fetch: stale.
+            let mut older = json.clone();
+            older["status"] = json!("past_due");
+            let late = event(
+                "evt_late",
+                "customer.subscription.updated",
+                frozen - 3_600,
+                shape,
+                &older,
+            );
+            assert!(
+                matches!(
+                    decide(Some(&fetched), &late, at(real_now)).unwrap(),
+                    Decision::Stale { .. }
+                ),
+                "{shape}"
+            );
+            // A newer simulated event applies.
+            let newer = event(
+                "evt_new",
+                "customer.subscription.updated",
+                frozen + 60,
+                shape,
+                &older,
+            );
+            let record = apply(Some(fetched.clone()), &[newer]);
+            assert_eq!(record.status(), &SubscriptionStatus::PastDue);
+            // Access at the clock's time, not the real one.
+            let policy = AccessPolicy::default();
+            let simulated = policy.decide(&fetched, at(frozen));
+            assert_eq!(simulated.access, Access::Granted, "{shape}");
+            assert_eq!(
+                simulated.valid_until.map(OffsetDateTime::unix_timestamp),
+                Some(PERIOD_END + 30 * DAY)
+            );
+            // Without the expanded clock (only its id), the stamp is the
+            // latest of the fetch time and the triggering event's `created`.
+            let mut by_id = json.clone();
+            by_id["test_clock"] = json!("clock_1Pgc6yB7WZ01zgkWVlemIOED");
+            let view = SubscriptionView::from_json(&by_id.to_string()).unwrap();
+            let trigger = event(
+                "evt_t",
+                "customer.subscription.updated",
+                frozen,
+                shape,
+                &by_id,
+            );
+            let fetched = from_stripe(None, &view, at(real_now), Some(&trigger)).record;
+            assert_eq!(fetched.watermark.unwrap().created, frozen);
+        }
+    }
+}

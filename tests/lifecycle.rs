@@ -157,3 +157,203 @@ async fn a_refetch_settles_an_impossible_transition() {
     );
     assert!(!r.needs_review);
 }
+
+/// An invoiced customer (`send_invoice`, due in 14 days) pays the first
+/// invoice, then lets the renewal's invoice go overdue: Stripe turns the
+/// subscription past due at the due date and sends no payment failure. The
+/// grace counts from the due date (regression, issue 13 item 1: it counted
+/// from the period's start, so the customer was denied at once), and paying
+/// restores access.
+#[tokio::test]
+async fn invoiced_customer_keeps_grace_from_the_due_date() {
+    use stripe_webhook_guard::access::{Access, AccessPolicy, AccessReason};
+    use stripe_webhook_guard::testing::Collection;
+    for with_client in [true, false] {
+        let mut w = World::new(config(7), SimConfig::default(), with_client);
+        let f = w.fake.clone();
+        let customer = f.create_customer();
+        let invoiced = Subscribe {
+            collection: Collection::SendInvoice { days_until_due: 14 },
+            ..Subscribe::default()
+        };
+        let sub = f.subscribe(&customer, &invoiced);
+        w.sim.advance(Duration::days(5)).await;
+        f.pay_open_invoice(&sub);
+        // The renewal at day 30 sends an invoice due at day 44; unpaid.
+        w.sim.advance(Duration::days(35)).await;
+        assert_eq!(f.truth(&sub).unwrap().status, S::Active);
+        w.sim.advance(Duration::days(6)).await;
+        w.sim.flush().await;
+        assert_eq!(f.truth(&sub).unwrap().status, S::PastDue);
+        assert!(w.mismatches().is_empty(), "{:#?}", w.mismatches());
+        let record = w.store.all_subscriptions().pop().unwrap();
+        assert!(record.state.is_invoiced());
+        let renewal = record.state.current_period_start.unwrap();
+        let due = renewal + 14 * 86_400;
+        let now = stripe_webhook_guard::clock::Clock::now(&w.clock);
+        assert!(now.unix_timestamp() > due + 86_400);
+        let decision = AccessPolicy::default().decide(&record, now);
+        assert_eq!(
+            (decision.access, decision.reason),
+            (Access::Grace, AccessReason::PastDueGrace),
+            "with_client {with_client}"
+        );
+        assert_eq!(
+            decision.valid_until.unwrap().unix_timestamp(),
+            due + 3 * 86_400
+        );
+        f.pay_open_invoice(&sub);
+        w.sim.flush().await;
+        let record = w.store.all_subscriptions().pop().unwrap();
+        assert_eq!(record.status(), &S::Active);
+        let decision = AccessPolicy::default()
+            .decide(&record, stripe_webhook_guard::clock::Clock::now(&w.clock));
+        assert_eq!(decision.access, Access::Granted);
+        assert!(w.mismatches().is_empty());
+    }
+}
+
+/// Records what the handler saw: how many times it was told a payment was
+/// reported first, per invoice.
+#[derive(Default)]
+struct Receipts(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+#[async_trait::async_trait]
+impl stripe_webhook_guard::processor::EventHandler for Receipts {
+    async fn handle(
+        &self,
+        _event: &stripe_webhook_guard::event::Event,
+        ctx: &stripe_webhook_guard::processor::HandlerContext,
+    ) -> Result<(), stripe_webhook_guard::processor::HandlerError> {
+        if let Some(paid) = ctx.first_payment_report() {
+            *self
+                .0
+                .lock()
+                .unwrap()
+                .entry(paid.invoice.clone())
+                .or_insert(0) += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One payment, one notification (issue 13 item 9): Stripe reports each
+/// payment with `invoice.paid` and `invoice.payment_succeeded`, delivered
+/// up to three times each in any order; a handler acting on
+/// `first_payment_report` acts exactly once per paid invoice.
+#[tokio::test]
+async fn one_payment_one_notification() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use stripe_webhook_guard::processor::WebhookProcessor;
+    use stripe_webhook_guard::signature::Verifier;
+    use stripe_webhook_guard::store::MemoryStore;
+    use stripe_webhook_guard::testing::{FakeStripe, Simulator};
+    for seed in 1..=3 {
+        let clock = stripe_webhook_guard::clock::ManualClock::at_unix(common::world::START);
+        let fake = Arc::new(FakeStripe::new(clock.clone(), config(seed)));
+        let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+        let receipts = Arc::new(Receipts::default());
+        let processor = WebhookProcessor::builder(Verifier::new(common::secret()))
+            .store(store)
+            .clock(Arc::new(clock.clone()))
+            .handler(receipts.clone())
+            .build();
+        let mut sim = Simulator::new(
+            processor,
+            fake.clone(),
+            common::secret(),
+            SimConfig {
+                seed,
+                max_copies: 3,
+                max_delay: Duration::minutes(30),
+                ..SimConfig::default()
+            },
+        );
+        let a = fake.create_customer();
+        let b = fake.create_customer();
+        fake.subscribe(&a, &Subscribe::default());
+        let sb = fake.subscribe(&b, &Subscribe::default());
+        sim.advance(Duration::days(20)).await;
+        fake.set_card(&b, Card::Declines);
+        sim.advance(Duration::days(15)).await;
+        fake.pay_open_invoice(&sb);
+        sim.advance(Duration::days(40)).await;
+        sim.flush().await;
+        let paid: BTreeSet<String> = fake
+            .all_events()
+            .iter()
+            .filter(|e| e.event.event_type().as_str() == "invoice.paid")
+            .filter_map(|e| e.event.invoice().ok()?.id)
+            .collect();
+        let seen = receipts.0.lock().unwrap().clone();
+        assert!(paid.len() >= 5, "seed {seed}: {paid:?}");
+        assert_eq!(
+            seen.keys().cloned().collect::<BTreeSet<_>>(),
+            paid,
+            "seed {seed}"
+        );
+        assert!(seen.values().all(|n| *n == 1), "seed {seed}: {seen:?}");
+    }
+}
+
+/// Test clocks (issue 13 item 12): every subscription runs on a test clock
+/// 40 days ahead of the real clock, so every event's `created` and every
+/// period is in the real clock's future. Ordering, refetches (stamped with
+/// at least the triggering event's simulated `created`) and access decided
+/// at the simulated time stay consistent with Stripe's state.
+#[tokio::test]
+async fn test_clock_ahead_of_real_time() {
+    use stripe_webhook_guard::access::AccessPolicy;
+    for with_client in [true, false] {
+        let mut w = World::new(
+            FakeConfig {
+                test_clock_ahead: Some(Duration::days(40)),
+                ..config(11)
+            },
+            SimConfig {
+                seed: 11,
+                max_delay: Duration::minutes(10),
+                ..SimConfig::default()
+            },
+            with_client,
+        );
+        let f = w.fake.clone();
+        let ok = f.create_customer();
+        let lapsing = f.create_customer();
+        let s_ok = f.subscribe(&ok, &Subscribe::default());
+        let s_lapsing = f.subscribe(&lapsing, &Subscribe::default());
+        w.sim.advance(Duration::days(10)).await;
+        f.set_card(&lapsing, Card::Declines);
+        w.sim.advance(Duration::days(50)).await;
+        w.sim.flush().await;
+        assert!(w.mismatches().is_empty(), "{:#?}", w.mismatches());
+        let real = stripe_webhook_guard::clock::Clock::now(&w.clock);
+        let simulated = f.test_clock_time().unwrap();
+        let policy = AccessPolicy::default();
+        for (id, allowed) in [(&s_ok, true), (&s_lapsing, false)] {
+            let record = w
+                .store
+                .all_subscriptions()
+                .into_iter()
+                .find(|r| &r.id == id)
+                .unwrap();
+            assert_eq!(record.state.test_clock.as_deref(), Some("clock_fake"));
+            // Every watermark is in simulated time, ahead of the real clock.
+            assert!(record.watermark.unwrap().created > real.unix_timestamp());
+            let d = policy.decide(
+                &w.store
+                    .all_subscriptions()
+                    .into_iter()
+                    .find(|r| &r.id == id)
+                    .unwrap(),
+                simulated,
+            );
+            assert_eq!(
+                d.access.allows(),
+                allowed,
+                "{id} with_client {with_client}: {d:?}"
+            );
+        }
+    }
+}

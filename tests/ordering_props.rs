@@ -414,3 +414,173 @@ mod regressions {
         );
     }
 }
+
+/// Payments in any order (issue 13 items 2 and 9), pure: a past-due
+/// subscription whose latest invoice `in_new` failed, a late payment of an
+/// older invoice `in_old`, and maybe the payment of `in_new`, each reported
+/// by `invoice.paid` and `invoice.payment_succeeded`, every event delivered
+/// 1–3 times in any order and in either API shape. The older payment never
+/// restores nor replaces the latest invoice; each payment has exactly one
+/// first report; the end state does not depend on the order.
+mod payments {
+    use proptest::prelude::*;
+    use stripe_webhook_guard::event::{Event, SubscriptionStatus};
+    use stripe_webhook_guard::subscription::{Decision, SubscriptionRecord, decide};
+    use time::OffsetDateTime;
+
+    const T: i64 = 1_767_225_600;
+
+    fn invoice(
+        id: &str,
+        ty: &str,
+        at: i64,
+        invoice: &str,
+        created: i64,
+        paid: bool,
+        basil: bool,
+    ) -> Event {
+        let status = if paid { "paid" } else { "open" };
+        let link = if basil {
+            r#""subscription":null,"parent":{"type":"subscription_details","subscription_details":{"subscription":"sub_1"}}"#
+                .to_owned()
+        } else {
+            format!(r#""subscription":"sub_1","paid":{paid}"#)
+        };
+        let body = format!(
+            r#"{{"id":"{id}","object":"event","type":"{ty}","created":{at},"livemode":false,
+            "data":{{"object":{{"id":"{invoice}","object":"invoice","customer":"cus_1",{link},
+            "status":"{status}","created":{created},"lines":{{"data":[{{"type":"subscription",
+            "subscription":"sub_1","period":{{"start":{created},"end":{}}}}}]}}}}}}}}"#,
+            created + 30 * 86_400
+        );
+        Event::parse_unverified(body.as_bytes()).unwrap()
+    }
+
+    fn past_due(basil: bool) -> Event {
+        let period = if basil {
+            format!(
+                r#""items":{{"data":[{{"id":"si_1","price":{{"id":"price_1","product":"prod_1"}},
+                "current_period_start":{T},"current_period_end":{}}}]}}"#,
+                T + 30 * 86_400
+            )
+        } else {
+            format!(
+                r#""current_period_start":{T},"current_period_end":{},
+                "items":{{"data":[{{"id":"si_1","price":{{"id":"price_1","product":"prod_1"}}}}]}}"#,
+                T + 30 * 86_400
+            )
+        };
+        let body = format!(
+            r#"{{"id":"evt_pd","object":"event","type":"customer.subscription.updated","created":{},
+            "livemode":false,"data":{{"object":{{"id":"sub_1","object":"subscription","customer":"cus_1",
+            "status":"past_due","latest_invoice":"in_new",{period}}}}}}}"#,
+            T + 60
+        );
+        Event::parse_unverified(body.as_bytes()).unwrap()
+    }
+
+    fn history(pay_new: bool, shapes: &[bool]) -> Vec<Event> {
+        let old = T - 30 * 86_400;
+        let mut events = vec![
+            past_due(shapes[0]),
+            invoice(
+                "evt_fail",
+                "invoice.payment_failed",
+                T + 60,
+                "in_new",
+                T,
+                false,
+                shapes[1],
+            ),
+            invoice(
+                "evt_old_paid",
+                "invoice.paid",
+                T + 3_600,
+                "in_old",
+                old,
+                true,
+                shapes[2],
+            ),
+            invoice(
+                "evt_old_ok",
+                "invoice.payment_succeeded",
+                T + 3_600,
+                "in_old",
+                old,
+                true,
+                shapes[3],
+            ),
+        ];
+        if pay_new {
+            events.push(invoice(
+                "evt_new_paid",
+                "invoice.paid",
+                T + 7_200,
+                "in_new",
+                T,
+                true,
+                shapes[4],
+            ));
+            events.push(invoice(
+                "evt_new_ok",
+                "invoice.payment_succeeded",
+                T + 7_200,
+                "in_new",
+                T,
+                true,
+                shapes[5],
+            ));
+        }
+        events
+    }
+
+    fn apply(events: &[&Event]) -> SubscriptionRecord {
+        let mut record: Option<SubscriptionRecord> = None;
+        for e in events {
+            let now = OffsetDateTime::from_unix_timestamp(e.created()).unwrap();
+            match decide(record.as_ref(), e, now).unwrap() {
+                Decision::Apply(a) => record = Some(a.record),
+                Decision::Refetch {
+                    fallback: Some(f), ..
+                } => record = Some(f.record),
+                _ => {}
+            }
+        }
+        record.unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn any_order_any_shape(pay_new in any::<bool>(), shapes in prop::collection::vec(any::<bool>(), 6),
+                               copies in prop::collection::vec(1usize..=3, 6), keys in prop::collection::vec(any::<u64>(), 18)) {
+            let events = history(pay_new, &shapes);
+            let mut deliveries: Vec<(u64, &Event)> = Vec::new();
+            for (i, e) in events.iter().enumerate() {
+                for c in 0..copies[i] {
+                    deliveries.push((keys[i * 3 + c], e));
+                }
+            }
+            deliveries.sort_by_key(|(k, _)| *k);
+            let order: Vec<&Event> = deliveries.into_iter().map(|(_, e)| e).collect();
+            let r = apply(&order);
+            prop_assert_eq!(r.state.latest_invoice.as_deref(), Some("in_new"));
+            if pay_new {
+                prop_assert_eq!(r.status(), &SubscriptionStatus::Active);
+                prop_assert_eq!(r.latest_invoice_paid, Some(true));
+                prop_assert_eq!(r.dunning_since(), None);
+            } else {
+                prop_assert_eq!(r.status(), &SubscriptionStatus::PastDue);
+                prop_assert_eq!(r.dunning_since(), Some(T + 60));
+                prop_assert_eq!(r.latest_invoice_paid, Some(false));
+            }
+            // One first report per payment.
+            for (invoice, a, b) in [("in_old", "evt_old_paid", "evt_old_ok"), ("in_new", "evt_new_paid", "evt_new_ok")] {
+                let reports = [a, b].iter().filter(|e| r.payment_first_reported_by(e).is_some()).count();
+                let paid = invoice == "in_old" || pay_new;
+                prop_assert_eq!(reports, usize::from(paid), "{}", invoice);
+            }
+        }
+    }
+}

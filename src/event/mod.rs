@@ -81,6 +81,6 @@ mod views;
 pub use envelope::{Event, EventRequest, EventType, MAX_NESTING, ParseError, RelatedObject};
 pub use status::SubscriptionStatus;
 pub use views::{
-    ApiShape, CheckoutSessionView, EntitlementSummaryView, InvoiceView, ItemView, ObjectIdentity,
-    PauseCollection, SubscriptionView,
+    ApiShape, CheckoutSessionView, CollectionMethod, EntitlementSummaryView, InvoiceView, ItemView,
+    ObjectIdentity, PauseCollection, SubscriptionView,
 };

@@ -15,7 +15,7 @@ use crate::event::{Event, EventType, ParseError};
 use crate::ledger::{Lease, LedgerState};
 use crate::signature::VerifyError;
 use crate::store::StoreError;
-use crate::subscription::{Effect, SubscriptionRecord};
+use crate::subscription::{Effect, PaidInvoice, SubscriptionRecord};
 
 /// What the application's handler gets besides the event.
 #[derive(Debug, Clone)]
@@ -54,6 +54,19 @@ impl HandlerContext {
     pub fn lease_remaining(&self) -> std::time::Duration {
         self.deadline
             .saturating_duration_since(self.clock.monotonic())
+    }
+
+    /// The payment this event is the first report of, if it is one. Stripe
+    /// reports one payment twice, with `invoice.paid` and
+    /// `invoice.payment_succeeded` (often in the same second, in either
+    /// order); only the event processed first answers `Some` (also on its
+    /// retries), so a handler that sends a receipt or provisions on payment
+    /// acts once per payment by acting only then. `PaidInvoice::latest`
+    /// says whether it paid the subscription's latest invoice.
+    pub fn first_payment_report(&self) -> Option<&PaidInvoice> {
+        self.subscription
+            .as_ref()?
+            .payment_first_reported_by(&self.event_id)
     }
 }
 

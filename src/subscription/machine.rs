@@ -303,6 +303,7 @@ fn apply_snapshot(
         let mut record = cur.clone();
         let before = record.state.status.clone();
         adopt(&mut record, incoming, mark);
+        restore_if_paid_since(&mut record);
         return Decision::Apply(Box::new(Applied {
             status_change: change(&before, &record.state.status),
             record,
@@ -371,6 +372,7 @@ fn apply_snapshot(
     }
     check_customer(&mut record, incoming.customer.as_deref(), now_s, event.id());
     adopt(&mut record, incoming, mark);
+    restore_if_paid_since(&mut record);
     Decision::Apply(Box::new(Applied {
         status_change: change(&before, &record.state.status),
         record,
@@ -423,23 +425,79 @@ fn decide_tie(
 /// `(created, event id)` on its own watermark.
 fn adopt(record: &mut SubscriptionRecord, state: SubscriptionState, mark: Watermark) {
     let invoice_mark = (mark.created, mark.event_id.clone());
-    if state.latest_invoice.is_some()
+    // The snapshot names the latest invoice of its time: it replaces a
+    // latest invoice created before that time (an older invoice), and
+    // otherwise the later writer wins.
+    let replaces_older = state.latest_invoice.is_some()
+        && state.latest_invoice != record.state.latest_invoice
         && record
-            .invoice_watermark
-            .as_ref()
-            .is_none_or(|w| invoice_mark > *w)
+            .latest_invoice_created
+            .is_some_and(|created| created < mark.created);
+    if state.latest_invoice.is_some()
+        && (replaces_older
+            || record
+                .invoice_watermark
+                .as_ref()
+                .is_none_or(|w| invoice_mark > *w))
     {
         if state.latest_invoice != record.state.latest_invoice {
+            // Another invoice: what was known of the old one does not hold,
+            // and the dunning cycle is the new invoice's.
             record.latest_invoice_paid = None;
+            record.payment_failures.clear();
+            record.latest_invoice_created = None;
+            record.latest_invoice_due = None;
+            record.next_payment_attempt = None;
         }
         record
             .state
             .latest_invoice
             .clone_from(&state.latest_invoice);
-        record.invoice_watermark = Some(invoice_mark);
+        if record
+            .invoice_watermark
+            .as_ref()
+            .is_none_or(|w| invoice_mark > *w)
+        {
+            record.invoice_watermark = Some(invoice_mark);
+        }
     }
     record.set_state(state);
     record.watermark = Some(mark);
+}
+
+/// A snapshot that says `past_due`, `unpaid` or `incomplete` while the
+/// payment of the invoice it names as the latest was reported after it
+/// (the payment arrived first): the payment wins, as it would have had it
+/// arrived second. The record is flagged for the reconciler (the status
+/// comes from a payment, not from Stripe's subscription).
+fn restore_if_paid_since(record: &mut SubscriptionRecord) {
+    let (Some(latest), Some(mark)) = (&record.state.latest_invoice, &record.watermark) else {
+        return;
+    };
+    if !matches!(
+        record.state.status,
+        SubscriptionStatus::PastDue | SubscriptionStatus::Unpaid | SubscriptionStatus::Incomplete
+    ) {
+        return;
+    }
+    let Some(paid) = record.paid_invoices.iter().find(|p| &p.invoice == latest) else {
+        return;
+    };
+    let payment = Watermark {
+        created: paid.created,
+        event_id: paid.event_id.clone(),
+        rank: TieRank {
+            terminal: false,
+            period_end: i64::MIN,
+            phase: 0,
+        },
+        source: WatermarkSource::Payment,
+    };
+    if payment.order_key() > mark.order_key() {
+        record.state.status = SubscriptionStatus::Active;
+        record.watermark = Some(payment);
+        record.needs_reconcile = true;
+    }
 }
 
 pub(super) fn change(
@@ -499,9 +557,12 @@ impl From<OffsetDateTime> for FetchTime {
 /// Replaces the subscription fields of `current` (or a new record) with
 /// Stripe's object, fetched at `fetched_at` on our clock, possibly because of
 /// `trigger`. Payment facts, links and anomalies are kept. The watermark
-/// becomes the latest of `fetched_at`, the old watermark and the trigger's
-/// `created`, so events older than the fetch are stale afterwards and events
-/// of the same second are ties (refetched again).
+/// becomes the latest of `fetched_at`, the old watermark, the trigger's
+/// `created` and, for a subscription on a test clock fetched with the clock
+/// expanded, the clock's `frozen_time` (its events carry simulated times,
+/// possibly far ahead of `fetched_at`), so events older than the fetch are
+/// stale afterwards and events of the same second are ties (refetched
+/// again).
 pub fn from_stripe(
     current: Option<&SubscriptionRecord>,
     truth: &SubscriptionView,
@@ -523,6 +584,7 @@ pub fn from_stripe(
         Some(fetched_at.stamp().unix_timestamp()),
         record.watermark.as_ref().map(|w| w.created),
         trigger.map(Event::created),
+        truth.test_clock_frozen_time,
     ]
     .into_iter()
     .flatten()
@@ -883,10 +945,11 @@ mod tests {
         );
     }
 
-    fn invoice_event(id: &str, ty: &str, created: i64, paid: bool) -> Event {
+    /// An event about `invoice` (created at `created` when it is new).
+    fn invoice_event(id: &str, invoice: &str, ty: &str, created: i64, paid: bool) -> Event {
         let json = format!(
             r#"{{"id":"{id}","object":"event","type":"{ty}","created":{created},"livemode":false,
-            "data":{{"object":{{"id":"in_{id}","object":"invoice","customer":"cus_1","subscription":"sub_1",
+            "data":{{"object":{{"id":"{invoice}","object":"invoice","customer":"cus_1","subscription":"sub_1",
             "paid":{paid},"status":"{}","lines":{{"data":[{{"type":"subscription","subscription":"sub_1",
             "period":{{"start":{created},"end":{}}}}}]}}}}}}}}"#,
             if paid { "paid" } else { "open" },
@@ -895,8 +958,10 @@ mod tests {
         Event::parse_unverified(json.as_bytes()).unwrap()
     }
 
-    /// The dunning clock starts at the first failure after the last payment,
-    /// whatever order the events arrive in.
+    /// The dunning clock starts at the first failure of the latest invoice
+    /// after the last payment, whatever order the events arrive in: the
+    /// retries of one invoice (in_b) after the previous one (in_a) was
+    /// paid.
     #[test]
     fn dunning_clock_is_order_independent() {
         let base = applied(
@@ -914,10 +979,10 @@ mod tests {
             .unwrap(),
         );
         let events = [
-            invoice_event("evt_f1", "invoice.payment_failed", 10, false),
-            invoice_event("evt_p", "invoice.paid", 15, true),
-            invoice_event("evt_f2", "invoice.payment_failed", 20, false),
-            invoice_event("evt_f3", "invoice.payment_failed", 30, false),
+            invoice_event("evt_f1", "in_a", "invoice.payment_failed", 10, false),
+            invoice_event("evt_p", "in_a", "invoice.paid", 15, true),
+            invoice_event("evt_f2", "in_b", "invoice.payment_failed", 20, false),
+            invoice_event("evt_f3", "in_b", "invoice.payment_failed", 30, false),
         ];
         let orders: [[usize; 4]; 6] = [
             [0, 1, 2, 3],
@@ -939,7 +1004,10 @@ mod tests {
                 }
             }
             assert_eq!(r.dunning_since(), Some(20), "{order:?}");
-            assert_eq!(r.last_paid_at, Some(15));
+            assert_eq!(r.state.latest_invoice.as_deref(), Some("in_b"));
+            // in_a's payment is recorded in every order; it moved the
+            // payment clock only when in_a was the latest invoice seen.
+            assert!(r.payment_first_reported_by("evt_p").is_some());
         }
     }
 
@@ -963,7 +1031,7 @@ mod tests {
         );
         match decide(
             Some(&r),
-            &invoice_event("evt_paid", "invoice.paid", 101, true),
+            &invoice_event("evt_paid", "in_1", "invoice.paid", 101, true),
             now(),
         )
         .unwrap()

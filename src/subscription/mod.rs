@@ -62,18 +62,57 @@
 //!
 //! # Other events
 //!
-//! - `invoice.paid` / `invoice.payment_succeeded` extend `paid_through` (a
-//!   maximum, so order does not matter), move `last_paid_at` forward, and
-//!   restore a `past_due` or `unpaid` record to `active` when the payment is
-//!   newer than the snapshot that said so.
-//! - `invoice.payment_failed` / `invoice.payment_action_required` start the
-//!   dunning clock (`last_payment_failed_at`); status changes come from the
+//! - Invoice events first decide whether their invoice is the
+//!   subscription's **latest** (Stripe decides `past_due` by the latest
+//!   invoice): the same invoice as the record's latest, or a newer one
+//!   (compared by the invoices' own `created`; against an invoice named
+//!   only by a subscription snapshot, one created at or after that snapshot
+//!   is newer). The latest invoice's facts are kept: its id, whether it is
+//!   paid, its creation time, its due date (`send_invoice`) and the planned
+//!   retry (`next_payment_attempt`).
+//! - `invoice.paid` / `invoice.payment_succeeded` of the latest invoice
+//!   extend `paid_through` (a maximum, so order does not matter), move
+//!   `last_paid_at` forward, and restore a `past_due`, `unpaid` or
+//!   `incomplete` record to `active` when the payment is newer than the
+//!   snapshot that said so. A payment of an **older** invoice is recorded
+//!   (in `paid_invoices`) and changes nothing else: no status, no latest
+//!   invoice, no payment clock.
+//! - Every payment is recorded once, with the event that reported it first
+//!   ([`SubscriptionRecord::payment_first_reported_by`]): Stripe reports
+//!   one payment with both `invoice.paid` and `invoice.payment_succeeded`,
+//!   so a handler that sends a receipt acts when that is `Some` and sends
+//!   one per payment.
+//! - `invoice.payment_failed` / `invoice.payment_action_required` of the
+//!   latest invoice start the dunning clock (`payment_failures`, cleared
+//!   when a newer invoice becomes the latest); status changes come from the
 //!   subscription events Stripe sends with them.
 //! - `checkout.session.*` links `client_reference_id` and the customer to the
 //!   subscription and never sets a status by itself.
 //! - `entitlements.active_entitlement_summary.updated` is per customer; see
 //!   [`step_entitlements`]: incomplete lists and same-second summaries are
 //!   fetched from Stripe, never guessed.
+//!
+//! # What a record keeps for the application
+//!
+//! Besides the status and periods: the subscription's `metadata`, each
+//! item's price id, product id and quantity
+//! ([`SubscriptionRecord::has_price`], [`SubscriptionRecord::has_product`],
+//! [`SubscriptionRecord::quantity_of`], [`SubscriptionRecord::is_named`]),
+//! the collection method and `days_until_due`, the Checkout
+//! `client_reference_id`, and the test clock the subscription runs on.
+//!
+//! # Test clocks
+//!
+//! A subscription on a Stripe test clock emits events whose `created` is the
+//! clock's simulated time, which runs ahead of real time. Ordering compares
+//! only `created` values of the subscription's own events, so it is
+//! unaffected. A refetch is stamped with the latest of the fetch time, the
+//! record's watermark, the triggering event's `created` and, when the
+//! fetched object carries its expanded test clock, the clock's
+//! `frozen_time`; so events older than the fetched state stay stale even
+//! when simulated time is ahead. Access decisions take `now` from the
+//! caller: decide with the test clock's time for such a subscription
+//! ([`SubscriptionState::test_clock`] names the clock).
 //!
 //! # Layout
 //!
@@ -102,8 +141,9 @@ pub use machine::{
     subscription_id_of, tie_rank, transition,
 };
 pub use model::{
-    Anomaly, AnomalyKind, MAX_ANOMALIES, MAX_FAILURES, PauseCollection, StatusChange,
-    SubscriptionItem, SubscriptionRecord, SubscriptionState, TieRank, Watermark, WatermarkSource,
+    Anomaly, AnomalyKind, MAX_ANOMALIES, MAX_FAILURES, MAX_PAID_INVOICES, PaidInvoice,
+    PauseCollection, StatusChange, SubscriptionItem, SubscriptionRecord, SubscriptionState,
+    TieRank, Watermark, WatermarkSource,
 };
 pub use step::{
     Effect, Fetch, FetchOutcome, FetchTarget, Step, StepError, Subject, resume, step, subject,

@@ -3,10 +3,12 @@
 //! format does not change when the parser does. Views are converted into the
 //! model once, in [`SubscriptionState::from_view`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::event::{ItemView, SubscriptionStatus, SubscriptionView};
+use crate::event::{CollectionMethod, ItemView, SubscriptionStatus, SubscriptionView};
 
 /// How many anomalies a record keeps (the oldest are dropped).
 pub const MAX_ANOMALIES: usize = 16;
@@ -14,44 +16,37 @@ pub const MAX_ANOMALIES: usize = 16;
 /// How many failed payments a record remembers per dunning cycle.
 pub const MAX_FAILURES: usize = 32;
 
-/// A subscription item as stored: its id, price and quantity, and (on API
-/// versions 2025-03-31.basil and later) its own billing period.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct SubscriptionItem {
-    /// `si_…` (absent on 2012-era objects).
-    pub id: Option<String>,
-    /// The price (or legacy plan) id.
-    pub price_id: Option<String>,
-    /// Quantity, when given.
-    pub quantity: Option<u64>,
-    /// The item's own period start (Unix seconds; basil and later).
-    pub current_period_start: Option<i64>,
-    /// The item's own period end (Unix seconds; basil and later).
-    pub current_period_end: Option<i64>,
-}
-
-impl From<&ItemView> for SubscriptionItem {
-    fn from(view: &ItemView) -> Self {
-        Self {
-            id: view.id.clone(),
-            price_id: view.price_id.clone(),
-            quantity: view.quantity,
-            current_period_start: view.current_period_start,
-            current_period_end: view.current_period_end,
-        }
-    }
-}
+/// A subscription item as stored: its id, price, product and quantity, and
+/// (on API versions 2025-03-31.basil and later) its own billing period. The
+/// same type as the view's item: its fields are only ever added, each
+/// readable when absent, so records stored by earlier versions load.
+pub type SubscriptionItem = ItemView;
 
 /// Paused collection, as stored. Pausing collection does not change a
 /// subscription's `status`: Stripe keeps it `active` and stops charging.
+/// The same type as the view's.
+pub use crate::event::PauseCollection;
+
+/// How many paid invoices a record remembers (the oldest are dropped), to
+/// tell the first notification of a payment from the second.
+pub const MAX_PAID_INVOICES: usize = 16;
+
+/// A paid invoice of the subscription and the event that first reported
+/// the payment. Stripe reports one payment twice (`invoice.paid` and
+/// `invoice.payment_succeeded`, often in the same second and in either
+/// order); the first one processed records it here, so a handler acts once
+/// per payment ([`SubscriptionRecord::payment_first_reported_by`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct PauseCollection {
-    /// `keep_as_draft`, `mark_uncollectible` or `void`.
-    #[serde(default)]
-    pub behavior: Option<String>,
-    /// When collection resumes automatically, in Unix seconds.
-    #[serde(default)]
-    pub resumes_at: Option<i64>,
+pub struct PaidInvoice {
+    /// The invoice id.
+    pub invoice: String,
+    /// The event that first reported the payment.
+    pub event_id: String,
+    /// That event's `created` (Unix seconds).
+    pub created: i64,
+    /// Whether the invoice was the subscription's latest when its payment
+    /// was recorded (only such a payment restores a past-due subscription).
+    pub latest: bool,
 }
 
 /// A status change and the event that made it.
@@ -74,7 +69,8 @@ pub struct SubscriptionState {
     pub customer: Option<String>,
     /// The status.
     pub status: SubscriptionStatus,
-    /// Items with price ids and (basil and later) per-item periods.
+    /// Items with price and product ids, quantities and (basil and later)
+    /// per-item periods.
     pub items: Vec<SubscriptionItem>,
     /// The current period's start.
     pub current_period_start: Option<i64>,
@@ -98,6 +94,22 @@ pub struct SubscriptionState {
     /// last-writer-wins field shared by subscription and invoice events,
     /// ordered on its own watermark ([`SubscriptionRecord::invoice_watermark`]).
     pub latest_invoice: Option<String>,
+    /// How Stripe collects payment (`None` on records stored before this
+    /// field existed, and on 2012-era objects: read as charging
+    /// automatically).
+    #[serde(default)]
+    pub collection_method: Option<CollectionMethod>,
+    /// With `send_invoice`: days from an invoice's finalisation to its due
+    /// date.
+    #[serde(default)]
+    pub days_until_due: Option<i64>,
+    /// The subscription's metadata, as the application set it in Stripe.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The test clock the subscription runs on (test mode only); its
+    /// times are simulated.
+    #[serde(default)]
+    pub test_clock: Option<String>,
 }
 
 impl SubscriptionState {
@@ -106,7 +118,7 @@ impl SubscriptionState {
         Self {
             customer: view.customer.clone(),
             status: view.status.clone(),
-            items: view.items.iter().map(SubscriptionItem::from).collect(),
+            items: view.items.clone(),
             current_period_start: view.current_period_start,
             current_period_end: view.current_period_end,
             trial_start: view.trial_start,
@@ -115,11 +127,12 @@ impl SubscriptionState {
             cancel_at: view.cancel_at,
             canceled_at: view.canceled_at,
             ended_at: view.ended_at,
-            pause_collection: view.pause_collection.as_ref().map(|p| PauseCollection {
-                behavior: p.behavior.clone(),
-                resumes_at: p.resumes_at,
-            }),
+            pause_collection: view.pause_collection.clone(),
             latest_invoice: view.latest_invoice.clone(),
+            collection_method: view.collection_method,
+            days_until_due: view.days_until_due,
+            metadata: view.metadata.clone(),
+            test_clock: view.test_clock.clone(),
         }
     }
 
@@ -139,7 +152,18 @@ impl SubscriptionState {
             ended_at: None,
             pause_collection: None,
             latest_invoice: None,
+            collection_method: None,
+            days_until_due: None,
+            metadata: BTreeMap::new(),
+            test_clock: None,
         }
+    }
+
+    /// Whether Stripe sends this subscription's invoices to be paid by a
+    /// due date (`collection_method = send_invoice`) rather than charging a
+    /// card.
+    pub fn is_invoiced(&self) -> bool {
+        self.collection_method == Some(CollectionMethod::SendInvoice)
     }
 }
 
@@ -246,9 +270,11 @@ pub struct SubscriptionRecord {
     pub last_paid_at: Option<i64>,
     /// The newest failed payment's event time.
     pub last_payment_failed_at: Option<i64>,
-    /// Failed payments newer than the last successful one (event times,
-    /// ascending, at most [`MAX_FAILURES`]): the first one started the
-    /// dunning clock ([`SubscriptionRecord::dunning_since`]).
+    /// Failed payments of the latest invoice newer than the last successful
+    /// payment (event times, ascending, at most [`MAX_FAILURES`]): the
+    /// first one started the dunning clock
+    /// ([`SubscriptionRecord::dunning_since`]). Cleared when a newer
+    /// invoice becomes the latest.
     #[serde(default)]
     pub payment_failures: Vec<i64>,
     /// The last status change and the event that made it, so a retried event
@@ -261,6 +287,23 @@ pub struct SubscriptionRecord {
     /// The watermark `(created, event id)` of `state.latest_invoice` and
     /// `latest_invoice_paid`.
     pub invoice_watermark: Option<(i64, String)>,
+    /// The latest invoice's own `created` time, when an invoice event told
+    /// it (a subscription snapshot names the invoice without it). An
+    /// invoice created earlier is an older invoice.
+    #[serde(default)]
+    pub latest_invoice_created: Option<i64>,
+    /// With `send_invoice`: when the latest invoice is due
+    /// ([`InvoiceView::due_at`](crate::event::InvoiceView::due_at)).
+    #[serde(default)]
+    pub latest_invoice_due: Option<i64>,
+    /// When Stripe plans to retry the latest invoice's payment (`None`
+    /// once paid, or when Stripe has given up).
+    #[serde(default)]
+    pub next_payment_attempt: Option<i64>,
+    /// The most recent paid invoices and the event that first reported each
+    /// payment (at most [`MAX_PAID_INVOICES`], oldest first).
+    #[serde(default)]
+    pub paid_invoices: Vec<PaidInvoice>,
     /// When the record last matched Stripe's object (a refetch or a sweep).
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_verified_with_stripe: Option<OffsetDateTime>,
@@ -298,6 +341,10 @@ impl SubscriptionRecord {
             last_change: None,
             watermark: None,
             invoice_watermark: None,
+            latest_invoice_created: None,
+            latest_invoice_due: None,
+            next_payment_attempt: None,
+            paid_invoices: Vec::new(),
             last_verified_with_stripe: None,
             client_reference_id: None,
             checkout_session: None,
@@ -361,6 +408,9 @@ impl SubscriptionRecord {
             && mine.items.iter().zip(&state.items).all(|(a, b)| {
                 a.id == b.id
                     && a.price_id == b.price_id
+                    && (a.product_id.is_none()
+                        || b.product_id.is_none()
+                        || a.product_id == b.product_id)
                     && a.quantity == b.quantity
                     && same_option(a.current_period_start, b.current_period_start)
                     && same_option(a.current_period_end, b.current_period_end)
@@ -377,6 +427,81 @@ impl SubscriptionRecord {
             && mine.canceled_at == state.canceled_at
             && mine.ended_at == state.ended_at
             && mine.pause_collection == state.pause_collection
+            && mine.metadata == state.metadata
+            && (mine.collection_method.is_none()
+                || state.collection_method.is_none()
+                || mine.collection_method == state.collection_method)
+            && same_option(mine.days_until_due, state.days_until_due)
+    }
+
+    /// Whether an item of the subscription is for `price_id`.
+    pub fn has_price(&self, price_id: &str) -> bool {
+        self.state
+            .items
+            .iter()
+            .any(|i| i.price_id.as_deref() == Some(price_id))
+    }
+
+    /// Whether an item of the subscription is for a price of `product_id`.
+    pub fn has_product(&self, product_id: &str) -> bool {
+        self.state
+            .items
+            .iter()
+            .any(|i| i.product_id.as_deref() == Some(product_id))
+    }
+
+    /// The total quantity of the items for `price_id` (an item without a
+    /// quantity counts as 1); 0 when no item is for it.
+    pub fn quantity_of(&self, price_id: &str) -> u64 {
+        self.state
+            .items
+            .iter()
+            .filter(|i| i.price_id.as_deref() == Some(price_id))
+            .map(|i| i.quantity.unwrap_or(1))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// A metadata value of the subscription.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.state.metadata.get(key).map(String::as_str)
+    }
+
+    /// Whether the subscription carries the name `name` under the metadata
+    /// key `key`: how an application keeps several kinds of subscription
+    /// per customer apart (a "type" or "name" it sets when subscribing).
+    pub fn is_named(&self, key: &str, name: &str) -> bool {
+        self.metadata(key) == Some(name)
+    }
+
+    /// The payment that `event_id` reported first, if it did: Stripe sends
+    /// `invoice.paid` and `invoice.payment_succeeded` for one payment, and
+    /// only the first one processed answers `Some` (a retry of that event
+    /// still does). Act on a payment (a receipt, a provisioning step) when
+    /// this is `Some`, and the action happens once per payment.
+    pub fn payment_first_reported_by(&self, event_id: &str) -> Option<&PaidInvoice> {
+        self.paid_invoices.iter().find(|p| p.event_id == event_id)
+    }
+
+    /// With `send_invoice`: when the unpaid invoice became due, the later of
+    /// the latest invoice's due date and the current period's start plus
+    /// `days_until_due` (Stripe finalises a renewal invoice about an hour
+    /// after the period starts, so the second is at most that early, and it
+    /// is what is known when no invoice event of the period was seen).
+    /// `None` when the subscription is charged automatically or neither is
+    /// known.
+    pub fn invoice_due_at(&self) -> Option<i64> {
+        if !self.state.is_invoiced() {
+            return None;
+        }
+        let from_period = self
+            .state
+            .current_period_start
+            .zip(self.state.days_until_due)
+            .and_then(|(start, days)| start.checked_add(days.checked_mul(86_400)?));
+        match (self.latest_invoice_due, from_period) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Records an anomaly, keeping the newest [`MAX_ANOMALIES`]. The one
@@ -417,6 +542,47 @@ mod tests {
         // The flat layout written by earlier versions reads back.
         let back: SubscriptionRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// Stores keep the record as JSON: a row written before the billing
+    /// fields existed (no collection method, metadata, product ids, invoice
+    /// facts or paid invoices) still loads, with those fields empty.
+    #[test]
+    fn rows_stored_before_the_billing_fields_still_load() {
+        let mut r = SubscriptionRecord::new("sub_1");
+        r.state.status = SubscriptionStatus::PastDue;
+        r.state.items = vec![SubscriptionItem {
+            id: Some("si_1".into()),
+            price_id: Some("price_1".into()),
+            product_id: Some("prod_1".into()),
+            quantity: Some(3),
+            current_period_start: None,
+            current_period_end: None,
+        }];
+        let mut json = serde_json::to_value(&r).unwrap();
+        let row = json.as_object_mut().unwrap();
+        for key in [
+            "collection_method",
+            "days_until_due",
+            "metadata",
+            "test_clock",
+            "latest_invoice_created",
+            "latest_invoice_due",
+            "next_payment_attempt",
+            "paid_invoices",
+        ] {
+            assert!(row.remove(key).is_some(), "{key} is stored");
+        }
+        row["items"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("product_id");
+        let old: SubscriptionRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.state.items[0].product_id, None);
+        assert_eq!(old.state.items[0].quantity, Some(3));
+        assert!(old.state.metadata.is_empty() && old.paid_invoices.is_empty());
+        assert_eq!(old.state.collection_method, None);
+        assert!(!old.state.is_invoiced());
     }
 
     #[test]

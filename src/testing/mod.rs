@@ -68,7 +68,8 @@ mod rng;
 mod simulator;
 
 pub use fake_stripe::{
-    AfterRetries, Card, FakeConfig, FakeEvent, FakeStripe, ShapeMix, Subscribe, api_version,
+    AfterRetries, Card, Collection, FakeConfig, FakeEvent, FakeStripe, ShapeMix, Subscribe,
+    api_version,
 };
 pub use rng::Rng;
 pub use simulator::{DeliveryRecord, DeliveryResult, SimConfig, Simulator};

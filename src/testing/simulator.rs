@@ -207,7 +207,9 @@ impl Simulator {
                 let delay = self.rng.below(
                     u64::try_from(self.config.max_delay.whole_seconds().max(0)).unwrap_or(0) + 1,
                 );
-                let at = fe.event.created() + i64::try_from(delay).unwrap_or(0);
+                // Sent when emitted on the real clock (an event of a test
+                // clock carries a simulated `created`).
+                let at = fe.emitted_at + i64::try_from(delay).unwrap_or(0);
                 self.seq += 1;
                 self.queue.push(Reverse(Delivery {
                     at,

@@ -4,7 +4,9 @@
 
 use serde::Deserialize;
 
-use super::{ApiShape, ObjectIdentity, ObjectView, id_or_object, opt_string, pre_basil};
+use super::{
+    ApiShape, CollectionMethod, ObjectIdentity, ObjectView, id_or_object, opt_string, pre_basil,
+};
 use crate::event::ParseError;
 
 /// An invoice, read from either API shape.
@@ -81,6 +83,17 @@ pub struct InvoiceView {
     /// Amount paid, in the smallest currency unit.
     #[serde(default)]
     pub amount_paid: Option<i64>,
+    /// How the invoice is collected (`charge_automatically` or
+    /// `send_invoice`).
+    #[serde(default)]
+    pub collection_method: Option<CollectionMethod>,
+    /// With `send_invoice`: when the invoice is due (Unix seconds). Stripe
+    /// sets it at finalisation.
+    #[serde(default)]
+    pub due_date: Option<i64>,
+    /// When the invoice was finalised (`status_transitions.finalized_at`).
+    #[serde(skip)]
+    pub finalized_at: Option<i64>,
     /// The shape it was rendered in.
     #[serde(skip, default = "pre_basil")]
     pub shape: ApiShape,
@@ -94,6 +107,14 @@ pub struct InvoiceView {
     raw_parent: Option<RawInvoiceParent>,
     #[serde(default, rename = "lines")]
     raw_lines: Option<RawLines>,
+    #[serde(default, rename = "status_transitions")]
+    raw_transitions: Option<RawTransitions>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+struct RawTransitions {
+    #[serde(default)]
+    finalized_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -178,7 +199,34 @@ impl InvoiceView {
         Ok(view)
     }
 
+    /// When the invoice is due: its `due_date`, or, when Stripe did not
+    /// set one, `days_until_due` days (the subscription's setting) after it
+    /// was finalised. `None` for an invoice charged automatically, or when
+    /// neither is known.
+    ///
+    /// ```
+    /// use stripe_webhook_guard::event::InvoiceView;
+    ///
+    /// let due = InvoiceView::from_json(r#"{"id":"in_1","object":"invoice",
+    ///     "collection_method":"send_invoice","due_date":1700864000}"#).unwrap();
+    /// assert_eq!(due.due_at(None), Some(1_700_864_000));
+    /// let finalised = InvoiceView::from_json(r#"{"id":"in_1","object":"invoice",
+    ///     "collection_method":"send_invoice","due_date":null,
+    ///     "status_transitions":{"finalized_at":1700000000}}"#).unwrap();
+    /// assert_eq!(finalised.due_at(Some(10)), Some(1_700_000_000 + 10 * 86_400));
+    /// ```
+    pub fn due_at(&self, days_until_due: Option<i64>) -> Option<i64> {
+        if self.collection_method != Some(CollectionMethod::SendInvoice) {
+            return None;
+        }
+        self.due_date.or_else(|| {
+            let days = days_until_due?;
+            self.finalized_at?.checked_add(days.checked_mul(86_400)?)
+        })
+    }
+
     fn finish(&mut self) {
+        self.finalized_at = self.raw_transitions.take().and_then(|t| t.finalized_at);
         let from_parent = self
             .raw_parent
             .as_ref()

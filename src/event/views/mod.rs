@@ -35,6 +35,28 @@ pub use entitlement::EntitlementSummaryView;
 pub use invoice::InvoiceView;
 pub use subscription::{ItemView, PauseCollection, SubscriptionView};
 
+/// How Stripe collects a subscription's or an invoice's payments
+/// (`collection_method`).
+///
+/// With [`CollectionMethod::ChargeAutomatically`] Stripe charges the
+/// payment method on file and reports a failure with
+/// `invoice.payment_failed`. With [`CollectionMethod::SendInvoice`] Stripe
+/// e-mails an invoice that is due `days_until_due` days after it is
+/// finalised; the subscription turns `past_due` when the due date passes
+/// unpaid, and no payment failure is ever reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CollectionMethod {
+    /// `charge_automatically` (the default).
+    ChargeAutomatically,
+    /// `send_invoice`: the customer pays each invoice by its due date.
+    SendInvoice,
+    /// A value this crate does not know.
+    #[serde(other)]
+    Other,
+}
+
 /// Views already typed from this event's object (each typed at most once).
 /// Not `Debug`: an event's `Debug` output never shows what its object holds.
 #[derive(Clone, Default)]
@@ -162,6 +184,45 @@ impl Event {
             .clone()
     }
 
+    /// `data.object` deserialised into any type the application brings: its
+    /// own struct with just the fields it needs, or another crate's Stripe
+    /// types. Unlike the views, nothing is cached: each call reads the raw
+    /// object again. Thin events carry no object
+    /// ([`ParseError::MissingObject`]).
+    ///
+    /// ```
+    /// use serde::Deserialize;
+    /// use stripe_webhook_guard::event::Event;
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Invoice {
+    ///     id: String,
+    ///     amount_paid: i64,
+    ///     currency: String,
+    ///     customer_email: Option<String>,
+    /// }
+    ///
+    /// let event = Event::parse_unverified(
+    ///     br#"{"id":"evt_1","object":"event","type":"invoice.paid","created":1700000000,
+    ///         "livemode":false,"data":{"object":{"id":"in_1","object":"invoice",
+    ///         "amount_paid":2000,"currency":"eur","customer_email":"a@example.com"}}}"#,
+    /// )
+    /// .unwrap();
+    /// let invoice: Invoice = event.object_as().unwrap();
+    /// assert_eq!((invoice.id.as_str(), invoice.amount_paid), ("in_1", 2000));
+    /// assert_eq!(invoice.currency, "eur");
+    /// assert_eq!(invoice.customer_email.as_deref(), Some("a@example.com"));
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError::MissingObject`] for a thin event, [`ParseError::Shape`]
+    /// when the object does not fit `T` (the error never quotes the object).
+    pub fn object_as<T: de::DeserializeOwned>(&self) -> Result<T, ParseError> {
+        let raw = self.object_json().ok_or(ParseError::MissingObject)?;
+        serde_json::from_str(raw).map_err(|e| ParseError::from_json("object", &e))
+    }
+
     /// The object as an active-entitlement summary
     /// (`entitlements.active_entitlement_summary.updated`).
     ///
@@ -226,6 +287,28 @@ fn id_or_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Er
 
 fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Option::<String>::deserialize(d)
+}
+
+/// Metadata: a string map; `null` or absent reads as empty, and a value
+/// that is not a string (Stripe never sends one) is skipped.
+fn metadata_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Other(de::IgnoredAny),
+    }
+    let map: Option<std::collections::BTreeMap<String, Value>> = Option::deserialize(d)?;
+    Ok(map
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            Value::Text(t) => Some((k, t)),
+            Value::Other(_) => None,
+        })
+        .collect())
 }
 
 fn opt_bool_false<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {

@@ -2,14 +2,19 @@
 //! the raw serde structs it is read through. The field paths of each shape
 //! are documented on the type.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ApiShape, ObjectIdentity, ObjectView, id_or_object, opt_bool_false, opt_string, pre_basil,
+    ApiShape, CollectionMethod, ObjectIdentity, ObjectView, id_or_object, metadata_map,
+    opt_bool_false, opt_string, pre_basil,
 };
 use crate::event::{ParseError, SubscriptionStatus};
 
-/// `pause_collection` on a subscription.
+/// `pause_collection` on a subscription. Also the stored form
+/// ([`crate::subscription::PauseCollection`]): fields are only ever added,
+/// each readable when absent, so stored records keep loading.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PauseCollection {
     /// `keep_as_draft`, `mark_uncollectible` or `void`.
@@ -20,13 +25,19 @@ pub struct PauseCollection {
     pub resumes_at: Option<i64>,
 }
 
-/// One subscription item.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One subscription item: its id, price, product and quantity, and (on API
+/// versions 2025-03-31.basil and later) its own billing period. Also the
+/// stored form ([`crate::subscription::SubscriptionItem`]): fields are only
+/// ever added, each readable when absent, so stored records keep loading.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ItemView {
     /// `si_…` (absent on 2012-era objects).
     pub id: Option<String>,
     /// The price (or legacy plan) id.
     pub price_id: Option<String>,
+    /// The product of the price (or plan), `price.product`.
+    #[serde(default)]
+    pub product_id: Option<String>,
     /// Quantity, when given.
     pub quantity: Option<u64>,
     /// The item's own period start (basil and later).
@@ -114,6 +125,26 @@ pub struct SubscriptionView {
     /// The latest invoice's id.
     #[serde(default, deserialize_with = "id_or_object")]
     pub latest_invoice: Option<String>,
+    /// How Stripe collects payment: charging the card on file, or sending
+    /// an invoice the customer pays by its due date.
+    #[serde(default)]
+    pub collection_method: Option<CollectionMethod>,
+    /// With `send_invoice`: days from an invoice's finalisation to its due
+    /// date.
+    #[serde(default)]
+    pub days_until_due: Option<i64>,
+    /// The subscription's metadata (what the application set: a plan name,
+    /// a user id, a subscription "type").
+    #[serde(default, deserialize_with = "metadata_map")]
+    pub metadata: BTreeMap<String, String>,
+    /// The test clock the subscription runs on (test mode only): its events
+    /// carry simulated `created` times.
+    #[serde(skip)]
+    pub test_clock: Option<String>,
+    /// The test clock's simulated time, when the clock was expanded
+    /// (`expand[]=test_clock`).
+    #[serde(skip)]
+    pub test_clock_frozen_time: Option<i64>,
     /// Creation time.
     #[serde(default)]
     pub created: Option<i64>,
@@ -128,7 +159,31 @@ pub struct SubscriptionView {
     #[serde(default, rename = "items")]
     raw_items: Option<RawItemList>,
     #[serde(default, rename = "plan")]
-    raw_plan: Option<ObjectIdentity>,
+    raw_plan: Option<RawPrice>,
+    #[serde(default, rename = "test_clock")]
+    raw_test_clock: Option<RawTestClock>,
+}
+
+/// `test_clock`: an id, or the expanded clock.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum RawTestClock {
+    Id(String),
+    Expanded {
+        #[serde(default, deserialize_with = "opt_string")]
+        id: Option<String>,
+        #[serde(default)]
+        frozen_time: Option<i64>,
+    },
+}
+
+/// A price or a legacy plan: its id and product.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+struct RawPrice {
+    #[serde(default, deserialize_with = "opt_string")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "id_or_object")]
+    product: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -142,9 +197,9 @@ struct RawItem {
     #[serde(default, deserialize_with = "opt_string")]
     id: Option<String>,
     #[serde(default)]
-    price: Option<ObjectIdentity>,
+    price: Option<RawPrice>,
     #[serde(default)]
-    plan: Option<ObjectIdentity>,
+    plan: Option<RawPrice>,
     #[serde(default)]
     quantity: Option<u64>,
     #[serde(default)]
@@ -167,24 +222,38 @@ impl SubscriptionView {
     }
 
     fn finish(&mut self) {
+        match self.raw_test_clock.take() {
+            Some(RawTestClock::Id(id)) => self.test_clock = Some(id),
+            Some(RawTestClock::Expanded { id, frozen_time }) => {
+                self.test_clock = id;
+                self.test_clock_frozen_time = frozen_time;
+            }
+            None => {}
+        }
         let raw_items = self.raw_items.take().map(|l| l.data).unwrap_or_default();
         self.items = raw_items
             .into_iter()
-            .map(|i| ItemView {
-                id: i.id,
-                price_id: i.price.and_then(|p| p.id).or(i.plan.and_then(|p| p.id)),
-                quantity: i.quantity,
-                current_period_start: i.current_period_start,
-                current_period_end: i.current_period_end,
+            .map(|i| {
+                let (price_id, product_id) = price_and_product(i.price, i.plan);
+                ItemView {
+                    id: i.id,
+                    price_id,
+                    product_id,
+                    quantity: i.quantity,
+                    current_period_start: i.current_period_start,
+                    current_period_end: i.current_period_end,
+                }
             })
             .collect();
         if self.items.is_empty()
             && let Some(plan) = self.raw_plan.take()
         {
             // 2012-era: a single plan, no items.
+            let (price_id, product_id) = price_and_product(Some(plan), None);
             self.items.push(ItemView {
                 id: None,
-                price_id: plan.id,
+                price_id,
+                product_id,
                 quantity: None,
                 current_period_start: None,
                 current_period_end: None,
@@ -213,6 +282,25 @@ impl SubscriptionView {
         }
     }
 }
+/// The price id and product of an item: from `price`, else the legacy
+/// `plan` (each field from whichever has it).
+fn price_and_product(
+    price: Option<RawPrice>,
+    plan: Option<RawPrice>,
+) -> (Option<String>, Option<String>) {
+    let (price_id, price_product) = price.map_or((None, None), |p| (p.id, p.product));
+    let (plan_id, plan_product) = plan.map_or((None, None), |p| (p.id, p.product));
+    (price_id.or(plan_id), price_product.or(plan_product))
+}
+
+impl SubscriptionView {
+    /// Whether Stripe sends this subscription's invoices to be paid by a
+    /// due date (`collection_method = send_invoice`).
+    pub fn is_invoiced(&self) -> bool {
+        self.collection_method == Some(CollectionMethod::SendInvoice)
+    }
+}
+
 impl ObjectView for SubscriptionView {
     const KIND: &'static str = "subscription";
     fn identity(&self) -> ObjectIdentity {

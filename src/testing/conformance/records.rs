@@ -13,6 +13,7 @@ pub fn full_record(id: &str, customer: &str) -> SubscriptionRecord {
         SubscriptionItem {
             id: Some("si_1".into()),
             price_id: Some("price_1".into()),
+            product_id: Some("prod_1".into()),
             quantity: Some(2),
             current_period_start: Some(1_700_000_000),
             current_period_end: Some(1_702_592_000),
@@ -20,6 +21,7 @@ pub fn full_record(id: &str, customer: &str) -> SubscriptionRecord {
         SubscriptionItem {
             id: Some("si_2".into()),
             price_id: None,
+            product_id: None,
             quantity: None,
             current_period_start: None,
             current_period_end: None,
@@ -38,6 +40,18 @@ pub fn full_record(id: &str, customer: &str) -> SubscriptionRecord {
         resumes_at: Some(5),
     });
     r.state.latest_invoice = Some("in_1".into());
+    r.state.collection_method = Some(crate::event::CollectionMethod::SendInvoice);
+    r.state.days_until_due = Some(30);
+    r.state.metadata = [("plan".to_owned(), "team".to_owned())].into();
+    r.latest_invoice_created = Some(1_700_000_040);
+    r.latest_invoice_due = Some(1_702_592_000);
+    r.next_payment_attempt = Some(1_700_259_200);
+    r.paid_invoices = vec![crate::subscription::PaidInvoice {
+        invoice: "in_0".into(),
+        event_id: "evt_p".into(),
+        created: 1_699_000_000,
+        latest: true,
+    }];
     r.latest_invoice_paid = Some(false);
     r.paid_through = Some(1_702_592_000);
     r.last_paid_at = Some(6);

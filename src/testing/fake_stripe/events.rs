@@ -59,6 +59,7 @@ impl FakeStripe {
             inner.log.push(Logged {
                 event,
                 body,
+                emitted_at: self.real_now(),
                 delivered: false,
             });
         }
@@ -111,7 +112,21 @@ impl FakeStripe {
         period: (i64, i64),
     ) {
         let shape = self.shape(inner);
-        let object = render_invoice(sub, invoice, paid, reason, period, self.now(), shape);
+        let now = self.now();
+        let mut object = render_invoice(sub, invoice, paid, reason, period, now, shape);
+        // A failed charge in a dunning cycle: Stripe says when it retries
+        // (null once it has given up).
+        if !paid
+            && sub.days_until_due.is_none()
+            && let Some((_, retries)) = &sub.dunning
+        {
+            object["next_payment_attempt"] = json!(
+                self.config
+                    .retry_delays
+                    .get(*retries)
+                    .map(|d| now + d.whole_seconds())
+            );
+        }
         self.emit(inner, event_type, shape, object, None);
     }
 
@@ -221,7 +236,7 @@ fn render_invoice(
     shape: ApiShape,
 ) -> Value {
     let status = if paid { "paid" } else { "open" };
-    match shape {
+    let mut object = match shape {
         ApiShape::PreBasil => json!({
             "id": invoice, "object": "invoice", "customer": s.customer, "subscription": s.id,
             "status": status, "paid": paid, "billing_reason": reason, "created": now,
@@ -241,7 +256,20 @@ fn render_invoice(
                     "subscription_item_details": {"subscription": s.id, "subscription_item": s.item_id}},
                 "period": {"start": period.0, "end": period.1}}]},
         }),
-    }
+    };
+    let (finalized, due) = s.invoice_dates.unzip();
+    object["collection_method"] = json!(if s.days_until_due.is_some() {
+        "send_invoice"
+    } else {
+        "charge_automatically"
+    });
+    object["due_date"] = json!(due);
+    object["next_payment_attempt"] = Value::Null;
+    object["status_transitions"] = json!({
+        "finalized_at": finalized.unwrap_or(now),
+        "paid_at": if paid { Some(now) } else { None },
+    });
+    object
 }
 
 /// The top-level fields of `before` that differ from `after` (Stripe's

@@ -86,14 +86,20 @@ pub struct FakeConfig {
     /// Entitlement feature keys granted while a subscription to a price is
     /// active or trialing.
     pub features: HashMap<String, Vec<String>>,
-    /// Emit `invoice.created` / `invoice.finalized` (types with no
-    /// subscription effect) too.
+    /// Emit `invoice.created` / `invoice.finalized` / `invoice.overdue`
+    /// (types with no subscription effect) too.
     pub noise_events: bool,
     /// Show at most this many entitlements in an
     /// `entitlements.active_entitlement_summary.updated` event (with
     /// `has_more: true` when more are active), as Stripe does for long
     /// lists; `None` shows them all. The API lists all of them.
     pub entitlement_summary_limit: Option<usize>,
+    /// Run every subscription on one Stripe test clock this far ahead of
+    /// the real clock (the [`ManualClock`] the fake was given): events and
+    /// objects carry simulated times (`created`, periods), objects name the
+    /// clock (`test_clock`, as an id), and scheduled actions run when the
+    /// simulated time reaches them. `None`: no test clock.
+    pub test_clock_ahead: Option<Duration>,
 }
 
 impl Default for FakeConfig {
@@ -108,6 +114,7 @@ impl Default for FakeConfig {
             features: HashMap::new(),
             noise_events: true,
             entitlement_summary_limit: None,
+            test_clock_ahead: None,
         }
     }
 }
@@ -124,11 +131,37 @@ pub enum Card {
     Missing,
 }
 
+/// How Stripe collects a subscription's payments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Collection {
+    /// Charge the customer's card (`charge_automatically`).
+    #[default]
+    Automatic,
+    /// Send each invoice, due this many days after it is finalised
+    /// (`send_invoice`). The customer pays with
+    /// [`FakeStripe::pay_open_invoice`]; an invoice unpaid at its due date
+    /// makes the subscription `past_due` (no payment failure is sent), and
+    /// after the retry delays' total it turns `unpaid` or `canceled`
+    /// ([`FakeConfig::after_retries`]).
+    SendInvoice {
+        /// `days_until_due`.
+        days_until_due: u32,
+    },
+}
+
 /// How to subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscribe {
-    /// The price.
+    /// The price. Its product is `prod_` followed by what comes after
+    /// `price_` (`price_basic` → `prod_basic`).
     pub price: String,
+    /// The item's quantity.
+    pub quantity: u64,
+    /// The subscription's metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// How payments are collected (an invoiced subscription does not go
+    /// through Checkout).
+    pub collection: Collection,
     /// A free trial of this many days.
     pub trial_days: Option<u32>,
     /// The application's reference passed to Checkout.
@@ -141,6 +174,9 @@ impl Default for Subscribe {
     fn default() -> Self {
         Self {
             price: "price_basic".into(),
+            quantity: 1,
+            metadata: BTreeMap::new(),
+            collection: Collection::Automatic,
             trial_days: None,
             client_reference_id: None,
             checkout: true,
@@ -155,6 +191,9 @@ pub struct FakeEvent {
     pub event: Event,
     /// The JSON body a webhook delivery carries.
     pub body: String,
+    /// When Stripe sent it, on the real clock (Unix seconds): the event's
+    /// `created`, except on a test clock, whose `created` is simulated.
+    pub emitted_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +201,14 @@ struct Sub {
     id: String,
     customer: String,
     price: String,
+    quantity: u64,
+    metadata: BTreeMap<String, String>,
+    /// `days_until_due` of an invoiced subscription (`None`: charged
+    /// automatically).
+    days_until_due: Option<u32>,
+    /// The open invoice's finalisation time and due date (invoiced).
+    invoice_dates: Option<(i64, i64)>,
+    test_clock: Option<String>,
     item_id: String,
     status: SubscriptionStatus,
     created: i64,
@@ -189,6 +236,8 @@ enum Action {
     Retry,
     ExpireIncomplete,
     CancelAtPeriodEnd,
+    /// An invoiced subscription's open invoice reaches its due date.
+    InvoiceDue,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -204,6 +253,7 @@ struct Scheduled {
 struct Logged {
     event: Event,
     body: String,
+    emitted_at: i64,
     delivered: bool,
 }
 
@@ -293,8 +343,29 @@ impl FakeStripe {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Stripe's time for the subscriptions: the real clock, or the test
+    /// clock's simulated time.
     fn now(&self) -> i64 {
+        self.real_now() + self.ahead()
+    }
+
+    /// The real clock's time (Unix seconds).
+    fn real_now(&self) -> i64 {
         self.clock.now().unix_timestamp()
+    }
+
+    /// How far the test clock runs ahead of the real clock (0 without one).
+    fn ahead(&self) -> i64 {
+        self.config
+            .test_clock_ahead
+            .map_or(0, Duration::whole_seconds)
+    }
+
+    /// The test clock's simulated time, when subscriptions run on one.
+    pub fn test_clock_time(&self) -> Option<OffsetDateTime> {
+        self.config
+            .test_clock_ahead
+            .map(|ahead| self.clock.now().saturating_add(ahead))
     }
 
     /// The clock.
@@ -376,25 +447,12 @@ impl FakeStripe {
         let mut inner = self.lock();
         let start = inner.taken;
         inner.taken = inner.log.len();
-        inner.log[start..]
-            .iter()
-            .map(|l| FakeEvent {
-                event: l.event.clone(),
-                body: l.body.clone(),
-            })
-            .collect()
+        inner.log[start..].iter().map(Logged::to_fake).collect()
     }
 
     /// Every event emitted so far.
     pub fn all_events(&self) -> Vec<FakeEvent> {
-        self.lock()
-            .log
-            .iter()
-            .map(|l| FakeEvent {
-                event: l.event.clone(),
-                body: l.body.clone(),
-            })
-            .collect()
+        self.lock().log.iter().map(Logged::to_fake).collect()
     }
 
     /// Records that a webhook delivery of `event_id` got a 2xx (for the
@@ -424,22 +482,29 @@ impl FakeStripe {
         }
     }
 
-    /// The time of the next scheduled action, if any.
+    /// The time of the next scheduled action, if any (on the real clock).
     pub fn next_action_at(&self) -> Option<i64> {
-        self.lock().schedule.peek().map(|Reverse(s)| s.at)
+        let ahead = self.ahead();
+        self.lock().schedule.peek().map(|Reverse(s)| s.at - ahead)
     }
 
-    /// Runs the earliest action due at or before `until`. Returns whether one ran.
+    /// Runs the earliest action due at or before `until` (on the real
+    /// clock). Returns whether one ran.
     pub fn run_next_due(&self, until: i64) -> bool {
+        let ahead = self.ahead();
         let mut inner = self.lock();
-        if inner.schedule.peek().is_none_or(|Reverse(s)| s.at > until) {
+        if inner
+            .schedule
+            .peek()
+            .is_none_or(|Reverse(s)| s.at - ahead > until)
+        {
             return false;
         }
         let Some(Reverse(job)) = inner.schedule.pop() else {
             return false;
         };
-        if self.clock.now().unix_timestamp() < job.at
-            && let Ok(t) = OffsetDateTime::from_unix_timestamp(job.at)
+        if self.clock.now().unix_timestamp() < job.at - ahead
+            && let Ok(t) = OffsetDateTime::from_unix_timestamp(job.at - ahead)
         {
             self.clock.set(t);
         }
@@ -451,6 +516,16 @@ impl FakeStripe {
         }
         self.run(&mut inner, sub, job.action);
         true
+    }
+}
+
+impl Logged {
+    fn to_fake(&self) -> FakeEvent {
+        FakeEvent {
+            event: self.event.clone(),
+            body: self.body.clone(),
+            emitted_at: self.emitted_at,
+        }
     }
 }
 
@@ -470,12 +545,17 @@ fn base62(mut n: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// The product of a price: `price_basic` → `prod_basic`.
+fn product_of(price: &str) -> String {
+    format!("prod_{}", price.strip_prefix("price_").unwrap_or(price))
+}
+
 fn render_subscription(s: &Sub, shape: ApiShape) -> Value {
     let mut item = json!({
         "id": s.item_id,
         "object": "subscription_item",
-        "price": {"id": s.price, "object": "price"},
-        "quantity": 1,
+        "price": {"id": s.price, "object": "price", "product": product_of(&s.price)},
+        "quantity": s.quantity,
         "subscription": s.id,
     });
     let mut object = json!({
@@ -493,6 +573,10 @@ fn render_subscription(s: &Sub, shape: ApiShape) -> Value {
         "latest_invoice": s.latest_invoice,
         "livemode": false,
         "pause_collection": s.pause_collection.as_ref().map(|b| json!({"behavior": b, "resumes_at": null})),
+        "metadata": s.metadata,
+        "collection_method": if s.days_until_due.is_some() { "send_invoice" } else { "charge_automatically" },
+        "days_until_due": s.days_until_due,
+        "test_clock": s.test_clock,
     });
     match shape {
         ApiShape::PreBasil => {
