@@ -4,7 +4,9 @@
 //!
 //! 1. **verify** the signature ([`crate::signature`]) — nothing is parsed
 //!    before it passes;
-//! 2. **parse** the envelope ([`crate::event`]);
+//! 2. **parse** the envelope ([`crate::event`]) and check `data.object`
+//!    ([`Event::validate_object`]): a malformed object is refused here,
+//!    before the ledger records anything;
 //! 3. **filter**: livemode, Connect account, and types nobody acts on are
 //!    recorded as ignored and acknowledged;
 //! 4. **claim** the event in the ledger ([`crate::ledger`]) — no effect runs
@@ -343,6 +345,7 @@ impl WebhookProcessor {
     /// As [`WebhookProcessor::handle`], minus the signature errors.
     pub async fn process_event(&self, event: &Event) -> Result<Outcome, Error> {
         bump(&self.inner.counters.received);
+        event.validate_object().map_err(Error::Parse)?;
         if let Some(outcome) = self.settle_filtered(event).await? {
             return Ok(outcome);
         }
@@ -389,10 +392,14 @@ impl WebhookProcessor {
             .verifier
             .verify(body, signature, now)
             .inspect_err(|_| bump(&self.inner.counters.rejected))?;
-        let event = Event::parse(verified).map_err(|e| {
-            bump(&self.inner.counters.rejected);
-            Error::Parse(e)
-        })?;
+        // The object is checked here, before anything is recorded: parsing
+        // only delimits it.
+        let event = Event::parse(verified)
+            .and_then(|e| e.validate_object().map(|()| e))
+            .map_err(|e| {
+                bump(&self.inner.counters.rejected);
+                Error::Parse(e)
+            })?;
         Ok(match self.settle_filtered(&event).await? {
             Some(outcome) => Screened::Answered(outcome),
             None => Screened::Admit {
