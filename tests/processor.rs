@@ -613,6 +613,54 @@ async fn malformed_object_is_refused_before_the_ledger_records_anything() {
     assert_eq!(p.stats().ignored, 0);
 }
 
+/// A delivery of an event the in-memory ledger already settled is answered
+/// from a lookup, before its object is checked or typed: it records nothing,
+/// so a redelivery is a duplicate whatever its object holds.
+#[tokio::test]
+async fn settled_events_are_answered_before_the_object_is_checked() {
+    let clock = ManualClock::at_unix(T0);
+    let (p, store) = processor(&clock, CountingHandler::new());
+    let body = sub_event(
+        "evt_settled",
+        "customer.subscription.updated",
+        T0,
+        "sub_s",
+        "active",
+    );
+    let out = p
+        .handle(body.as_bytes(), Some(&sign(&body, T0)))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Processed { .. }), "{out:?}");
+    let key = EventKey::new("evt_settled", None);
+    let before = EventLedger::get(&*store, &key).await.unwrap().unwrap();
+    // Same envelope, an object that is not JSON.
+    let broken = body.replacen(r#""status":"active""#, r#""status" "active""#, 1);
+    assert_ne!(broken, body);
+    let event = Event::parse_unverified(broken.as_bytes()).unwrap();
+    assert!(event.validate_object().is_err());
+    let out = p
+        .handle(broken.as_bytes(), Some(&sign(&broken, T0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Duplicate {
+                state: LedgerState::Processed,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        EventLedger::get(&*store, &key).await.unwrap().unwrap(),
+        before
+    );
+    assert_eq!(p.stats().duplicates, 1);
+    assert_eq!(p.stats().rejected, 0);
+}
+
 #[tokio::test]
 async fn same_id_different_content_is_refused() {
     let clock = ManualClock::at_unix(T0);

@@ -526,17 +526,7 @@ impl Event {
                 let Some(raw) = self.object_json() else {
                     return Ok(());
                 };
-                let t = self.event_type();
-                let typed = if t.is_subscription() {
-                    self.subscription().is_ok()
-                } else if t.is_invoice() {
-                    self.invoice().is_ok()
-                } else if t.is_checkout() {
-                    self.checkout_session().is_ok()
-                } else {
-                    false
-                };
-                if typed {
+                if self.typed_view_ok() {
                     return Ok(());
                 }
                 check_json(raw).map_err(|e| match e {

@@ -392,14 +392,33 @@ impl WebhookProcessor {
             .verifier
             .verify(body, signature, now)
             .inspect_err(|_| bump(&self.inner.counters.rejected))?;
+        let reject = |e| {
+            bump(&self.inner.counters.rejected);
+            Error::Parse(e)
+        };
+        let event = Event::parse(verified).map_err(reject)?;
+        // A settled event is answered from a lookup, when the store can
+        // answer without a round trip: nothing is recorded for it, so its
+        // object need not be checked or typed.
+        if self.filter_reason(&event).is_none() {
+            let request =
+                ClaimRequest::for_event(&event, self.inner.lease, self.inner.max_attempts);
+            let settled = self.inner.store.settled_state(&request).await;
+            if let Some(state) = settled.map_err(|source| Error::Store {
+                event_id: event.id().to_owned(),
+                source,
+            })? {
+                bump(&self.inner.counters.duplicates);
+                trace(&event, "duplicate");
+                return Ok(Screened::Answered(Outcome::Duplicate {
+                    event_id: event.id().to_owned(),
+                    state,
+                }));
+            }
+        }
         // The object is checked here, before anything is recorded: parsing
         // only delimits it.
-        let event = Event::parse(verified)
-            .and_then(|e| e.validate_object().map(|()| e))
-            .map_err(|e| {
-                bump(&self.inner.counters.rejected);
-                Error::Parse(e)
-            })?;
+        event.validate_object().map_err(reject)?;
         Ok(match self.settle_filtered(&event).await? {
             Some(outcome) => Screened::Answered(outcome),
             None => Screened::Admit {
