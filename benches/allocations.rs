@@ -11,12 +11,9 @@ mod common;
 
 use std::hint::black_box;
 
-use common::{SECRET, T, block_on, memory_processor, new_deliveries, now, signed_2kib};
-use stripe_webhook_guard::access::AccessPolicy;
-use stripe_webhook_guard::event::{Event, SubscriptionView};
+use common::{SECRET, access_case, block_on, memory_processor, new_deliveries, now, signed_2kib};
+use stripe_webhook_guard::event::Event;
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::subscription::from_stripe;
-use time::OffsetDateTime;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -76,15 +73,7 @@ fn main() {
         }),
     ));
 
-    let view = SubscriptionView::from_json(
-        r#"{"id":"sub_1","object":"subscription","customer":"cus_1","status":"past_due",
-        "current_period_start":1700000000,"current_period_end":1702592000}"#,
-    )
-    .expect("a subscription");
-    let mut record = from_stripe(None, &view, now(), None).record;
-    record.last_payment_failed_at = Some(T);
-    let policy = AccessPolicy::default();
-    let later = OffsetDateTime::from_unix_timestamp(T + 86_400).expect("in range");
+    let (policy, record, later) = access_case();
     rows.push((
         "access/decide",
         per_call(1000, |_| {

@@ -13,12 +13,11 @@ mod common;
 
 use std::hint::black_box;
 
-use common::{SECRET, T, block_on, memory_processor, new_deliveries, now, raw_hmac, signed_2kib};
-use stripe_webhook_guard::access::AccessPolicy;
-use stripe_webhook_guard::event::{Event, SubscriptionView};
+use common::{
+    SECRET, T, access_case, block_on, memory_processor, new_deliveries, now, raw_hmac, signed_2kib,
+};
+use stripe_webhook_guard::event::Event;
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::subscription::from_stripe;
-use time::OffsetDateTime;
 
 /// The only code callgrind counts (`--toggle-collect=*measured*`).
 #[inline(never)]
@@ -88,15 +87,7 @@ fn main() {
             });
         }
         "access_decide" => {
-            let view = SubscriptionView::from_json(
-                r#"{"id":"sub_1","object":"subscription","customer":"cus_1","status":"past_due",
-                "current_period_start":1700000000,"current_period_end":1702592000}"#,
-            )
-            .expect("a subscription");
-            let mut record = from_stripe(None, &view, now(), None).record;
-            record.last_payment_failed_at = Some(T);
-            let policy = AccessPolicy::default();
-            let later = OffsetDateTime::from_unix_timestamp(T + 86_400).expect("in range");
+            let (policy, record, later) = access_case();
             measured(n, &mut |_| {
                 black_box(policy.decide(black_box(&record), black_box(later)));
             });

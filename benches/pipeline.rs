@@ -14,13 +14,12 @@ mod common;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::{SECRET, T, block_on, memory_processor, new_deliveries, now, raw_hmac, signed_2kib};
+use common::{
+    SECRET, T, access_case, block_on, memory_processor, new_deliveries, now, raw_hmac, signed_2kib,
+};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use stripe_webhook_guard::access::AccessPolicy;
-use stripe_webhook_guard::event::{Event, SubscriptionView};
+use stripe_webhook_guard::event::Event;
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::subscription::from_stripe;
-use time::OffsetDateTime;
 
 fn bench_parse(c: &mut Criterion) {
     let now = now();
@@ -93,15 +92,7 @@ fn bench_pipeline(c: &mut Criterion) {
 }
 
 fn bench_access(c: &mut Criterion) {
-    let view = SubscriptionView::from_json(
-        r#"{"id":"sub_1","object":"subscription","customer":"cus_1","status":"past_due",
-        "current_period_start":1700000000,"current_period_end":1702592000}"#,
-    )
-    .expect("a subscription");
-    let mut record = from_stripe(None, &view, now(), None).record;
-    record.last_payment_failed_at = Some(T);
-    let policy = AccessPolicy::default();
-    let later = OffsetDateTime::from_unix_timestamp(T + 86_400).expect("in range");
+    let (policy, record, later) = access_case();
     let mut group = c.benchmark_group("access");
     group.bench_function("decide", |b| {
         b.iter(|| policy.decide(black_box(&record), black_box(later)));

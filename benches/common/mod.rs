@@ -9,10 +9,13 @@ use std::task::{Context, Poll, Waker};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use stripe_webhook_guard::access::AccessPolicy;
 use stripe_webhook_guard::clock::ManualClock;
+use stripe_webhook_guard::event::SubscriptionView;
 use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret, test_header};
 use stripe_webhook_guard::store::MemoryStore;
+use stripe_webhook_guard::subscription::{SubscriptionRecord, from_stripe};
 use time::OffsetDateTime;
 
 /// The signing secret of every benchmark.
@@ -91,4 +94,18 @@ pub fn raw_hmac(key: &[u8], t: &[u8], body: &[u8]) -> [u8; 32] {
     mac.update(b".");
     mac.update(body);
     mac.finalize().into_bytes().into()
+}
+
+/// The `access/decide` case: the default policy, a past-due record whose
+/// last payment failed at [`T`], and a moment one day later.
+pub fn access_case() -> (AccessPolicy, SubscriptionRecord, OffsetDateTime) {
+    let view = SubscriptionView::from_json(
+        r#"{"id":"sub_1","object":"subscription","customer":"cus_1","status":"past_due",
+        "current_period_start":1700000000,"current_period_end":1702592000}"#,
+    )
+    .expect("a subscription");
+    let mut record = from_stripe(None, &view, now(), None).record;
+    record.last_payment_failed_at = Some(T);
+    let later = OffsetDateTime::from_unix_timestamp(T + 86_400).expect("in range");
+    (AccessPolicy::default(), record, later)
 }
