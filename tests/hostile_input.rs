@@ -210,6 +210,44 @@ fn garbage_never_panics() {
     }
 }
 
+#[test]
+fn malformed_objects_are_delimited_then_refused_when_checked() {
+    for object in [
+        r#"{"id":"ch_1" "object":"charge"}"#,
+        r#"{"id":"ch_1","amount":01}"#,
+        r#"{"id":"ch_1","a":[1,]}"#,
+        r#"{"id":"ch_1","a":tru}"#,
+        r#"{"id":"ch_1","a":"\q"}"#,
+        "{\"id\":\"ch_\u{1}\"}",
+        r#"{"id":"ch_1","a":[}"#,
+    ] {
+        let body = format!(
+            r#"{{"id":"evt_1","type":"charge.refunded","created":1,"data":{{"object":{object}}}}}"#
+        );
+        let Ok(e) = parse(&body) else {
+            // Unbalanced brackets may already break the envelope.
+            continue;
+        };
+        assert_eq!(e.object_json(), Some(object));
+        let err = e.validate_object().unwrap_err();
+        assert!(
+            matches!(&err, ParseError::Syntax { reason, .. } if reason.starts_with("data.object:")),
+            "{object}: {err:?}"
+        );
+        // Checked once: the same answer again.
+        assert_eq!(e.validate_object().unwrap_err(), err);
+        assert!(e.entitlement_summary().is_err());
+    }
+    // Well-formed but of the wrong shape passes the check: the view says why.
+    let e = parse(
+        r#"{"id":"evt_1","type":"customer.subscription.updated","created":1,
+        "data":{"object":{"object":"subscription","id":"sub_1","status":5}}}"#,
+    )
+    .unwrap();
+    assert!(e.validate_object().is_ok());
+    assert!(matches!(e.subscription(), Err(ParseError::Shape { .. })));
+}
+
 mod prop {
     use proptest::prelude::*;
     use stripe_webhook_guard::event::Event;
@@ -223,6 +261,36 @@ mod prop {
                 let _ = e.invoice();
                 let _ = e.checkout_session();
                 let _ = e.entitlement_summary();
+            }
+        }
+
+        /// A valid event with one byte replaced or dropped: whenever
+        /// parsing and the object check both accept it, it is JSON (so
+        /// whenever it is not JSON, one of them refuses it).
+        #[test]
+        fn the_scan_and_the_check_refuse_what_serde_json_refuses(
+            at in 0usize..400,
+            with in proptest::sample::select(vec![
+                None, Some(b'{'), Some(b'}'), Some(b'['), Some(b']'), Some(b'"'),
+                Some(b':'), Some(b','), Some(b'\\'), Some(b' '), Some(b'1'), Some(b'x'),
+                Some(0x01),
+            ]),
+        ) {
+            let valid = br#"{"id":"evt_1","object":"event","type":"charge.refunded","created":1700000000,
+              "livemode":false,"pending_webhooks":1,"request":{"id":"req_1","idempotency_key":null},
+              "data":{"object":{"id":"ch_1","object":"charge","amount":2000,"refunded":true,
+              "metadata":{"note":"a \"quoted\" [bracket] {brace}"},"refunds":{"data":[{"id":"re_1"}]}},
+              "previous_attributes":{"refunded":false}},"extra":[1,2.5e3,null,{"k":"v"}]}"#;
+            let mut body = valid.to_vec();
+            let at = at % body.len();
+            match with {
+                Some(b) => body[at] = b,
+                None => { body.remove(at); }
+            }
+            let ours = Event::parse_unverified(&body).and_then(|e| e.validate_object());
+            let json = serde_json::from_slice::<serde::de::IgnoredAny>(&body);
+            if ours.is_ok() {
+                prop_assert!(json.is_ok(), "accepted non-JSON: {}", String::from_utf8_lossy(&body));
             }
         }
 

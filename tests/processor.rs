@@ -567,6 +567,100 @@ async fn rejected_requests_map_to_400_and_never_touch_the_ledger() {
     assert_eq!(p.stats().rejected, 4);
 }
 
+/// Parsing only delimits `data.object`; the processor checks it before it
+/// claims, ignores or records anything, so a malformed object is still a
+/// 400 that leaves the ledger untouched, whatever the event's type.
+#[tokio::test]
+async fn malformed_object_is_refused_before_the_ledger_records_anything() {
+    let clock = ManualClock::at_unix(T0);
+    let (p, store) = processor(&clock, CountingHandler::new());
+    let bodies = [
+        // A subscription event: the view would read it but for `junk`.
+        r#"{"id":"evt_m1","object":"event","type":"customer.subscription.updated","created":1700000000,
+        "data":{"object":{"id":"sub_m","object":"subscription","customer":"cus_m","status":"active","junk":tru}}}"#,
+        // An invoice event, a missing value.
+        r#"{"id":"evt_m2","object":"event","type":"invoice.paid","created":1700000000,
+        "data":{"object":{"id":"in_m","object":"invoice","status":}}}"#,
+        // A type nobody acts on (it would be recorded as ignored).
+        r#"{"id":"evt_m3","object":"event","type":"charge.refunded","created":1700000000,
+        "data":{"object":{"id":"ch_m" "object":"charge"}}}"#,
+        // A type the handler wants, a control character in a string.
+        "{\"id\":\"evt_m4\",\"object\":\"event\",\"type\":\"customer.updated\",\"created\":1700000000,\
+        \"data\":{\"object\":{\"id\":\"cus_\u{1}m\",\"object\":\"customer\"}}}",
+    ];
+    for body in bodies {
+        let event = Event::parse_unverified(body.as_bytes()).expect("the envelope is fine");
+        let err = p
+            .handle(body.as_bytes(), Some(&sign(body, T0)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.http_status(), 400, "{body}");
+        assert!(
+            matches!(&err, Error::Parse(e) if e.to_string().contains("data.object:")),
+            "{body}: {err:?}"
+        );
+        // Events that do not come by webhook are checked too.
+        let err = p.process_event(&event).await.unwrap_err();
+        assert!(matches!(err, Error::Parse(_)), "{body}: {err:?}");
+    }
+    assert!(
+        EventLedger::list(&*store, &LedgerQuery::states(&[], 0))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(p.stats().rejected, 4);
+    assert_eq!(p.stats().ignored, 0);
+}
+
+/// A delivery of an event the in-memory ledger already settled is answered
+/// from a lookup, before its object is checked or typed: it records nothing,
+/// so a redelivery is a duplicate whatever its object holds.
+#[tokio::test]
+async fn settled_events_are_answered_before_the_object_is_checked() {
+    let clock = ManualClock::at_unix(T0);
+    let (p, store) = processor(&clock, CountingHandler::new());
+    let body = sub_event(
+        "evt_settled",
+        "customer.subscription.updated",
+        T0,
+        "sub_s",
+        "active",
+    );
+    let out = p
+        .handle(body.as_bytes(), Some(&sign(&body, T0)))
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Processed { .. }), "{out:?}");
+    let key = EventKey::new("evt_settled", None);
+    let before = EventLedger::get(&*store, &key).await.unwrap().unwrap();
+    // Same envelope, an object that is not JSON.
+    let broken = body.replacen(r#""status":"active""#, r#""status" "active""#, 1);
+    assert_ne!(broken, body);
+    let event = Event::parse_unverified(broken.as_bytes()).unwrap();
+    assert!(event.validate_object().is_err());
+    let out = p
+        .handle(broken.as_bytes(), Some(&sign(&broken, T0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Duplicate {
+                state: LedgerState::Processed,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        EventLedger::get(&*store, &key).await.unwrap().unwrap(),
+        before
+    );
+    assert_eq!(p.stats().duplicates, 1);
+    assert_eq!(p.stats().rejected, 0);
+}
+
 #[tokio::test]
 async fn same_id_different_content_is_refused() {
     let clock = ManualClock::at_unix(T0);

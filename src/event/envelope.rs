@@ -1,14 +1,16 @@
-//! The event envelope: reading a delivery into an [`Event`], the nesting
-//! depth check that runs before `serde_json` sees the bytes, thin-event
-//! recognition, and [`ParseError`].
+//! The event envelope: reading a delivery into an [`Event`] (with the
+//! structural scan of [`super::scan`]), the lazy check of `data.object`,
+//! thin-event recognition, and [`ParseError`].
 
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
+use super::scan::{Scanned, scan};
 use super::views::ViewCache;
 use crate::signature::{DEFAULT_MAX_BODY_BYTES, Verified};
 
@@ -17,7 +19,11 @@ use crate::signature::{DEFAULT_MAX_BODY_BYTES, Verified};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseError {
-    /// The bytes are not well-formed JSON (or nest deeper than 128 levels).
+    /// The bytes are not well-formed JSON (or nest deeper than
+    /// [`MAX_NESTING`] levels). For an error inside `data.object`, found
+    /// when the object is first checked ([`Event::validate_object`]), the
+    /// reason starts with `data.object:` and the line and column count from
+    /// the start of the object.
     #[error("invalid JSON at line {line}, column {column}: {reason}")]
     Syntax {
         /// 1-based line of the error.
@@ -344,10 +350,12 @@ pub struct Event {
     api_version: Option<String>,
     account: Option<String>,
     request: Option<EventRequest>,
-    object: Option<Box<RawValue>>,
-    previous_attributes: Option<Box<RawValue>>,
+    object: Option<Box<str>>,
+    previous_attributes: Option<Box<str>>,
     related_object: Option<RelatedObject>,
     thin: bool,
+    /// Whether `object` is well-formed JSON, once checked.
+    object_checked: OnceLock<Result<(), ParseError>>,
     views: ViewCache,
 }
 
@@ -359,10 +367,10 @@ impl fmt::Debug for Event {
             .field("created", &self.created)
             .field("livemode", &self.livemode)
             .field("account", &self.account)
-            .field("object_len", &self.object.as_ref().map(|o| o.get().len()))
+            .field("object_len", &self.object.as_ref().map(|o| o.len()))
             .field(
                 "previous_attributes_len",
-                &self.previous_attributes.as_ref().map(|p| p.get().len()),
+                &self.previous_attributes.as_ref().map(|p| p.len()),
             )
             .finish_non_exhaustive()
     }
@@ -377,9 +385,8 @@ impl PartialEq for Event {
             && self.api_version == other.api_version
             && self.account == other.account
             && self.request == other.request
-            && self.object.as_ref().map(|r| r.get()) == other.object.as_ref().map(|r| r.get())
-            && self.previous_attributes.as_ref().map(|r| r.get())
-                == other.previous_attributes.as_ref().map(|r| r.get())
+            && self.object == other.object
+            && self.previous_attributes == other.previous_attributes
             && self.related_object == other.related_object
             && self.thin == other.thin
     }
@@ -387,6 +394,14 @@ impl PartialEq for Event {
 
 impl Event {
     /// Parses a verified delivery.
+    ///
+    /// The envelope is read and checked in full; `data.object` is only
+    /// delimited (strings followed, nesting counted against
+    /// [`MAX_NESTING`]) and kept as delivered. Its JSON is checked once, the
+    /// first time a view types it or [`Event::validate_object`] runs;
+    /// `WebhookProcessor` runs that check before it claims or records an
+    /// event, so a malformed object is refused before anything is marked in
+    /// the ledger.
     ///
     /// # Errors
     ///
@@ -410,7 +425,7 @@ impl Event {
     /// assert!(event.invoice().unwrap().paid);
     /// ```
     pub fn parse(verified: Verified<'_>) -> Result<Self, ParseError> {
-        Self::from_bytes(verified.payload())
+        Self::from_text(verified.payload_str())
     }
 
     /// Parses bytes that were **not** verified here: for tests, and for
@@ -452,9 +467,23 @@ impl Event {
     }
 
     pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, ParseError> {
-        check_depth(bytes)?;
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        if first != Some(&b'{') {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let (line, column) = position(bytes, e.valid_up_to());
+            ParseError::Syntax {
+                line,
+                column,
+                reason: "invalid UTF-8".to_owned(),
+            }
+        })?;
+        Self::from_text(text)
+    }
+
+    /// [`Event::from_bytes`] on text already known to be UTF-8.
+    fn from_text(text: &str) -> Result<Self, ParseError> {
+        let first = text
+            .bytes()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        if first != Some(b'{') {
             return Err(match first {
                 None => ParseError::Syntax {
                     line: 1,
@@ -467,19 +496,62 @@ impl Event {
                 },
             });
         }
-        // Parsing from `&str` lets the object stay borrowed (no copy, no
-        // second UTF-8 check) until it is copied once into the event.
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let (line, column) = position(bytes, e.valid_up_to());
-            ParseError::Syntax {
-                line,
-                column,
-                reason: "invalid UTF-8".to_owned(),
-            }
-        })?;
-        let raw: RawEvent<'_> =
-            serde_json::from_str(text).map_err(|e| ParseError::from_json("event", &e))?;
-        raw.into_event()
+        Self::from_scanned(scan(text)?)
+    }
+
+    /// Checks `data.object` as JSON, once per event: the envelope was
+    /// checked by [`Event::parse`], the object only delimited. A view that
+    /// types the object checks it too, so for the types this crate acts on
+    /// the check is the typing of the view the event needs (kept for later).
+    /// A well-formed object of the wrong shape passes here: the view reports
+    /// that when asked.
+    ///
+    /// `WebhookProcessor` calls this before it claims, ignores or queues an
+    /// event, and refuses the delivery (HTTP 400) when it fails.
+    ///
+    /// # Errors
+    ///
+    /// [`ParseError::Syntax`] when the object is not well-formed JSON (its
+    /// reason starts with `data.object:`; line and column count from the
+    /// start of the object).
+    ///
+    /// ```
+    /// use stripe_webhook_guard::event::{Event, ParseError};
+    ///
+    /// let good = Event::parse_unverified(
+    ///     br#"{"id":"evt_1","type":"charge.refunded","created":1,"data":{"object":{"id":"ch_1"}}}"#,
+    /// ).unwrap();
+    /// assert!(good.validate_object().is_ok());
+    ///
+    /// // Well delimited but not JSON inside: found when first checked.
+    /// let bad = Event::parse_unverified(
+    ///     br#"{"id":"evt_2","type":"charge.refunded","created":1,"data":{"object":{"id" "ch_1"}}}"#,
+    /// ).unwrap();
+    /// assert!(matches!(bad.validate_object(), Err(ParseError::Syntax { .. })));
+    /// ```
+    pub fn validate_object(&self) -> Result<(), ParseError> {
+        self.object_checked
+            .get_or_init(|| {
+                let Some(raw) = self.object_json() else {
+                    return Ok(());
+                };
+                if self.typed_view_ok() {
+                    return Ok(());
+                }
+                check_json(raw).map_err(|e| match e {
+                    ParseError::Syntax {
+                        line,
+                        column,
+                        reason,
+                    } => ParseError::Syntax {
+                        line,
+                        column,
+                        reason: format!("data.object: {reason}"),
+                    },
+                    other => other,
+                })
+            })
+            .clone()
     }
 
     /// Builds a snapshot event from parts: for fakes, tests and tools that
@@ -499,12 +571,10 @@ impl Event {
         object: &str,
         previous_attributes: Option<&str>,
     ) -> Result<Self, ParseError> {
-        let object = RawValue::from_string(object.to_owned())
-            .map_err(|e| ParseError::from_json("object", &e))?;
-        let previous_attributes = previous_attributes
-            .map(|p| RawValue::from_string(p.to_owned()))
-            .transpose()
-            .map_err(|e| ParseError::from_json("previous_attributes", &e))?;
+        check_json(object).map_err(|e| relabel(e, "object"))?;
+        if let Some(p) = previous_attributes {
+            check_json(p).map_err(|e| relabel(e, "previous_attributes"))?;
+        }
         Ok(Self {
             id: id.to_owned(),
             event_type,
@@ -513,10 +583,11 @@ impl Event {
             api_version: api_version.map(str::to_owned),
             account: account.map(str::to_owned),
             request: None,
-            object: Some(object),
-            previous_attributes,
+            object: Some(object.into()),
+            previous_attributes: previous_attributes.map(Into::into),
             related_object: None,
             thin: false,
+            object_checked: OnceLock::from(Ok(())),
             views: ViewCache::default(),
         })
     }
@@ -559,7 +630,7 @@ impl Event {
             );
         }
         let head = serde_json::Value::Object(out).to_string();
-        let members: Vec<(&str, &RawValue)> = [
+        let members: Vec<(&str, &str)> = [
             ("object", self.object.as_deref()),
             ("previous_attributes", self.previous_attributes.as_deref()),
         ]
@@ -580,7 +651,7 @@ impl Event {
             text.push('"');
             text.push_str(key);
             text.push_str("\":");
-            text.push_str(value.get());
+            text.push_str(value);
         }
         text.push_str("}}");
         text
@@ -634,13 +705,17 @@ impl Event {
     }
 
     /// `data.object` as raw JSON text (`None` for thin events).
+    ///
+    /// The text is the object as delivered; [`Event::parse`] delimits it
+    /// and [`Event::validate_object`] checks that it is well-formed JSON
+    /// (the views check it too when they type it).
     pub fn object_json(&self) -> Option<&str> {
-        self.object.as_deref().map(RawValue::get)
+        self.object.as_deref()
     }
 
     /// `data.previous_attributes` as raw JSON text, on `*.updated` events.
     pub fn previous_attributes_json(&self) -> Option<&str> {
-        self.previous_attributes.as_deref().map(RawValue::get)
+        self.previous_attributes.as_deref()
     }
 
     /// Whether this is a thin event (`object: "v2.core.event"`): it carries
@@ -665,62 +740,9 @@ impl Event {
 /// `serde_json` skips without recursing (`data.object` is kept raw).
 pub const MAX_NESTING: usize = 127;
 
-/// Refuses bodies nested deeper than [`MAX_NESTING`]. The count of opening
-/// brackets bounds the depth, and a typical event has far fewer than the
-/// limit, so the string-aware scan runs only for large or odd bodies.
-fn check_depth(bytes: &[u8]) -> Result<(), ParseError> {
-    // Counted in u8 lanes per 255-byte chunk, which the compiler vectorizes
-    // to 16–32 bytes per instruction.
-    let openings: usize = bytes
-        .chunks(255)
-        .map(|chunk| {
-            usize::from(
-                chunk
-                    .iter()
-                    .fold(0u8, |n, &b| n + u8::from(b == b'{' || b == b'[')),
-            )
-        })
-        .sum();
-    if openings <= MAX_NESTING {
-        return Ok(());
-    }
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (i, &b) in bytes.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    let (line, column) = position(bytes, i);
-                    return Err(ParseError::Syntax {
-                        line,
-                        column,
-                        reason: "recursion limit exceeded".to_owned(),
-                    });
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// 1-based line and column of byte `index` (only on the error path).
 #[allow(clippy::naive_bytecount)]
-fn position(bytes: &[u8], index: usize) -> (usize, usize) {
+pub(super) fn position(bytes: &[u8], index: usize) -> (usize, usize) {
     let before = &bytes[..index];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = index
@@ -731,57 +753,41 @@ fn position(bytes: &[u8], index: usize) -> (usize, usize) {
         + 1;
     (line, column)
 }
-/// The envelope as it arrives. `deny_unknown_fields` is deliberately off:
-/// Stripe adds fields without a version change.
-#[derive(Deserialize)]
-struct RawEvent<'a> {
-    id: String,
-    #[serde(default)]
-    object: Option<String>,
-    #[serde(rename = "type")]
-    event_type: String,
-    created: Created,
-    #[serde(default)]
-    livemode: Option<bool>,
-    #[serde(default)]
-    api_version: Option<String>,
-    #[serde(default)]
-    account: Option<String>,
-    /// Thin events carry the account as `context`.
-    #[serde(default)]
-    context: Option<String>,
-    #[serde(default)]
-    request: Option<RequestField>,
-    #[serde(default, borrow)]
-    data: Option<RawData<'a>>,
-    #[serde(default)]
-    related_object: Option<RelatedObject>,
+/// Checks that `text` is one well-formed JSON value.
+fn check_json(text: &str) -> Result<(), ParseError> {
+    serde_json::from_str::<IgnoredAny>(text)
+        .map(drop)
+        .map_err(|e| ParseError::from_json("object", &e))
 }
 
-#[derive(Deserialize)]
-struct RawData<'a> {
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    previous_attributes: Option<&'a RawValue>,
+/// A [`check_json`] error about `field` of [`Event::from_parts`].
+fn relabel(e: ParseError, field: &'static str) -> ParseError {
+    match e {
+        ParseError::Shape { reason, .. } => ParseError::Shape {
+            what: field,
+            reason,
+        },
+        other => other,
+    }
 }
 
-impl RawEvent<'_> {
-    fn into_event(self) -> Result<Event, ParseError> {
-        let thin = self.object.as_deref() == Some("v2.core.event");
-        let (object, previous_attributes) = match self.data {
-            Some(d) => (d.object, d.previous_attributes),
-            None => (None, None),
+impl Event {
+    /// The event from the envelope the scan found. Unknown members are
+    /// ignored (Stripe adds fields without a version change).
+    fn from_scanned(raw: Scanned<'_>) -> Result<Event, ParseError> {
+        let missing = |field: &str| ParseError::Shape {
+            what: "event",
+            reason: format!("missing field `{field}`"),
         };
-        // `"object": null` arrives as a RawValue holding `null`.
-        let object = object.filter(|o| o.get() != "null").map(ToOwned::to_owned);
-        let previous_attributes = previous_attributes
-            .filter(|o| o.get() != "null")
-            .map(ToOwned::to_owned);
+        let id = raw.id.ok_or_else(|| missing("id"))?;
+        let event_type = raw.event_type.ok_or_else(|| missing("type"))?;
+        let created = raw.created.ok_or_else(|| missing("created"))?;
+        let thin = raw.object.as_deref() == Some("v2.core.event");
+        let context = raw.context.map(Cow::into_owned);
         if !thin {
-            match &object {
+            match raw.data_object {
                 None => return Err(ParseError::MissingObject),
-                Some(o) if !o.get().starts_with('{') => {
+                Some(o) if !o.starts_with('{') => {
                     return Err(ParseError::Shape {
                         what: "event",
                         reason: "data.object is not a JSON object".to_owned(),
@@ -790,31 +796,35 @@ impl RawEvent<'_> {
                 Some(_) => {}
             }
         }
-        if self.id.is_empty() {
+        if id.is_empty() {
             return Err(ParseError::Shape {
                 what: "event",
                 reason: "empty id".to_owned(),
             });
         }
         Ok(Event {
-            id: self.id,
-            event_type: EventType::parse(&self.event_type),
-            created: self.created.0,
-            livemode: self.livemode.unwrap_or(false),
-            api_version: self.api_version,
-            account: self.account.or(if thin { self.context } else { None }),
-            request: self.request.and_then(|r| r.0),
-            object,
-            previous_attributes,
-            related_object: self.related_object,
+            id: id.into_owned(),
+            event_type: EventType::parse(&event_type),
+            created,
+            livemode: raw.livemode.unwrap_or(false),
+            api_version: raw.api_version.map(Cow::into_owned),
+            account: raw
+                .account
+                .map(Cow::into_owned)
+                .or(if thin { context } else { None }),
+            request: raw.request,
+            object: raw.data_object.map(Into::into),
+            previous_attributes: raw.previous_attributes.map(Into::into),
+            related_object: raw.related_object,
             thin,
+            object_checked: OnceLock::new(),
             views: ViewCache::default(),
         })
     }
 }
 
 /// `created`: Unix seconds (v1 events) or an RFC 3339 string (thin events).
-struct Created(i64);
+pub(super) struct Created(pub(super) i64);
 
 impl<'de> Deserialize<'de> for Created {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -843,7 +853,7 @@ impl<'de> Deserialize<'de> for Created {
 }
 
 /// `request`: `{id, idempotency_key}` since 2017-05-25, a bare id before.
-struct RequestField(Option<EventRequest>);
+pub(super) struct RequestField(pub(super) Option<EventRequest>);
 
 impl<'de> Deserialize<'de> for RequestField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -75,6 +75,7 @@
 //! postal addresses).
 
 mod envelope;
+mod scan;
 mod status;
 mod views;
 

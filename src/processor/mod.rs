@@ -4,7 +4,9 @@
 //!
 //! 1. **verify** the signature ([`crate::signature`]) — nothing is parsed
 //!    before it passes;
-//! 2. **parse** the envelope ([`crate::event`]);
+//! 2. **parse** the envelope ([`crate::event`]) and check `data.object`
+//!    ([`Event::validate_object`]): a malformed object is refused here,
+//!    before the ledger records anything;
 //! 3. **filter**: livemode, Connect account, and types nobody acts on are
 //!    recorded as ignored and acknowledged;
 //! 4. **claim** the event in the ledger ([`crate::ledger`]) — no effect runs
@@ -360,6 +362,7 @@ impl WebhookProcessor {
 
     async fn process_event_inner(&self, event: &Event) -> Result<Outcome, Error> {
         bump(&self.inner.counters.received);
+        event.validate_object().map_err(Error::Parse)?;
         if let Some(outcome) = self.settle_filtered(event).await? {
             return Ok(outcome);
         }
@@ -465,10 +468,33 @@ impl WebhookProcessor {
             .verifier
             .verify(body, signature, now)
             .inspect_err(|_| bump(&self.inner.counters.rejected))?;
-        let event = Event::parse(verified).map_err(|e| {
+        let reject = |e| {
             bump(&self.inner.counters.rejected);
             Error::Parse(e)
-        })?;
+        };
+        let event = Event::parse(verified).map_err(reject)?;
+        // A settled event is answered from a lookup, when the store can
+        // answer without a round trip: nothing is recorded for it, so its
+        // object need not be checked or typed.
+        if self.filter_reason(&event).is_none() {
+            let request =
+                ClaimRequest::for_event(&event, self.inner.lease, self.inner.max_attempts);
+            let settled = self.inner.store.settled_state(&request).await;
+            if let Some(state) = settled.map_err(|source| Error::Store {
+                event_id: event.id().to_owned(),
+                source,
+            })? {
+                bump(&self.inner.counters.duplicates);
+                trace(&event, "duplicate");
+                return Ok(Screened::Answered(Outcome::Duplicate {
+                    event_id: event.id().to_owned(),
+                    state,
+                }));
+            }
+        }
+        // The object is checked here, before anything is recorded: parsing
+        // only delimits it.
+        event.validate_object().map_err(reject)?;
         Ok(match self.settle_filtered(&event).await? {
             Some(outcome) => Screened::Answered(outcome),
             None => Screened::Admit {

@@ -232,8 +232,9 @@ impl VerifyError {
 /// bytes by mistake.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Verified<'p> {
-    /// Checked to be UTF-8 by `verify`.
-    payload: &'p [u8],
+    /// Checked to be UTF-8 by `verify`, and kept as text so that nothing
+    /// checks it again.
+    payload: &'p str,
     timestamp: i64,
     secret_index: usize,
 }
@@ -252,15 +253,12 @@ impl std::fmt::Debug for Verified<'_> {
 impl<'p> Verified<'p> {
     /// The verified body bytes (the same slice that was passed in).
     pub fn payload(&self) -> &'p [u8] {
-        self.payload
+        self.payload.as_bytes()
     }
 
-    /// The verified body as text. Verification checked that it is UTF-8;
-    /// this converts again (a fast scan), so prefer [`Verified::payload`]
-    /// where bytes will do.
+    /// The verified body as text (verification checked that it is UTF-8).
     pub fn payload_str(&self) -> &'p str {
-        // Invariant: `verify` only builds a `Verified` over valid UTF-8.
-        std::str::from_utf8(self.payload).unwrap_or_default()
+        self.payload
     }
 
     /// The signed timestamp: the first `t`, in Unix seconds. A header may carry
@@ -434,11 +432,10 @@ impl Verifier {
         }
         // Rules 3–5.
         let parsed = parse_header(header)?;
-        // Rule 6. Most bodies are ASCII, which `is_ascii` checks about twice
-        // as fast as a full UTF-8 validation.
-        if !payload.is_ascii() && std::str::from_utf8(payload).is_err() {
+        // Rule 6. The text is kept: parsing reads it without a second check.
+        let Ok(text) = std::str::from_utf8(payload) else {
             return Err(VerifyError::InvalidPayloadEncoding);
-        }
+        };
         // Rule 7: what stripe-python signs and compares.
         let python = self.match_python(header, &parsed, payload)?;
         // Rule 8: what stripe-node signs and compares. It decodes the body
@@ -461,7 +458,7 @@ impl Verifier {
             self.max_future_skew,
         )?;
         Ok(Verified {
-            payload,
+            payload: text,
             timestamp: saturate(timestamp),
             secret_index,
         })

@@ -239,6 +239,18 @@ impl EventLedger for MemoryStore {
         Ok(self.claim_locked(&mut inner, request, now))
     }
 
+    async fn settled_state(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<Option<LedgerState>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .ledger
+            .get(&request.key)
+            .filter(|e| e.fingerprint == request.fingerprint && e.state.is_settled())
+            .map(|e| e.state))
+    }
+
     async fn complete(&self, lease: &Lease) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut inner = self.lock();

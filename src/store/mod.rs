@@ -139,6 +139,27 @@ pub trait EventLedger: Send + Sync {
     /// [`StoreError`] when the store fails.
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError>;
 
+    /// The settled state (`processed`, `ignored` or `dead`) of the entry
+    /// `request` would claim, when the fingerprints match and the store can
+    /// tell without a round trip to a server; `None` means "not settled, or
+    /// not known here: claim to find out". Writes nothing. The processor
+    /// asks this before it checks an event's object, so a duplicate
+    /// delivery costs a lookup rather than typing the object. The default
+    /// answers `None` (a database store answers in `claim` instead of
+    /// paying a round trip more for every new event); `MemoryStore`
+    /// answers from its map.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the store fails.
+    async fn settled_state(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<Option<LedgerState>, StoreError> {
+        let _ = request;
+        Ok(None)
+    }
+
     /// Marks a claimed event processed (rule 3: fenced by the lease token;
     /// drops any stored payload). Completing again with the same lease is a
     /// no-op success ([`crate::ledger::check_completion`]).

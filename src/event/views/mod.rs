@@ -114,6 +114,26 @@ impl Event {
             .clone()
     }
 
+    /// Whether the view this event's type needs (subscription, invoice or
+    /// Checkout Session) types without error; typed once and kept, never
+    /// cloned here. `false` for types without such a view.
+    pub(super) fn typed_view_ok(&self) -> bool {
+        let t = self.event_type();
+        let cache = self.view_cache();
+        if t.is_subscription() {
+            cache
+                .subscription
+                .get_or_init(|| self.typed_object())
+                .is_ok()
+        } else if t.is_invoice() {
+            cache.invoice.get_or_init(|| self.typed_object()).is_ok()
+        } else if t.is_checkout() {
+            cache.checkout.get_or_init(|| self.typed_object()).is_ok()
+        } else {
+            false
+        }
+    }
+
     fn typed_object<T: ObjectView>(&self) -> Result<T, ParseError> {
         let raw = self.object_json().ok_or(ParseError::MissingObject)?;
         let mut view: T = match serde_json::from_str(raw) {
