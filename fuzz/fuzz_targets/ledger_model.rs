@@ -11,7 +11,8 @@
 //!   and may still be retried;
 //! - a completed event stays settled: every later claim is a duplicate;
 //! - attempts never exceed the limit;
-//! - the same id with another fingerprint is a conflict.
+//! - the same id with another fingerprint is a conflict;
+//! - an ignore records an event once: a known event is reported as known.
 #![no_main]
 
 use std::collections::HashMap;
@@ -21,7 +22,8 @@ use std::task::{Context, Poll, Waker};
 use libfuzzer_sys::fuzz_target;
 use stripe_webhook_guard::clock::ManualClock;
 use stripe_webhook_guard::ledger::{
-    ClaimOutcome, ClaimRequest, EventKey, Failure, Fingerprint, IgnoreRequest, Lease, LedgerState,
+    ClaimOutcome, ClaimRequest, EventKey, Failure, Fingerprint, IgnoreOutcome, IgnoreRequest,
+    Lease, LedgerState,
 };
 use stripe_webhook_guard::store::{EventLedger, MemoryStore};
 use time::Duration;
@@ -173,11 +175,16 @@ fuzz_target!(|data: &[u8]| {
                     fingerprint: Fingerprint([fp; 32]),
                     reason: "fuzz".to_owned(),
                 };
-                let state = now(store.ignore(&request)).expect("memory store");
+                let outcome = now(store.ignore(&request)).expect("memory store");
                 if k.fingerprint.is_none() {
-                    assert_eq!(state, LedgerState::Ignored);
+                    assert_eq!(outcome, IgnoreOutcome::Recorded, "a first ignore records");
                     k.fingerprint = Some(fp);
                     k.settled = true;
+                } else {
+                    assert!(
+                        matches!(outcome, IgnoreOutcome::Known(_)),
+                        "an ignore of a known event recorded it again: {outcome:?}"
+                    );
                 }
             }
             _ => {
