@@ -141,6 +141,26 @@ pub(super) const MAX_SCHEMA_LEN: usize = 48;
 
 /// The PostgreSQL store. Cheap to clone (the pool is shared). See the
 /// [module docs](self) for the tables and how each rule is enforced.
+///
+/// It implements [`EventLedger`](crate::store::EventLedger),
+/// [`SubscriptionStore`](crate::store::SubscriptionStore),
+/// [`CursorStore`](crate::store::CursorStore) and
+/// [`InboxStore`](crate::store::InboxStore), and has these methods of its own
+/// (rustdoc does not list them here: the generic type behind this alias is
+/// private):
+///
+/// - `PgStore::new(pool: PgPool) -> PgStore`: the schema [`DEFAULT_SCHEMA`];
+/// - `PgStore::with_schema(pool: PgPool, schema: &str) -> Result<PgStore, StoreError>`:
+///   another schema (1 to 48 characters of `[a-z0-9_]`, starting with a
+///   letter or `_`, not `pg_`);
+/// - `async fn migrate(&self) -> Result<usize, StoreError>`: creates the
+///   schema and tables, applies the migrations not yet applied (under an
+///   advisory lock, so instances may start together), returns how many ran;
+/// - `fn schema(&self) -> &str` and `fn pool(&self) -> &PgPool`;
+/// - `async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError>`
+///   and `async fn complete_in(&self, conn: &mut PgConnection, lease: &Lease)
+///   -> Result<(), StoreError>`: complete an event inside the application's
+///   own transaction, so its writes and the completion commit together.
 pub type PgStore = SqlStore<Pg>;
 
 mod dialect {

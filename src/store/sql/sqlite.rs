@@ -151,6 +151,30 @@ pub(super) const MAX_PREFIX_LEN: usize = 32;
 /// The SQLite store. Cheap to clone (the pool is shared). See the
 /// [module docs](self) for the tables, the durability trade-off and how each
 /// rule is enforced.
+///
+/// It implements [`EventLedger`](crate::store::EventLedger),
+/// [`SubscriptionStore`](crate::store::SubscriptionStore),
+/// [`CursorStore`](crate::store::CursorStore) and
+/// [`InboxStore`](crate::store::InboxStore), and has these methods of its own
+/// (rustdoc does not list them here: the generic type behind this alias is
+/// private):
+///
+/// - `SqliteStore::open(path) -> Result<SqliteStore, StoreError>` and
+///   `SqliteStore::open_with(path, Durability)`: a database file (created if
+///   absent) with the recommended options, `synchronous = FULL` unless
+///   [`Durability::Normal`] is asked for;
+/// - `SqliteStore::connect_options(path)` / `connect_options_with(path,
+///   Durability)`: those options, for a pool of your own;
+/// - `SqliteStore::new(pool)` (prefix [`DEFAULT_PREFIX`]) and
+///   `SqliteStore::with_prefix(pool, prefix) -> Result<SqliteStore, StoreError>`
+///   (up to 32 characters of `[a-z0-9_]`, not starting with a digit or
+///   `sqlite_`);
+/// - `async fn migrate(&self) -> Result<usize, StoreError>`: creates the
+///   tables and applies the migrations not yet applied, returns how many ran;
+/// - `fn prefix(&self) -> &str` and `fn pool(&self) -> &SqlitePool`;
+/// - `async fn begin(&self)` (`BEGIN IMMEDIATE`) and `async fn
+///   complete_in(&self, conn, lease)`: complete an event inside the
+///   application's own transaction.
 pub type SqliteStore = SqlStore<Lite>;
 
 mod dialect {
