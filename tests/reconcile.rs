@@ -1246,7 +1246,6 @@ async fn records_created_during_the_listing_are_not_flagged() {
     assert!(store.all_subscriptions().iter().all(|r| !r.needs_review));
 }
 
-
 /// Regression: an event of a type the application ignores was recorded as
 /// ignored again and counted as processed every time catch-up listed it (a
 /// second run with nothing new reported every such event as processed, and

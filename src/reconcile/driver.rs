@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use super::{
     AccountFailure, Change, ChangeKind, ChangeSource, EVENT_RETENTION, Notifier, ReconcileConfig,
@@ -18,22 +18,22 @@ use crate::client::{
     BudgetConfig, ClientError, ClientErrorKind, EventListQuery, RequestBudget, Response,
     StripeClient, SubscriptionListQuery,
 };
-use crate::event::{Event, SubscriptionView};
-use crate::ledger::{EventKey, LedgerQuery, LedgerState};
+use crate::event::SubscriptionView;
+use crate::ledger::EventKey;
 use crate::processor::{Outcome, WebhookProcessor};
 use crate::rt::join::join_all;
 use crate::store::{StoreError, StoreErrorKind, SubscriptionQuery};
+use crate::subscription::FetchTime;
 use crate::subscription::{self, AnomalyKind, SubscriptionRecord};
-use crate::subscription::{FetchTime, entitlements_from_fetch};
 
 /// The reconciliation driver. Build with [`Reconciler::new`].
 pub struct Reconciler {
-    processor: WebhookProcessor,
-    client: Arc<dyn StripeClient>,
-    notifier: Option<Arc<dyn Notifier>>,
-    policy: AccessPolicy,
-    config: ReconcileConfig,
-    budget: Option<Arc<RequestBudget>>,
+    pub(super) processor: WebhookProcessor,
+    pub(super) client: Arc<dyn StripeClient>,
+    pub(super) notifier: Option<Arc<dyn Notifier>>,
+    pub(super) policy: AccessPolicy,
+    pub(super) config: ReconcileConfig,
+    pub(super) budget: Option<Arc<RequestBudget>>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -113,15 +113,15 @@ impl Reconciler {
         self.budget.as_ref()
     }
 
-    fn store(&self) -> &Arc<dyn crate::store::Storage> {
+    pub(super) fn store(&self) -> &Arc<dyn crate::store::Storage> {
         self.processor.store()
     }
 
-    fn now(&self) -> OffsetDateTime {
+    pub(super) fn now(&self) -> OffsetDateTime {
         self.processor.clock().now()
     }
 
-    fn counters(&self) -> (u64, u64) {
+    pub(super) fn counters(&self) -> (u64, u64) {
         self.budget
             .as_ref()
             .map_or((0, 0), |b| (b.requests(), b.rate_limited()))
@@ -185,7 +185,7 @@ impl Reconciler {
 
     /// The accounts a run covers: the platform (`None`) when configured,
     /// then each connected account.
-    fn accounts(&self) -> Vec<Option<String>> {
+    pub(super) fn accounts(&self) -> Vec<Option<String>> {
         let platform = self.config.platform.then_some(None);
         platform
             .into_iter()
@@ -194,7 +194,7 @@ impl Reconciler {
     }
 
     /// Whether records of `account` are reconciled.
-    fn reconciles(&self, account: Option<&str>) -> bool {
+    pub(super) fn reconciles(&self, account: Option<&str>) -> bool {
         match account {
             None => self.config.platform,
             Some(a) => self.config.connected_accounts.iter().any(|c| c == a),
@@ -205,7 +205,7 @@ impl Reconciler {
     /// pending (then also re-verifying the account's records not verified
     /// since the window's start, since the event that failed to generate
     /// is never listed).
-    async fn catch_up_account(
+    pub(super) async fn catch_up_account(
         &self,
         account: Option<&str>,
         report: &mut ReconcileReport,
@@ -230,7 +230,7 @@ impl Reconciler {
     /// Lists and processes one account's events (from `window_start` at the
     /// latest); records each touched subscription's record as it was before
     /// its first event in `before`.
-    async fn catch_up_events(
+    pub(super) async fn catch_up_events(
         &self,
         account: Option<&str>,
         window_start: Option<i64>,
@@ -327,7 +327,7 @@ impl Reconciler {
     /// Diffs every subscription catch-up touched with its record now. A
     /// record that cannot be reloaded is skipped (and the first such error
     /// returned after the others were diffed).
-    async fn catch_up_changes(
+    pub(super) async fn catch_up_changes(
         &self,
         before: BTreeMap<String, Option<SubscriptionRecord>>,
         report: &mut ReconcileReport,
@@ -390,7 +390,10 @@ impl Reconciler {
         Ok(report)
     }
 
-    async fn sweep_all(&self, report: &mut ReconcileReport) -> Result<(), ReconcileError> {
+    pub(super) async fn sweep_all(
+        &self,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
         let started = self.now();
         let mut seen = HashSet::new();
         let mut swept = HashSet::new();
@@ -409,7 +412,7 @@ impl Reconciler {
 
     /// Lists every subscription of one account and applies each; the ids
     /// seen go to `seen`.
-    async fn sweep_all_in(
+    pub(super) async fn sweep_all_in(
         &self,
         account: Option<&str>,
         seen: &mut HashSet<String>,
@@ -440,7 +443,7 @@ impl Reconciler {
 
     /// When an answer was read: now by the host's clock, and the answer's
     /// `Date` (Stripe's clock).
-    fn fetch_time<T>(&self, answer: &Response<T>) -> FetchTime {
+    pub(super) fn fetch_time<T>(&self, answer: &Response<T>) -> FetchTime {
         FetchTime {
             local: self.now(),
             stripe: answer.date,
@@ -450,7 +453,7 @@ impl Reconciler {
     /// Retrieves the records of the accounts `include` accepts that were
     /// never verified or verified before `verified_before`, and the flagged
     /// ones (see [`SweepScope::StaleFor`]), each in its own account.
-    async fn sweep_stale(
+    pub(super) async fn sweep_stale(
         &self,
         verified_before: OffsetDateTime,
         include: impl Fn(Option<&str>) -> bool,
@@ -489,7 +492,7 @@ impl Reconciler {
 
     /// Retrieves `ids` (as many at once as the budget lets in flight) and
     /// applies each object at the time it arrived.
-    async fn retrieve_and_apply(
+    pub(super) async fn retrieve_and_apply(
         &self,
         ids: &[(String, Option<String>)],
         report: &mut ReconcileReport,
@@ -578,7 +581,7 @@ impl Reconciler {
         Ok(report)
     }
 
-    async fn refresh_inner(
+    pub(super) async fn refresh_inner(
         &self,
         account: Option<&str>,
         customer: &str,
@@ -610,7 +613,7 @@ impl Reconciler {
 
     /// The next page of every local record, in id order, after `after`
     /// (moved to the page's last id); empty at the end.
-    async fn next_records(
+    pub(super) async fn next_records(
         &self,
         after: &mut Option<String>,
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
@@ -628,195 +631,18 @@ impl Reconciler {
         Ok(page)
     }
 
-    /// Refetches the stored entitlements of the customers of reconciled
-    /// accounts that are unverified or not verified for `older_than`.
-    async fn sweep_entitlements(
+    pub(super) fn count_requests(
         &self,
-        older_than: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<(), ReconcileError> {
-        let cutoff = (self.now() - older_than).unix_timestamp();
-        let mut customers = BTreeMap::new();
-        let mut after = None;
-        loop {
-            let page = self.next_records(&mut after).await?;
-            if page.is_empty() {
-                break;
-            }
-            for r in page {
-                if let Some(c) = r.state.customer
-                    && self.reconciles(r.account.as_deref())
-                {
-                    customers.entry(c).or_insert(r.account);
-                }
-            }
-        }
-        for (customer, account) in customers {
-            let Some(stored) = self.store().load_entitlements(&customer).await? else {
-                continue;
-            };
-            let known_at = stored
-                .last_verified_with_stripe
-                .map_or(stored.watermark.0, OffsetDateTime::unix_timestamp)
-                .max(stored.watermark.0);
-            if stored.verified && known_at >= cutoff {
-                continue;
-            }
-            let done = self
-                .refresh_entitlements(account.as_deref(), &customer, report)
-                .await;
-            settle_account(account, done, report)?;
-        }
-        Ok(())
-    }
-
-    /// Lists one customer's active entitlements and saves them (unless in a
-    /// dry run), over concurrent writers.
-    async fn refresh_entitlements(
-        &self,
-        account: Option<&str>,
-        customer: &str,
-        report: &mut ReconcileReport,
-    ) -> Result<(), ReconcileError> {
-        let answer = self
-            .client
-            .list_customer_entitlements(account, customer)
-            .await?;
-        let fetched_at = self.fetch_time(&answer);
-        report.entitlements_refreshed += 1;
-        if self.config.dry_run {
-            return Ok(());
-        }
-        for _ in 0..8 {
-            let stored = self.store().load_entitlements(customer).await?;
-            // No entitlements stored and none active: nothing to record (a
-            // stored empty list would read as "entitled to nothing" where
-            // the policy otherwise falls back to the subscriptions).
-            if stored.is_none() && answer.data.is_empty() {
-                return Ok(());
-            }
-            let next = entitlements_from_fetch(
-                stored.as_ref(),
-                customer,
-                account,
-                answer.data.clone(),
-                fetched_at,
-            );
-            if stored.as_ref().is_some_and(|s| {
-                s.verified
-                    && s.lookup_keys == next.lookup_keys
-                    && s.last_verified_with_stripe
-                        .is_some_and(|v| v + self.config.reverify_after > fetched_at.local)
-            }) {
-                return Ok(());
-            }
-            match self.store().save_entitlements(&next).await {
-                Ok(_) => {
-                    report.writes += 1;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == StoreErrorKind::Conflict => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(StoreError::new(
-            StoreErrorKind::Conflict,
-            "entitlements kept changing during the refresh",
-        )
-        .into())
-    }
-
-    fn count_requests(&self, report: &mut ReconcileReport, requests0: u64, limited0: u64) {
+        requests0: u64,
+        limited0: u64,
+    ) {
         let (requests1, limited1) = self.counters();
         report.requests = requests1 - requests0;
         report.rate_limited = limited1 - limited0;
     }
 
-    /// Re-runs one stored event (failed or dead) through the processor, from
-    /// its stored payload or, failing that, from Stripe.
-    ///
-    /// # Errors
-    ///
-    /// [`ReconcileError`] when the event cannot be found or processing fails.
-    pub async fn replay(
-        &self,
-        event_id: &str,
-        account: Option<&str>,
-    ) -> Result<Outcome, ReconcileError> {
-        let key = EventKey::new(event_id, account);
-        let entry = self.processor.store().get(&key).await?;
-        let event = match entry.as_ref().and_then(|e| e.payload.clone()) {
-            Some(payload) => Event::from_bytes(payload.as_bytes())
-                .map_err(|_| ReconcileError::NotReplayable(event_id.to_owned()))?,
-            None => self
-                .client
-                .retrieve_event(account, event_id)
-                .await
-                .map(|answer| {
-                    let mut event = answer.data;
-                    if let Some(account) = account {
-                        event.assume_account(account);
-                    }
-                    event
-                })
-                .map_err(|_| ReconcileError::NotReplayable(event_id.to_owned()))?,
-        };
-        if self.config.dry_run {
-            return Ok(Outcome::Duplicate {
-                event_id: event_id.to_owned(),
-                state: entry.map_or(LedgerState::Failed, |e| e.state),
-            });
-        }
-        self.processor.store().requeue(&key).await?;
-        let sub = subscription::subscription_id_of(&event).ok().flatten();
-        let before = match &sub {
-            Some(id) => self.store().load(id).await?,
-            None => None,
-        };
-        let outcome = self.processor.process_event(&event).await?;
-        if let Some(id) = sub
-            && let Some(after) = self.store().load(&id).await?
-            && let Some(change) = self.diff(before.as_ref(), &after, ChangeSource::Replay)
-        {
-            self.notify(std::slice::from_ref(&change)).await;
-        }
-        Ok(outcome)
-    }
-
-    /// Replays every dead-lettered event; returns each id with its outcome.
-    ///
-    /// # Errors
-    ///
-    /// [`ReconcileError`] when listing the ledger fails; per-event failures
-    /// are returned in the list.
-    pub async fn replay_dead_letters(
-        &self,
-    ) -> Result<Vec<(String, Result<Outcome, ReconcileError>)>, ReconcileError> {
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .processor
-                .store()
-                .list(&LedgerQuery {
-                    states: vec![LedgerState::Dead],
-                    after: after.clone(),
-                    limit: 100,
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.event_id.clone());
-            for entry in page {
-                let result = self
-                    .replay(&entry.key.event_id, entry.key.account.as_deref())
-                    .await;
-                out.push((entry.key.event_id, result));
-            }
-        }
-        Ok(out)
-    }
-
-    async fn apply_plan(
+    pub(super) async fn apply_plan(
         &self,
         view: &SubscriptionView,
         account: Option<&str>,
@@ -880,7 +706,7 @@ impl Reconciler {
     /// Flags local records the listing (started at `listed_from`) did not
     /// return. Records whose snapshot is newer than the listing's start were
     /// created (by a webhook) while it ran, so their absence proves nothing.
-    async fn flag_unknown_to_stripe(
+    pub(super) async fn flag_unknown_to_stripe(
         &self,
         seen: &HashSet<String>,
         swept: &HashSet<Option<String>>,
@@ -914,7 +740,7 @@ impl Reconciler {
 
     /// A local record Stripe does not know (another account or mode, or
     /// data from elsewhere): flag it for review, once.
-    async fn flag_missing(
+    pub(super) async fn flag_missing(
         &self,
         id: &str,
         now: OffsetDateTime,
@@ -957,7 +783,7 @@ impl Reconciler {
         Ok(())
     }
 
-    fn diff(
+    pub(super) fn diff(
         &self,
         before: Option<&SubscriptionRecord>,
         after: &SubscriptionRecord,
@@ -993,7 +819,7 @@ impl Reconciler {
         })
     }
 
-    async fn notify(&self, changes: &[Change]) {
+    pub(super) async fn notify(&self, changes: &[Change]) {
         if self.config.dry_run {
             return;
         }
@@ -1031,7 +857,7 @@ type Fetch = Pin<Box<dyn Future<Output = Fetched> + Send>>;
 
 /// One account's part of a run is over: a connected account's failure
 /// is reported and the run goes on; the platform's is returned.
-fn settle_account(
+pub(super) fn settle_account(
     account: Option<String>,
     done: Result<(), ReconcileError>,
     report: &mut ReconcileReport,

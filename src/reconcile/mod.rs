@@ -128,7 +128,9 @@ use crate::store::{CursorStore, StoreError};
 use crate::subscription::CustomerEntitlements;
 
 mod driver;
+mod entitlements;
 mod plan;
+mod replay;
 
 pub use driver::Reconciler;
 pub use plan::{Plan, PlanKind, plan};
