@@ -9,7 +9,7 @@
 //! # Catch-up: `/v1/events`
 //!
 //! [`Reconciler::catch_up`] pages `/v1/events` from a stored cursor
-//! ([`EVENTS_CURSOR`] in the [`CursorStore`](crate::store::CursorStore)) and
+//! ([`EVENTS_CURSOR`] in the [`CursorStore`]) and
 //! feeds every event through the **same processor path, with its real event
 //! id**, so an event that also arrives by webhook is processed once.
 //!
@@ -135,7 +135,7 @@ mod replay;
 pub use driver::Reconciler;
 pub use plan::{Plan, PlanKind, plan};
 
-/// The cursor name `catch_up` keeps in the [`CursorStore`](crate::store::CursorStore).
+/// The cursor name `catch_up` keeps in the [`CursorStore`].
 pub const EVENTS_CURSOR: &str = "stripe_webhook_guard.events";
 
 /// Stripe keeps events for 30 days.

@@ -159,7 +159,24 @@ pub enum EntitlementFetchOutcome {
 }
 
 /// Decides what an entitlement summary event does to the stored
-/// entitlements (see the [module rules](self)). Pure.
+/// entitlements. Pure. The rules:
+///
+/// - Ordering is by `(created, event id)` of the summary event, or by the
+///   time Stripe answered (its `Date`) for a list fetched from the API.
+///   An older summary is stale; the same event again changes nothing.
+/// - **Ties are never guessed.** A summary of the same second as the stored
+///   one, from another event (or a fetch), is refetched from the API: event
+///   ids are not time-ordered. Without a client the larger id wins (an
+///   arbitrary but order-independent rule) and the result is marked
+///   unverified (`verified == false`).
+/// - **Incomplete lists are completed.** The summary carries one page of
+///   entitlements; when it says `has_more`, the full list is fetched from the
+///   API. Without a client the page is stored, marked unverified: a key it
+///   shows is active, a key it does not show may be on a later page.
+/// - A fetch that fails leaves the stored entitlements as they are and fails
+///   the event retryably, so Stripe's redelivery tries again.
+/// - Unverified entitlements are refetched by the reconciler's sweeps and by
+///   `refresh_customer`.
 ///
 /// # Errors
 ///
