@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::{
-    ActiveEntitlement, BudgetConfig, ClientError, ClientErrorKind, EntitlementListQuery,
-    EventListQuery, Page, RequestBudget, Response, StripeClient, SubscriptionListQuery,
+    BudgetConfig, ClientError, ClientErrorKind, Page, RequestBudget, Response, StripeClient,
+    StubClient, StubMethod,
 };
 use stripe_webhook_guard::clock::{BoxFuture, Clock, ManualClock};
 use stripe_webhook_guard::event::{Event, SubscriptionStatus, SubscriptionView};
@@ -475,10 +475,6 @@ async fn dead_letters_are_replayed_after_a_fix() {
 // times, permanent catch-up failures, Connect records, stale-sweep paging.
 // ---------------------------------------------------------------------------
 
-fn not_used() -> ClientError {
-    ClientError::new(ClientErrorKind::Api, "not used by this test").with_status(400)
-}
-
 /// The system clock with tokio's timer (the crate's own uses a thread per
 /// sleep without the `tokio` feature).
 #[derive(Debug)]
@@ -498,63 +494,26 @@ impl Clock for TokioClock {
 
 /// `sub_hang` never answers, `sub_panic` panics, anything else answers once
 /// `barrier`'s party is complete (so the calls must be in flight together).
-struct Stalls {
-    barrier: tokio::sync::Barrier,
-}
-
-#[async_trait]
-impl StripeClient for Stalls {
-    async fn retrieve_subscription(
-        &self,
-        _: Option<&str>,
-        id: &str,
-    ) -> Result<Response<SubscriptionView>, ClientError> {
-        match id {
-            "sub_hang" => std::future::pending().await,
-            "sub_panic" => panic!("client bug"),
-            _ => {
-                self.barrier.wait().await;
-                Ok(Response::new(
-                    SubscriptionView::from_json(&format!(
-                        r#"{{"id":"{id}","object":"subscription","status":"active"}}"#
+fn stalls(party: usize) -> StubClient {
+    let barrier = Arc::new(tokio::sync::Barrier::new(party));
+    StubClient::new().retrieve_subscription(move |_, id| {
+        let barrier = barrier.clone();
+        async move {
+            match id.as_str() {
+                "sub_hang" => std::future::pending().await,
+                "sub_panic" => panic!("client bug"),
+                _ => {
+                    barrier.wait().await;
+                    Ok(Response::new(
+                        SubscriptionView::from_json(&format!(
+                            r#"{{"id":"{id}","object":"subscription","status":"active"}}"#
+                        ))
+                        .unwrap(),
                     ))
-                    .unwrap(),
-                ))
+                }
             }
         }
-    }
-
-    async fn list_subscriptions(
-        &self,
-        _: Option<&str>,
-        _: &SubscriptionListQuery,
-    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_events(
-        &self,
-        _: Option<&str>,
-        _: &EventListQuery,
-    ) -> Result<Response<Page<Event>>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn retrieve_event(
-        &self,
-        _: Option<&str>,
-        _: &str,
-    ) -> Result<Response<Event>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_active_entitlements(
-        &self,
-        _: Option<&str>,
-        _: &EntitlementListQuery,
-    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
-        Err(not_used())
-    }
+    })
 }
 
 /// Cancelled (timed out, including while queued for a permit) and panicking
@@ -563,9 +522,7 @@ impl StripeClient for Stalls {
 async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
     let in_flight = 2;
     let budget = Arc::new(RequestBudget::new(
-        Arc::new(Stalls {
-            barrier: tokio::sync::Barrier::new(in_flight),
-        }),
+        Arc::new(stalls(in_flight)),
         Arc::new(TokioClock),
         BudgetConfig {
             requests_per_second: 1000,
@@ -613,96 +570,23 @@ async fn cancelled_and_panicking_calls_do_not_shrink_the_budget() {
 
 /// A client around another that records calls, can fail the n-th call of a
 /// kind, and can move a manual clock on each call (a slow, paced API).
-struct Probe {
+fn probe(
     inner: Arc<dyn StripeClient>,
-    calls: Mutex<Vec<(&'static str, String)>>,
-    fail_at: Option<(&'static str, usize)>,
+    fail_at: Option<(StubMethod, usize)>,
     advance: Option<(ManualClock, Duration)>,
-}
-
-impl Probe {
-    fn new(inner: Arc<dyn StripeClient>) -> Self {
-        Self {
-            inner,
-            calls: Mutex::new(Vec::new()),
-            fail_at: None,
-            advance: None,
-        }
-    }
-
-    fn call(&self, kind: &'static str, what: &str) -> Result<(), ClientError> {
-        if let Some((clock, by)) = &self.advance {
+) -> StubClient {
+    StubClient::over(inner).before_each(move |call| {
+        if let Some((clock, by)) = &advance {
             clock.advance(*by);
         }
-        let mut calls = self.calls.lock().unwrap();
-        calls.push((kind, what.to_owned()));
-        let n = calls.iter().filter(|(k, _)| *k == kind).count();
-        if self.fail_at == Some((kind, n)) {
+        if fail_at == Some((call.method, call.nth)) {
             return Err(ClientError::new(
                 ClientErrorKind::Unauthorized,
                 "injected failure",
             ));
         }
         Ok(())
-    }
-
-    fn retrieved(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| *k == "retrieve")
-            .map(|(_, id)| id.clone())
-            .collect()
-    }
-}
-
-#[async_trait]
-impl StripeClient for Probe {
-    async fn retrieve_subscription(
-        &self,
-        account: Option<&str>,
-        id: &str,
-    ) -> Result<Response<SubscriptionView>, ClientError> {
-        self.call("retrieve", id)?;
-        self.inner.retrieve_subscription(account, id).await
-    }
-
-    async fn list_subscriptions(
-        &self,
-        account: Option<&str>,
-        query: &SubscriptionListQuery,
-    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-        self.call("list_subscriptions", "")?;
-        self.inner.list_subscriptions(account, query).await
-    }
-
-    async fn list_events(
-        &self,
-        account: Option<&str>,
-        query: &EventListQuery,
-    ) -> Result<Response<Page<Event>>, ClientError> {
-        self.call("list_events", "")?;
-        self.inner.list_events(account, query).await
-    }
-
-    async fn retrieve_event(
-        &self,
-        account: Option<&str>,
-        id: &str,
-    ) -> Result<Response<Event>, ClientError> {
-        self.call("retrieve_event", id)?;
-        self.inner.retrieve_event(account, id).await
-    }
-
-    async fn list_active_entitlements(
-        &self,
-        account: Option<&str>,
-        query: &EntitlementListQuery,
-    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
-        self.call("list_active_entitlements", &query.customer)?;
-        self.inner.list_active_entitlements(account, query).await
-    }
+    })
 }
 
 fn access_snapshot(w: &World) -> HashMap<String, (SubscriptionStatus, Access)> {
@@ -751,8 +635,11 @@ async fn a_sweep_failing_part_way_notifies_what_it_saved() {
     let n = w.store.all_subscriptions().len();
     assert!(n >= 10, "{n} records");
     let before = access_snapshot(&w);
-    let mut probe = Probe::new(w.fake.clone());
-    probe.fail_at = Some(("retrieve", n - 1));
+    let probe = probe(
+        w.fake.clone(),
+        Some((StubMethod::RetrieveSubscription, n - 1)),
+        None,
+    );
     let notes = Arc::new(Collect::default());
     let r = Reconciler::new(w.sim.processor().clone(), Arc::new(probe)).notifier(notes.clone());
     let result = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await;
@@ -845,9 +732,7 @@ async fn sweeps_stamp_each_object_with_its_fetch_time() {
     let step = Duration::minutes(10);
     for scope in [SweepScope::All, SweepScope::StaleFor(Duration::ZERO)] {
         let w = outage_world(Duration::days(4), 53).await;
-        let mut probe = Probe::new(w.fake.clone());
-        probe.advance = Some((w.clock.clone(), step));
-        let probe = Arc::new(probe);
+        let probe = Arc::new(probe(w.fake.clone(), None, Some((w.clock.clone(), step))));
         let r = Reconciler::new(w.sim.processor().clone(), probe.clone()).config(ReconcileConfig {
             reverify_after: Duration::ZERO,
             ..ReconcileConfig::default()
@@ -866,7 +751,7 @@ async fn sweeps_stamp_each_object_with_its_fetch_time() {
             SweepScope::All => [start + step].into(),
             // One retrieve each, a step apart.
             SweepScope::StaleFor(_) => {
-                let n = probe.retrieved().len();
+                let n = probe.calls_of(StubMethod::RetrieveSubscription).len();
                 assert!(n >= 5, "{n} retrieved");
                 (1..=n)
                     .map(|k| start + step * u32::try_from(k).unwrap())
@@ -878,52 +763,13 @@ async fn sweeps_stamp_each_object_with_its_fetch_time() {
 }
 
 /// A client that lists a fixed set of events.
-struct Events(Vec<Event>);
-
-#[async_trait]
-impl StripeClient for Events {
-    async fn retrieve_subscription(
-        &self,
-        _: Option<&str>,
-        _: &str,
-    ) -> Result<Response<SubscriptionView>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_subscriptions(
-        &self,
-        _: Option<&str>,
-        _: &SubscriptionListQuery,
-    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_events(
-        &self,
-        _: Option<&str>,
-        _: &EventListQuery,
-    ) -> Result<Response<Page<Event>>, ClientError> {
-        Ok(Response::new(Page {
-            data: self.0.clone(),
+fn listing(listed: Vec<Event>) -> StubClient {
+    StubClient::new().list_events(move |_, _| {
+        std::future::ready(Ok(Response::new(Page {
+            data: listed.clone(),
             has_more: false,
-        }))
-    }
-
-    async fn retrieve_event(
-        &self,
-        _: Option<&str>,
-        _: &str,
-    ) -> Result<Response<Event>, ClientError> {
-        Err(not_used())
-    }
-
-    async fn list_active_entitlements(
-        &self,
-        _: Option<&str>,
-        _: &EntitlementListQuery,
-    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
-        Err(not_used())
-    }
+        })))
+    })
 }
 
 /// A permanent failure (a payload conflict) is reported and lets the cursor
@@ -961,7 +807,7 @@ async fn only_retryable_catch_up_failures_hold_the_cursor() {
         event("evt_retry", updated, t0 + 100, "sub_r"),
         event("evt_conflict", updated, t0, "sub_a"),
     ];
-    let r = Reconciler::new(p.clone(), Arc::new(Events(listed.clone())));
+    let r = Reconciler::new(p.clone(), Arc::new(listing(listed.clone())));
     let report = r.catch_up().await.unwrap();
     assert_eq!(report.events_processed, 1);
     assert_eq!(report.events_failed, 2);
@@ -1006,7 +852,7 @@ async fn connect_records_are_left_alone() {
         .store(store.clone())
         .clock(Arc::new(clock.clone()))
         .build();
-    let probe = Arc::new(Probe::new(fake.clone()));
+    let probe = Arc::new(probe(fake.clone(), None, None));
     let r = Reconciler::new(p, probe.clone());
     let all = r.sweep(SweepScope::All).await.unwrap();
     let stale = r.sweep(SweepScope::StaleFor(Duration::ZERO)).await.unwrap();
@@ -1015,7 +861,11 @@ async fn connect_records_are_left_alone() {
         assert!(report.changes.is_empty(), "{report:#?}");
         assert_eq!(report.writes, 0);
     }
-    assert!(probe.retrieved().is_empty(), "{:?}", probe.retrieved());
+    assert!(
+        probe.calls_of(StubMethod::RetrieveSubscription).is_empty(),
+        "{:?}",
+        probe.calls_of(StubMethod::RetrieveSubscription)
+    );
     assert_eq!(store.load("sub_connect").await.unwrap().unwrap(), saved);
 }
 
@@ -1075,7 +925,7 @@ impl SubscriptionStore for PagedStore {
 async fn paged_reconciler(
     clock: &ManualClock,
     records: &[SubscriptionRecord],
-) -> (Reconciler, Arc<PagedStore>, Arc<Probe>) {
+) -> (Reconciler, Arc<PagedStore>, Arc<StubClient>) {
     let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
     for r in records {
         store.save(r).await.unwrap();
@@ -1089,7 +939,7 @@ async fn paged_reconciler(
         .clock(Arc::new(clock.clone()))
         .build();
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
-    let probe = Arc::new(Probe::new(fake));
+    let probe = Arc::new(probe(fake, None, None));
     let r = Reconciler::new(p, probe.clone());
     (r, paged, probe)
 }
@@ -1109,9 +959,16 @@ async fn the_stale_sweep_reads_the_store_in_pages() {
     let limits = paged.limits.lock().unwrap().clone();
     assert!(limits.len() >= 3, "{limits:?}");
     assert!(limits.iter().all(|l| (1..=500).contains(l)), "{limits:?}");
-    let retrieved: BTreeSet<String> = probe.retrieved().into_iter().collect();
+    let retrieved: BTreeSet<String> = probe
+        .calls_of(StubMethod::RetrieveSubscription)
+        .into_iter()
+        .collect();
     assert_eq!(retrieved.len(), 1_100);
-    assert_eq!(probe.retrieved().len(), 1_100, "each once");
+    assert_eq!(
+        probe.calls_of(StubMethod::RetrieveSubscription).len(),
+        1_100,
+        "each once"
+    );
 }
 
 /// Terminal records verified with Stripe cannot change and records under
@@ -1146,7 +1003,7 @@ async fn the_stale_sweep_skips_settled_and_reviewed_records() {
         .await
         .unwrap();
     assert_eq!(
-        probe.retrieved(),
+        probe.calls_of(StubMethod::RetrieveSubscription),
         vec![
             "sub_b_never_verified",
             "sub_d_guessed",
@@ -1160,62 +1017,6 @@ async fn the_stale_sweep_skips_settled_and_reviewed_records() {
 /// not in that listing; it must not be flagged "unknown to Stripe".
 #[tokio::test]
 async fn records_created_during_the_listing_are_not_flagged() {
-    use stripe_webhook_guard::client::{
-        ActiveEntitlement, ClientError, EntitlementListQuery, EventListQuery, Page, Response,
-        StripeClient, SubscriptionListQuery,
-    };
-    use stripe_webhook_guard::event::{Event, SubscriptionView};
-    struct RacingClient {
-        fake: Arc<FakeStripe>,
-        processor: WebhookProcessor,
-        clock: ManualClock,
-    }
-    #[async_trait]
-    impl StripeClient for RacingClient {
-        async fn retrieve_subscription(
-            &self,
-            a: Option<&str>,
-            id: &str,
-        ) -> Result<Response<SubscriptionView>, ClientError> {
-            self.fake.retrieve_subscription(a, id).await
-        }
-        async fn list_subscriptions(
-            &self,
-            a: Option<&str>,
-            q: &SubscriptionListQuery,
-        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-            let page = self.fake.list_subscriptions(a, q).await;
-            // Meanwhile a new customer checks out and its webhook lands.
-            self.clock.advance(Duration::seconds(5));
-            let c = self.fake.create_customer();
-            self.fake.subscribe(&c, &Subscribe::default());
-            for fe in self.fake.take_new_events() {
-                self.processor.process_event(&fe.event).await.unwrap();
-            }
-            page
-        }
-        async fn list_events(
-            &self,
-            a: Option<&str>,
-            q: &EventListQuery,
-        ) -> Result<Response<Page<Event>>, ClientError> {
-            self.fake.list_events(a, q).await
-        }
-        async fn retrieve_event(
-            &self,
-            a: Option<&str>,
-            id: &str,
-        ) -> Result<Response<Event>, ClientError> {
-            self.fake.retrieve_event(a, id).await
-        }
-        async fn list_active_entitlements(
-            &self,
-            a: Option<&str>,
-            q: &EntitlementListQuery,
-        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
-            self.fake.list_active_entitlements(a, q).await
-        }
-    }
     let clock = ManualClock::at_unix(common::world::START);
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
     let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
@@ -1228,11 +1029,24 @@ async fn records_created_during_the_listing_are_not_flagged() {
     for fe in fake.take_new_events() {
         processor.process_event(&fe.event).await.unwrap();
     }
-    let client = Arc::new(RacingClient {
-        fake: fake.clone(),
-        processor: processor.clone(),
-        clock: clock.clone(),
-    });
+    // The listing answers; meanwhile a new customer checks out and its
+    // webhook lands.
+    let (racing, p, at) = (fake.clone(), processor.clone(), clock.clone());
+    let client = Arc::new(StubClient::over(fake.clone()).list_subscriptions(
+        move |account, query| {
+            let (fake, processor, clock) = (racing.clone(), p.clone(), at.clone());
+            async move {
+                let page = fake.list_subscriptions(account.as_deref(), &query).await;
+                clock.advance(Duration::seconds(5));
+                let c = fake.create_customer();
+                fake.subscribe(&c, &Subscribe::default());
+                for fe in fake.take_new_events() {
+                    processor.process_event(&fe.event).await.unwrap();
+                }
+                page
+            }
+        },
+    ));
     let report = Reconciler::new(processor, client)
         .sweep(SweepScope::All)
         .await
@@ -1279,7 +1093,7 @@ async fn a_second_catch_up_counts_ignored_events_as_duplicates() {
         .unwrap()
     })
     .collect();
-    let r = Reconciler::new(processor.clone(), Arc::new(Events(events)));
+    let r = Reconciler::new(processor.clone(), Arc::new(listing(events)));
     let first = r.catch_up().await.unwrap();
     assert_eq!((first.events_seen, first.events_processed), (3, 3));
     assert_eq!(first.events_duplicate, 0);

@@ -357,76 +357,35 @@ impl StripeClient for RequestBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::StubClient;
     use crate::clock::ManualClock;
 
-    /// Answers `retrieve_event` from a script (the last answer repeats) and
-    /// records when each call arrived.
-    struct Scripted {
-        answers: Vec<fn() -> ClientError>,
-        clock: ManualClock,
-        calls: Mutex<Vec<OffsetDateTime>>,
-    }
+    /// When each `retrieve_event` call reached the scripted client.
+    struct Log(Arc<Mutex<Vec<OffsetDateTime>>>);
 
-    impl Scripted {
+    impl Log {
         fn calls(&self) -> Vec<OffsetDateTime> {
-            self.calls.lock().unwrap().clone()
+            self.0.lock().unwrap().clone()
         }
     }
 
-    #[async_trait]
-    impl StripeClient for Scripted {
-        async fn retrieve_subscription(
-            &self,
-            _: Option<&str>,
-            _: &str,
-        ) -> Result<Response<SubscriptionView>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
-        }
-        async fn list_subscriptions(
-            &self,
-            _: Option<&str>,
-            _: &SubscriptionListQuery,
-        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
-        }
-        async fn list_events(
-            &self,
-            _: Option<&str>,
-            _: &EventListQuery,
-        ) -> Result<Response<Page<Event>>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
-        }
-        async fn retrieve_event(
-            &self,
-            _: Option<&str>,
-            _: &str,
-        ) -> Result<Response<Event>, ClientError> {
-            let mut calls = self.calls.lock().unwrap();
-            calls.push(self.clock.now());
-            let i = (calls.len() - 1).min(self.answers.len() - 1);
-            Err((self.answers[i])())
-        }
-        async fn list_active_entitlements(
-            &self,
-            _: Option<&str>,
-            _: &EntitlementListQuery,
-        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "unused"))
-        }
-    }
-
+    /// A budget over a client that answers `retrieve_event` from a script
+    /// (the last answer repeats) and logs when each call arrived.
     fn setup(
         answers: Vec<fn() -> ClientError>,
         config: BudgetConfig,
-    ) -> (Arc<Scripted>, RequestBudget, ManualClock) {
+    ) -> (Log, RequestBudget, ManualClock) {
         let clock = ManualClock::at_unix(1_767_225_600);
-        let inner = Arc::new(Scripted {
-            answers,
-            clock: clock.clone(),
-            calls: Mutex::default(),
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (at, times) = (clock.clone(), log.clone());
+        let inner = StubClient::new().retrieve_event(move |_, _| {
+            let mut calls = times.lock().unwrap();
+            calls.push(at.now());
+            let i = (calls.len() - 1).min(answers.len() - 1);
+            std::future::ready(Err((answers[i])()))
         });
-        let budget = RequestBudget::new(inner.clone(), Arc::new(clock.clone()), config);
-        (inner, budget, clock)
+        let budget = RequestBudget::new(Arc::new(inner), Arc::new(clock.clone()), config);
+        (Log(log), budget, clock)
     }
 
     fn unavailable() -> ClientError {

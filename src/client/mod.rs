@@ -30,12 +30,17 @@ use time::{Duration, OffsetDateTime};
 use crate::event::{Event, SubscriptionView};
 
 mod budget;
+#[cfg(any(test, feature = "test-util"))]
+mod stub;
 
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod http;
 
 pub use budget::{BudgetConfig, RequestBudget};
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use stub::{StubCall, StubClient, StubMethod};
 
 /// What kind of API failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -558,46 +563,11 @@ mod tests {
         }
     }
 
-    /// A client serving one list in pages of two.
-    struct Paged(Vec<&'static str>);
-
-    #[async_trait]
-    impl StripeClient for Paged {
-        async fn retrieve_subscription(
-            &self,
-            _: Option<&str>,
-            _: &str,
-        ) -> Result<Response<SubscriptionView>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
-        }
-        async fn list_subscriptions(
-            &self,
-            _: Option<&str>,
-            _: &SubscriptionListQuery,
-        ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
-        }
-        async fn list_events(
-            &self,
-            _: Option<&str>,
-            _: &EventListQuery,
-        ) -> Result<Response<Page<Event>>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
-        }
-        async fn retrieve_event(
-            &self,
-            _: Option<&str>,
-            _: &str,
-        ) -> Result<Response<Event>, ClientError> {
-            Err(ClientError::new(ClientErrorKind::NotFound, "none"))
-        }
-        async fn list_active_entitlements(
-            &self,
-            account: Option<&str>,
-            query: &EntitlementListQuery,
-        ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+    /// A client serving one list of lookup keys in pages of two.
+    fn paged(keys: Vec<&'static str>) -> StubClient {
+        StubClient::new().list_active_entitlements(move |account, query| {
             assert_eq!(
-                (account, query.customer.as_str()),
+                (account.as_deref(), query.customer.as_str()),
                 (Some("acct_1"), "cus_1")
             );
             // Ids are positions, so a repeated key is still a new item.
@@ -605,10 +575,9 @@ mod tests {
                 after
                     .strip_prefix("ent_")
                     .and_then(|i| i.parse::<usize>().ok())
-                    .map_or(self.0.len(), |i| i + 1)
+                    .map_or(keys.len(), |i| i + 1)
             });
-            let data: Vec<ActiveEntitlement> = self
-                .0
+            let data: Vec<ActiveEntitlement> = keys
                 .iter()
                 .enumerate()
                 .skip(start)
@@ -619,18 +588,18 @@ mod tests {
                 })
                 .collect();
             let page = Page {
-                has_more: start + data.len() < self.0.len(),
+                has_more: start + data.len() < keys.len(),
                 data,
             };
             let served_at =
                 OffsetDateTime::from_unix_timestamp(1_000 + i64::try_from(start).unwrap_or(0)).ok();
-            Ok(Response::new(page).with_date(served_at))
-        }
+            std::future::ready(Ok(Response::new(page).with_date(served_at)))
+        })
     }
 
     #[tokio::test]
     async fn entitlements_are_collected_over_every_page() {
-        let client = Paged(vec!["b", "a", "c", "a", "d"]);
+        let client = paged(vec!["b", "a", "c", "a", "d"]);
         let all = client
             .list_customer_entitlements(Some("acct_1"), "cus_1")
             .await
