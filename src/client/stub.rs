@@ -221,7 +221,7 @@ impl StubClient {
     fn lock(&self) -> MutexGuard<'_, Vec<StubCall>> {
         // A test that panicked while holding the log poisons nothing worth
         // refusing: the log is append-only.
-        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+        self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn record(
