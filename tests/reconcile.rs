@@ -496,7 +496,7 @@ impl Clock for TokioClock {
 /// `barrier`'s party is complete (so the calls must be in flight together).
 fn stalls(party: usize) -> StubClient {
     let barrier = Arc::new(tokio::sync::Barrier::new(party));
-    StubClient::new().retrieve_subscription(move |_, id| {
+    StubClient::new().on_retrieve_subscription(move |_, id| {
         let barrier = barrier.clone();
         async move {
             match id.as_str() {
@@ -764,7 +764,7 @@ async fn sweeps_stamp_each_object_with_its_fetch_time() {
 
 /// A client that lists a fixed set of events.
 fn listing(listed: Vec<Event>) -> StubClient {
-    StubClient::new().list_events(move |_, _| {
+    StubClient::new().on_list_events(move |_, _| {
         std::future::ready(Ok(Response::new(Page {
             data: listed.clone(),
             has_more: false,
@@ -1032,7 +1032,7 @@ async fn records_created_during_the_listing_are_not_flagged() {
     // The listing answers; meanwhile a new customer checks out and its
     // webhook lands.
     let (racing, p, at) = (fake.clone(), processor.clone(), clock.clone());
-    let client = Arc::new(StubClient::over(fake.clone()).list_subscriptions(
+    let client = Arc::new(StubClient::over(fake.clone()).on_list_subscriptions(
         move |account, query| {
             let (fake, processor, clock) = (racing.clone(), p.clone(), at.clone());
             async move {

@@ -378,7 +378,7 @@ mod tests {
         let clock = ManualClock::at_unix(1_767_225_600);
         let log = Arc::new(Mutex::new(Vec::new()));
         let (at, times) = (clock.clone(), log.clone());
-        let inner = StubClient::new().retrieve_event(move |_, _| {
+        let inner = StubClient::new().on_retrieve_event(move |_, _| {
             let mut calls = times.lock().unwrap();
             calls.push(at.now());
             let i = (calls.len() - 1).min(answers.len() - 1);

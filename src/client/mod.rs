@@ -565,7 +565,7 @@ mod tests {
 
     /// A client serving one list of lookup keys in pages of two.
     fn paged(keys: Vec<&'static str>) -> StubClient {
-        StubClient::new().list_active_entitlements(move |account, query| {
+        StubClient::new().on_list_active_entitlements(move |account, query| {
             assert_eq!(
                 (account.as_deref(), query.customer.as_str()),
                 (Some("acct_1"), "cus_1")

@@ -60,8 +60,25 @@ where
     Box::new(move |account, query| Box::pin(f(account, query)))
 }
 
+/// One builder method per [`StripeClient`] method, each setting the closure
+/// that answers it.
+macro_rules! answers {
+    ($($(#[$doc:meta])* $setter:ident => $method:ident($arg:ty) -> $answer:ty;)*) => {$(
+        $(#[$doc])*
+        #[must_use]
+        pub fn $setter<F, Fut>(mut self, f: F) -> Self
+        where
+            F: Fn(Option<String>, $arg) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = Result<Response<$answer>, ClientError>> + Send + 'static,
+        {
+            self.$method = Some(answer(f));
+            self
+        }
+    )*};
+}
+
 /// A [`StripeClient`] for tests: each method answers from a closure set with
-/// the method of the same name, or else from the client it was built over
+/// the `on_` method of the same name, or else from the client it was built over
 /// ([`StubClient::over`]; [`StubClient::new`] refuses every call it was not
 /// told to answer with [`ClientErrorKind::NotFound`]). Every call is
 /// recorded ([`StubClient::calls`]), and a hook run before each call
@@ -75,7 +92,7 @@ where
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use stripe_webhook_guard::client::{Page, Response, StripeClient, StubClient, StubMethod};
 ///
-/// let client = StubClient::new().list_events(|_account, _query| async {
+/// let client = StubClient::new().on_list_events(|_account, _query| async {
 ///     Ok(Response::new(Page { data: Vec::new(), has_more: false }))
 /// });
 /// let query = Default::default();
@@ -144,63 +161,18 @@ impl StubClient {
         self
     }
 
-    /// Answers [`StripeClient::retrieve_subscription`] with `f(account, id)`.
-    #[must_use]
-    pub fn retrieve_subscription<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(Option<String>, String) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Response<SubscriptionView>, ClientError>> + Send + 'static,
-    {
-        self.retrieve_subscription = Some(answer(f));
-        self
-    }
-
-    /// Answers [`StripeClient::list_subscriptions`] with `f(account, query)`.
-    #[must_use]
-    pub fn list_subscriptions<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(Option<String>, SubscriptionListQuery) -> Fut + Send + Sync + 'static,
-        Fut:
-            Future<Output = Result<Response<Page<SubscriptionView>>, ClientError>> + Send + 'static,
-    {
-        self.list_subscriptions = Some(answer(f));
-        self
-    }
-
-    /// Answers [`StripeClient::list_events`] with `f(account, query)`.
-    #[must_use]
-    pub fn list_events<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(Option<String>, EventListQuery) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Response<Page<Event>>, ClientError>> + Send + 'static,
-    {
-        self.list_events = Some(answer(f));
-        self
-    }
-
-    /// Answers [`StripeClient::retrieve_event`] with `f(account, id)`.
-    #[must_use]
-    pub fn retrieve_event<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(Option<String>, String) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Response<Event>, ClientError>> + Send + 'static,
-    {
-        self.retrieve_event = Some(answer(f));
-        self
-    }
-
-    /// Answers [`StripeClient::list_active_entitlements`] with
-    /// `f(account, query)`.
-    #[must_use]
-    pub fn list_active_entitlements<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(Option<String>, EntitlementListQuery) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Response<Page<ActiveEntitlement>>, ClientError>>
-            + Send
-            + 'static,
-    {
-        self.list_active_entitlements = Some(answer(f));
-        self
+    answers! {
+        /// Answers [`StripeClient::retrieve_subscription`] with `f(account, id)`.
+        on_retrieve_subscription => retrieve_subscription(String) -> SubscriptionView;
+        /// Answers [`StripeClient::list_subscriptions`] with `f(account, query)`.
+        on_list_subscriptions => list_subscriptions(SubscriptionListQuery) -> Page<SubscriptionView>;
+        /// Answers [`StripeClient::list_events`] with `f(account, query)`.
+        on_list_events => list_events(EventListQuery) -> Page<Event>;
+        /// Answers [`StripeClient::retrieve_event`] with `f(account, id)`.
+        on_retrieve_event => retrieve_event(String) -> Event;
+        /// Answers [`StripeClient::list_active_entitlements`] with
+        /// `f(account, query)`.
+        on_list_active_entitlements => list_active_entitlements(EntitlementListQuery) -> Page<ActiveEntitlement>;
     }
 
     /// Every call received so far, in order.
@@ -221,7 +193,9 @@ impl StubClient {
     fn lock(&self) -> MutexGuard<'_, Vec<StubCall>> {
         // A test that panicked while holding the log poisons nothing worth
         // refusing: the log is append-only.
-        self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn record(
