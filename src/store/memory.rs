@@ -47,6 +47,21 @@ struct Inner {
     cursors: HashMap<String, String>,
 }
 
+impl Inner {
+    /// The records whose ids an index entry lists.
+    fn records(&self, ids: Option<&BTreeSet<String>>) -> Vec<SubscriptionRecord> {
+        ids.into_iter()
+            .flatten()
+            .filter_map(|id| self.subscriptions.get(id).cloned())
+            .collect()
+    }
+}
+
+/// A query's `limit`, where 0 means no limit.
+fn no_limit_if_zero(limit: usize) -> usize {
+    if limit == 0 { usize::MAX } else { limit }
+}
+
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = self.lock();
@@ -343,11 +358,7 @@ impl EventLedger for MemoryStore {
             .ledger
             .values()
             .filter(|e| query.matches(e))
-            .take(if query.limit == 0 {
-                usize::MAX
-            } else {
-                query.limit
-            })
+            .take(no_limit_if_zero(query.limit))
             .cloned()
             .collect())
     }
@@ -408,13 +419,7 @@ impl SubscriptionStore for MemoryStore {
         customer: &str,
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let inner = self.lock();
-        Ok(inner
-            .by_customer
-            .get(customer)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| inner.subscriptions.get(id).cloned())
-            .collect())
+        Ok(inner.records(inner.by_customer.get(customer)))
     }
 
     async fn find_by_client_reference(
@@ -422,13 +427,7 @@ impl SubscriptionStore for MemoryStore {
         reference: &str,
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let inner = self.lock();
-        Ok(inner
-            .by_reference
-            .get(reference)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| inner.subscriptions.get(id).cloned())
-            .collect())
+        Ok(inner.records(inner.by_reference.get(reference)))
     }
 
     async fn list_subscriptions(
@@ -440,11 +439,7 @@ impl SubscriptionStore for MemoryStore {
             .subscriptions
             .values()
             .filter(|r| query.matches(r))
-            .take(if query.limit == 0 {
-                usize::MAX
-            } else {
-                query.limit
-            })
+            .take(no_limit_if_zero(query.limit))
             .cloned()
             .collect())
     }
