@@ -77,8 +77,14 @@ pub struct NoStore;
 /// with [`ProcessorBuilder::store`]: only then do `build` and `build_inbox`
 /// exist, so a half-configured pipeline does not compile.
 pub struct ProcessorBuilder<S = NoStore> {
-    verifier: Verifier,
+    settings: Settings,
     store: S,
+}
+
+/// Everything a processor is configured with except its store: what the
+/// builder collects and the processor keeps.
+struct Settings {
+    verifier: Verifier,
     handler: Option<Arc<dyn EventHandler>>,
     client: Option<Arc<dyn StripeClient>>,
     clock: Arc<dyn Clock>,
@@ -88,15 +94,25 @@ pub struct ProcessorBuilder<S = NoStore> {
     max_attempts: u32,
 }
 
-impl<S> fmt::Debug for ProcessorBuilder<S> {
+impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProcessorBuilder")
+        f.debug_struct("Settings")
             .field("verifier", &self.verifier)
+            .field("client", &self.client.is_some())
+            .field("handler", &self.handler.is_some())
             .field("livemode", &self.livemode)
             .field("accounts", &self.accounts)
             .field("lease", &self.lease)
             .field("max_attempts", &self.max_attempts)
             .finish_non_exhaustive()
+    }
+}
+
+impl<S> fmt::Debug for ProcessorBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ProcessorBuilder")
+            .field(&self.settings)
+            .finish()
     }
 }
 
@@ -108,15 +124,8 @@ impl ProcessorBuilder<NoStore> {
     #[must_use]
     pub fn store<H: StoreHandle>(self, store: H) -> ProcessorBuilder<H> {
         ProcessorBuilder {
-            verifier: self.verifier,
+            settings: self.settings,
             store,
-            handler: self.handler,
-            client: self.client,
-            clock: self.clock,
-            livemode: self.livemode,
-            accounts: self.accounts,
-            lease: self.lease,
-            max_attempts: self.max_attempts,
         }
     }
 }
@@ -125,7 +134,7 @@ impl<S> ProcessorBuilder<S> {
     /// The application's handler.
     #[must_use]
     pub fn handler(mut self, handler: Arc<dyn EventHandler>) -> Self {
-        self.handler = Some(handler);
+        self.settings.handler = Some(handler);
         self
     }
 
@@ -134,14 +143,14 @@ impl<S> ProcessorBuilder<S> {
     /// pace it and retry rate limits.
     #[must_use]
     pub fn client(mut self, client: Arc<dyn StripeClient>) -> Self {
-        self.client = Some(client);
+        self.settings.client = Some(client);
         self
     }
 
     /// The clock (default: the system clock).
     #[must_use]
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        self.settings.clock = clock;
         self
     }
 
@@ -149,14 +158,14 @@ impl<S> ProcessorBuilder<S> {
     /// mode is ignored. Default: both.
     #[must_use]
     pub fn livemode(mut self, livemode: bool) -> Self {
-        self.livemode = Some(livemode);
+        self.settings.livemode = Some(livemode);
         self
     }
 
     /// Which Connect accounts' events to process (default: the platform's only).
     #[must_use]
     pub fn accounts(mut self, filter: AccountFilter) -> Self {
-        self.accounts = filter;
+        self.settings.accounts = filter;
         self
     }
 
@@ -164,14 +173,14 @@ impl<S> ProcessorBuilder<S> {
     /// handler.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.settings.lease = lease;
         self
     }
 
     /// Attempts before dead-lettering (default 8; at least 1).
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts.max(1);
+        self.settings.max_attempts = attempts.max(1);
         self
     }
 }
@@ -179,18 +188,10 @@ impl<S> ProcessorBuilder<S> {
 impl<H: StoreHandle> ProcessorBuilder<H> {
     /// Builds the processor.
     pub fn build(self) -> WebhookProcessor {
-        let store = self.store.storage();
         WebhookProcessor {
             inner: Arc::new(Inner {
-                verifier: self.verifier,
-                store,
-                handler: self.handler,
-                client: self.client,
-                clock: self.clock,
-                livemode: self.livemode,
-                accounts: self.accounts,
-                lease: self.lease,
-                max_attempts: self.max_attempts,
+                settings: self.settings,
+                store: self.store.storage(),
                 counters: Counters::default(),
                 held: held::Held::default(),
             }),
@@ -209,17 +210,19 @@ impl<H: InboxHandle> ProcessorBuilder<H> {
 }
 
 struct Inner {
-    verifier: Verifier,
+    settings: Settings,
     store: Arc<dyn Storage>,
-    handler: Option<Arc<dyn EventHandler>>,
-    client: Option<Arc<dyn StripeClient>>,
-    clock: Arc<dyn Clock>,
-    livemode: Option<bool>,
-    accounts: AccountFilter,
-    lease: Duration,
-    max_attempts: u32,
     counters: Counters,
     held: held::Held,
+}
+
+/// The settings read as the processor's own fields (`self.inner.lease`).
+impl std::ops::Deref for Inner {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
 }
 
 /// The webhook pipeline. Cheap to clone (an `Arc` inside); share one per
@@ -231,15 +234,9 @@ pub struct WebhookProcessor {
 
 impl fmt::Debug for WebhookProcessor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WebhookProcessor")
-            .field("verifier", &self.inner.verifier)
-            .field("client", &self.inner.client.is_some())
-            .field("handler", &self.inner.handler.is_some())
-            .field("livemode", &self.inner.livemode)
-            .field("accounts", &self.inner.accounts)
-            .field("lease", &self.inner.lease)
-            .field("max_attempts", &self.inner.max_attempts)
-            .finish_non_exhaustive()
+        f.debug_tuple("WebhookProcessor")
+            .field(&self.inner.settings)
+            .finish()
     }
 }
 
@@ -270,15 +267,17 @@ impl WebhookProcessor {
     /// ```
     pub fn builder(verifier: Verifier) -> ProcessorBuilder {
         ProcessorBuilder {
-            verifier,
+            settings: Settings {
+                verifier,
+                handler: None,
+                client: None,
+                clock: Arc::new(SystemClock),
+                livemode: None,
+                accounts: AccountFilter::default(),
+                lease: DEFAULT_LEASE,
+                max_attempts: DEFAULT_MAX_ATTEMPTS,
+            },
             store: NoStore,
-            handler: None,
-            client: None,
-            clock: Arc::new(SystemClock),
-            livemode: None,
-            accounts: AccountFilter::default(),
-            lease: DEFAULT_LEASE,
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 
