@@ -5,6 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use common::split::RecordOp;
 use common::{CountingHandler, at, other_event, secret, sign, sub_event};
 use stripe_webhook_guard::clock::{Clock, ManualClock};
 use stripe_webhook_guard::event::{Event, SubscriptionStatus};
@@ -14,7 +15,9 @@ use stripe_webhook_guard::processor::{
     WebhookProcessor,
 };
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::store::{EventLedger, MemoryStore, SubscriptionStore};
+use stripe_webhook_guard::store::{
+    EventLedger, MemoryStore, StoreError, StoreErrorKind, SubscriptionStore,
+};
 use time::Duration;
 
 const T0: i64 = 1_700_000_000;
@@ -688,90 +691,26 @@ async fn same_id_different_content_is_refused() {
     assert_eq!(err.http_status(), 409);
 }
 
-/// A store that fails on demand.
-struct FlakyStore {
-    inner: Arc<MemoryStore>,
-    fail_saves: std::sync::atomic::AtomicU32,
-}
-
-#[async_trait]
-impl SubscriptionStore for FlakyStore {
-    async fn load(
-        &self,
-        id: &str,
-    ) -> Result<
-        Option<stripe_webhook_guard::subscription::SubscriptionRecord>,
-        stripe_webhook_guard::store::StoreError,
-    > {
-        self.inner.load(id).await
-    }
-    async fn save(
-        &self,
-        r: &stripe_webhook_guard::subscription::SubscriptionRecord,
-    ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
-        use std::sync::atomic::Ordering;
-        if self.fail_saves.load(Ordering::SeqCst) > 0 {
-            self.fail_saves.fetch_sub(1, Ordering::SeqCst);
-            return Err(stripe_webhook_guard::store::StoreError::new(
-                stripe_webhook_guard::store::StoreErrorKind::Unavailable,
-                "connection reset",
-            ));
-        }
-        self.inner.save(r).await
-    }
-    async fn find_by_customer(
-        &self,
-        c: &str,
-    ) -> Result<
-        Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-        stripe_webhook_guard::store::StoreError,
-    > {
-        self.inner.find_by_customer(c).await
-    }
-    async fn find_by_client_reference(
-        &self,
-        c: &str,
-    ) -> Result<
-        Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-        stripe_webhook_guard::store::StoreError,
-    > {
-        self.inner.find_by_client_reference(c).await
-    }
-    async fn list_subscriptions(
-        &self,
-        q: &stripe_webhook_guard::store::SubscriptionQuery,
-    ) -> Result<
-        Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-        stripe_webhook_guard::store::StoreError,
-    > {
-        self.inner.list_subscriptions(q).await
-    }
-    async fn load_entitlements(
-        &self,
-        c: &str,
-    ) -> Result<
-        Option<stripe_webhook_guard::subscription::CustomerEntitlements>,
-        stripe_webhook_guard::store::StoreError,
-    > {
-        self.inner.load_entitlements(c).await
-    }
-    async fn save_entitlements(
-        &self,
-        e: &stripe_webhook_guard::subscription::CustomerEntitlements,
-    ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
-        self.inner.save_entitlements(e).await
-    }
-}
-
 /// A store outage fails the event (503, retryable), nothing is marked
 /// processed, and Stripe's retry processes it once.
 #[tokio::test]
 async fn store_outage_is_retryable_and_loses_nothing() {
     let clock = ManualClock::at_unix(T0);
     let memory = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
-    let flaky = Arc::new(FlakyStore {
-        inner: memory.clone(),
-        fail_saves: 2.into(),
+    // The first two saves fail.
+    let fail_saves = std::sync::atomic::AtomicU32::new(2);
+    let flaky = common::split::Hooked::new(memory.clone(), move |op| {
+        use std::sync::atomic::Ordering;
+        match op {
+            RecordOp::Save(_) if fail_saves.load(Ordering::SeqCst) > 0 => {
+                fail_saves.fetch_sub(1, Ordering::SeqCst);
+                Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "connection reset",
+                ))
+            }
+            _ => Ok(()),
+        }
     });
     let handler = CountingHandler::new();
     let p = WebhookProcessor::builder(Verifier::new(secret()))
@@ -887,76 +826,22 @@ async fn a_retried_handler_still_sees_the_status_change() {
 /// an event that is always too slow ends dead-lettered instead of looping.
 #[tokio::test]
 async fn attempts_lost_to_lease_expiry_count() {
-    struct SlowStore(Arc<MemoryStore>, ManualClock);
-    #[async_trait]
-    impl SubscriptionStore for SlowStore {
-        async fn load(
-            &self,
-            id: &str,
-        ) -> Result<
-            Option<stripe_webhook_guard::subscription::SubscriptionRecord>,
-            stripe_webhook_guard::store::StoreError,
-        > {
-            // Every load takes longer than the lease.
-            self.1.advance(Duration::seconds(120));
-            self.0.load(id).await
-        }
-        async fn save(
-            &self,
-            r: &stripe_webhook_guard::subscription::SubscriptionRecord,
-        ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
-            self.0.save(r).await
-        }
-        async fn find_by_customer(
-            &self,
-            c: &str,
-        ) -> Result<
-            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-            stripe_webhook_guard::store::StoreError,
-        > {
-            self.0.find_by_customer(c).await
-        }
-        async fn find_by_client_reference(
-            &self,
-            c: &str,
-        ) -> Result<
-            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-            stripe_webhook_guard::store::StoreError,
-        > {
-            self.0.find_by_client_reference(c).await
-        }
-        async fn list_subscriptions(
-            &self,
-            q: &stripe_webhook_guard::store::SubscriptionQuery,
-        ) -> Result<
-            Vec<stripe_webhook_guard::subscription::SubscriptionRecord>,
-            stripe_webhook_guard::store::StoreError,
-        > {
-            self.0.list_subscriptions(q).await
-        }
-        async fn load_entitlements(
-            &self,
-            c: &str,
-        ) -> Result<
-            Option<stripe_webhook_guard::subscription::CustomerEntitlements>,
-            stripe_webhook_guard::store::StoreError,
-        > {
-            self.0.load_entitlements(c).await
-        }
-        async fn save_entitlements(
-            &self,
-            e: &stripe_webhook_guard::subscription::CustomerEntitlements,
-        ) -> Result<u64, stripe_webhook_guard::store::StoreError> {
-            self.0.save_entitlements(e).await
-        }
-    }
     let clock = ManualClock::at_unix(T0);
     let memory = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
     let handler = CountingHandler::new();
     let p = WebhookProcessor::builder(Verifier::new(secret()))
         .store(common::split::Split::new(
             memory.clone(),
-            Arc::new(SlowStore(memory.clone(), clock.clone())),
+            // Every load takes longer than the lease.
+            common::split::Hooked::new(memory.clone(), {
+                let clock = clock.clone();
+                move |op| {
+                    if let RecordOp::Load(_) = op {
+                        clock.advance(Duration::seconds(120));
+                    }
+                    Ok(())
+                }
+            }),
         ))
         .handler(handler.clone())
         .clock(Arc::new(clock.clone()))

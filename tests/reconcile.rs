@@ -8,6 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use common::split::RecordOp;
 use common::world::World;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::{
@@ -22,10 +23,8 @@ use stripe_webhook_guard::reconcile::{
     SweepScope,
 };
 use stripe_webhook_guard::signature::Verifier;
-use stripe_webhook_guard::store::{
-    CursorStore, MemoryStore, StoreError, SubscriptionQuery, SubscriptionStore,
-};
-use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord, from_stripe};
+use stripe_webhook_guard::store::{CursorStore, MemoryStore, SubscriptionStore};
+use stripe_webhook_guard::subscription::{SubscriptionRecord, from_stripe};
 use stripe_webhook_guard::testing::{Card, FakeConfig, FakeStripe, ShapeMix, SimConfig, Subscribe};
 use time::{Duration, OffsetDateTime};
 
@@ -869,79 +868,31 @@ async fn connect_records_are_left_alone() {
     assert_eq!(store.load("sub_connect").await.unwrap().unwrap(), saved);
 }
 
-/// A subscription store that records the page sizes asked of it.
-struct PagedStore {
-    inner: Arc<MemoryStore>,
-    limits: Mutex<Vec<usize>>,
-}
-
-#[async_trait]
-impl SubscriptionStore for PagedStore {
-    async fn load(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
-        self.inner.load(id).await
-    }
-
-    async fn save(&self, record: &SubscriptionRecord) -> Result<u64, StoreError> {
-        self.inner.save(record).await
-    }
-
-    async fn find_by_customer(
-        &self,
-        customer: &str,
-    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        self.inner.find_by_customer(customer).await
-    }
-
-    async fn find_by_client_reference(
-        &self,
-        reference: &str,
-    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        self.inner.find_by_client_reference(reference).await
-    }
-
-    async fn list_subscriptions(
-        &self,
-        query: &SubscriptionQuery,
-    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
-        self.limits.lock().unwrap().push(query.limit);
-        self.inner.list_subscriptions(query).await
-    }
-
-    async fn load_entitlements(
-        &self,
-        customer: &str,
-    ) -> Result<Option<CustomerEntitlements>, StoreError> {
-        self.inner.load_entitlements(customer).await
-    }
-
-    async fn save_entitlements(
-        &self,
-        entitlements: &CustomerEntitlements,
-    ) -> Result<u64, StoreError> {
-        self.inner.save_entitlements(entitlements).await
-    }
-}
-
 async fn paged_reconciler(
     clock: &ManualClock,
     records: &[SubscriptionRecord],
-) -> (Reconciler, Arc<PagedStore>, Arc<StubClient>) {
+) -> (Reconciler, Arc<Mutex<Vec<usize>>>, Arc<StubClient>) {
     let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
     for r in records {
         store.save(r).await.unwrap();
     }
-    let paged = Arc::new(PagedStore {
-        inner: store.clone(),
-        limits: Mutex::new(Vec::new()),
+    // Records the page sizes asked of the subscription store.
+    let limits = Arc::new(Mutex::new(Vec::new()));
+    let asked = limits.clone();
+    let paged = common::split::Hooked::new(store.clone(), move |op| {
+        if let RecordOp::List(query) = op {
+            asked.lock().unwrap().push(query.limit);
+        }
+        Ok(())
     });
     let p = WebhookProcessor::builder(Verifier::new(common::secret()))
-        .store(common::split::Split::new(store.clone(), paged.clone()))
+        .store(common::split::Split::new(store.clone(), paged))
         .clock(Arc::new(clock.clone()))
         .build();
     let fake = Arc::new(FakeStripe::new(clock.clone(), FakeConfig::default()));
     let probe = Arc::new(probe(fake, None, None));
     let r = Reconciler::new(p, probe.clone());
-    (r, paged, probe)
+    (r, limits, probe)
 }
 
 /// The stale sweep reads the store in pages, and covers every record.
@@ -956,7 +907,7 @@ async fn the_stale_sweep_reads_the_store_in_pages() {
     r.sweep(SweepScope::StaleFor(Duration::hours(1)))
         .await
         .unwrap();
-    let limits = paged.limits.lock().unwrap().clone();
+    let limits = paged.lock().unwrap().clone();
     assert!(limits.len() >= 3, "{limits:?}");
     assert!(limits.iter().all(|l| (1..=500).contains(l)), "{limits:?}");
     let retrieved: BTreeSet<String> = probe

@@ -1,6 +1,7 @@
 //! A store whose subscription records live apart from its ledger and
 //! cursors: for tests that wrap the subscription store (to make it fail,
-//! stall or page) while the ledger stays a plain `MemoryStore`.
+//! stall or page: see [`Hooked`]) while the ledger stays a plain
+//! `MemoryStore`.
 
 use std::sync::Arc;
 
@@ -108,5 +109,76 @@ impl CursorStore for Split {
             ));
         }
         self.ledger.save_cursor(name, value).await
+    }
+}
+
+/// A subscription-store call, as [`Hooked`] shows it to its hook.
+#[derive(Debug)]
+pub enum RecordOp<'a> {
+    Load(&'a str),
+    Save(&'a SubscriptionRecord),
+    FindByCustomer(&'a str),
+    FindByClientReference(&'a str),
+    List(&'a SubscriptionQuery),
+    LoadEntitlements(&'a str),
+    SaveEntitlements(&'a CustomerEntitlements),
+}
+
+type Hook = Box<dyn Fn(RecordOp<'_>) -> Result<(), StoreError> + Send + Sync>;
+
+/// Subscription records kept by `inner`, with `hook` run before each call:
+/// it may fail the call, stall it (move a clock) or record it.
+pub struct Hooked {
+    inner: Arc<dyn SubscriptionStore>,
+    hook: Hook,
+}
+
+impl Hooked {
+    pub fn new(
+        inner: Arc<dyn SubscriptionStore>,
+        hook: impl Fn(RecordOp<'_>) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            hook: Box::new(hook),
+        })
+    }
+}
+
+#[async_trait]
+impl SubscriptionStore for Hooked {
+    async fn load(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        (self.hook)(RecordOp::Load(id))?;
+        self.inner.load(id).await
+    }
+    async fn save(&self, record: &SubscriptionRecord) -> Result<u64, StoreError> {
+        (self.hook)(RecordOp::Save(record))?;
+        self.inner.save(record).await
+    }
+    async fn find_by_customer(&self, c: &str) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        (self.hook)(RecordOp::FindByCustomer(c))?;
+        self.inner.find_by_customer(c).await
+    }
+    async fn find_by_client_reference(
+        &self,
+        r: &str,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        (self.hook)(RecordOp::FindByClientReference(r))?;
+        self.inner.find_by_client_reference(r).await
+    }
+    async fn list_subscriptions(
+        &self,
+        q: &SubscriptionQuery,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        (self.hook)(RecordOp::List(q))?;
+        self.inner.list_subscriptions(q).await
+    }
+    async fn load_entitlements(&self, c: &str) -> Result<Option<CustomerEntitlements>, StoreError> {
+        (self.hook)(RecordOp::LoadEntitlements(c))?;
+        self.inner.load_entitlements(c).await
+    }
+    async fn save_entitlements(&self, e: &CustomerEntitlements) -> Result<u64, StoreError> {
+        (self.hook)(RecordOp::SaveEntitlements(e))?;
+        self.inner.save_entitlements(e).await
     }
 }
