@@ -3,6 +3,8 @@
 // One suite in several files: the parent's helpers are this file's too.
 #[allow(clippy::wildcard_imports)]
 use super::*;
+use crate::store::InboxItem;
+use std::future::Future;
 
 fn inbox_request(id: &str, sub: Option<&str>, created: i64) -> InboxRequest {
     InboxRequest {
@@ -257,6 +259,71 @@ async fn idle<C: Clock + ?Sized>(clock: &C) {
     tokio::task::yield_now().await;
 }
 
+/// Eight workers take up to `batch` items at a time until the backlog is
+/// empty. Each item of a subscription is marked busy (asserting that no
+/// other worker holds one of that subscription) while `hold` runs, then
+/// settled by `settle`, which answers whether it completed the item.
+/// Returns how many items were completed.
+async fn drain_with_eight_workers<S, C, H, HF, T, TF>(
+    store: Arc<S>,
+    clock: Arc<C>,
+    batch: usize,
+    max_attempts: u32,
+    hold: H,
+    settle: T,
+) -> u32
+where
+    S: InboxStore + ?Sized + 'static,
+    C: Clock + ?Sized + 'static,
+    H: Fn(Arc<S>, InboxItem) -> HF + Clone + Send + Sync + 'static,
+    HF: Future<Output = ()> + Send,
+    T: Fn(Arc<S>, InboxItem) -> TF + Clone + Send + Sync + 'static,
+    TF: Future<Output = bool> + Send,
+{
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, clock, busy) = (store.clone(), clock.clone(), busy.clone());
+        let (hold, settle) = (hold.clone(), settle.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let items = store
+                    .take(batch, Duration::seconds(30), max_attempts)
+                    .await
+                    .expect("take");
+                if items.is_empty() {
+                    if store.backlog().await.expect("backlog") == 0 {
+                        return done;
+                    }
+                    idle(&*clock).await;
+                    continue;
+                }
+                for item in items {
+                    if let Some(sub) = &item.subscription_id {
+                        assert!(
+                            busy.lock().unwrap().insert(sub.clone()),
+                            "two events of {sub} at once"
+                        );
+                    }
+                    hold(store.clone(), item.clone()).await;
+                    if let Some(sub) = &item.subscription_id {
+                        busy.lock().unwrap().remove(sub);
+                    }
+                    if settle(store.clone(), item).await {
+                        done += 1;
+                    }
+                }
+            }
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    done
+}
+
 /// Inbox: many workers over few subscriptions never hold two events of one
 /// subscription at once, and take each subscription's events in `created`
 /// order (events without a subscription are taken freely).
@@ -272,58 +339,33 @@ where
         let req = inbox_request(&id, sub.as_deref(), i64::from(i));
         store.enqueue(&req).await.unwrap();
     }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let order: Arc<Mutex<BTreeMap<String, Vec<i64>>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        let clock = clock.clone();
-        let busy = busy.clone();
-        let order = order.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store.take(3, Duration::seconds(30), 3).await.expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    idle(&*clock).await;
-                    continue;
-                }
-                for item in items {
-                    if let Some(sub) = &item.subscription_id {
-                        assert!(
-                            busy.lock().unwrap().insert(sub.clone()),
-                            "two events of {sub} at once"
-                        );
-                        let created = store
-                            .get(&item.lease.key)
-                            .await
-                            .unwrap()
-                            .unwrap()
-                            .event_created;
-                        order
-                            .lock()
-                            .unwrap()
-                            .entry(sub.clone())
-                            .or_default()
-                            .push(created);
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                    if let Some(sub) = &item.subscription_id {
-                        busy.lock().unwrap().remove(sub);
-                    }
-                    store.complete(&item.lease).await.expect("complete");
-                    done += 1;
-                }
+    let recorded = order.clone();
+    let hold = move |store: Arc<S>, item: InboxItem| {
+        let order = recorded.clone();
+        async move {
+            if let Some(sub) = &item.subscription_id {
+                let created = store
+                    .get(&item.lease.key)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .event_created;
+                order
+                    .lock()
+                    .unwrap()
+                    .entry(sub.clone())
+                    .or_default()
+                    .push(created);
             }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    };
+    let settle = |store: Arc<S>, item: InboxItem| async move {
+        store.complete(&item.lease).await.expect("complete");
+        true
+    };
+    let done = drain_with_eight_workers(store, clock, 3, 3, hold, settle).await;
     assert_eq!(done, total);
     for (sub, created) in order.lock().unwrap().iter() {
         let mut sorted = created.clone();
@@ -348,58 +390,30 @@ where
         let req = inbox_request(&id, Some(&sub), i64::from(i));
         store.enqueue(&req).await.unwrap();
     }
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        let clock = clock.clone();
-        let busy = busy.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            loop {
-                let items = store
-                    .take(2, Duration::seconds(30), 10)
-                    .await
-                    .expect("take");
-                if items.is_empty() {
-                    if store.backlog().await.expect("backlog") == 0 {
-                        return done;
-                    }
-                    idle(&*clock).await;
-                    continue;
-                }
-                for item in items {
-                    let sub = item.subscription_id.clone().expect("subscription");
-                    assert!(
-                        busy.lock().unwrap().insert(sub.clone()),
-                        "two events of {sub} at once"
-                    );
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    busy.lock().unwrap().remove(&sub);
-                    if item.lease.attempt < 3 {
-                        let failure = Failure {
-                            error: "try again".into(),
-                            retryable: true,
-                            max_attempts: 10,
-                            payload: None,
-                        };
-                        store.fail(&item.lease, &failure).await.expect("fail");
-                        let delay = Duration::milliseconds(3);
-                        store
-                            .retry_after(&item.lease.key, delay)
-                            .await
-                            .expect("retry_after");
-                    } else {
-                        store.complete(&item.lease).await.expect("complete");
-                        done += 1;
-                    }
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
+    let hold = |_: Arc<S>, item: InboxItem| async move {
+        assert!(item.subscription_id.is_some(), "every event has one");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    };
+    let settle = |store: Arc<S>, item: InboxItem| async move {
+        if item.lease.attempt < 3 {
+            let failure = Failure {
+                error: "try again".into(),
+                retryable: true,
+                max_attempts: 10,
+                payload: None,
+            };
+            store.fail(&item.lease, &failure).await.expect("fail");
+            let delay = Duration::milliseconds(3);
+            store
+                .retry_after(&item.lease.key, delay)
+                .await
+                .expect("retry_after");
+            false
+        } else {
+            store.complete(&item.lease).await.expect("complete");
+            true
+        }
+    };
+    let done = drain_with_eight_workers(store, clock, 2, 10, hold, settle).await;
     assert_eq!(done, total);
 }
