@@ -641,6 +641,18 @@ mod tests {
         Event::parse_unverified(json.as_bytes()).unwrap()
     }
 
+    /// The record after a `customer.subscription.updated` (period end 1000)
+    /// is applied over `prev`.
+    fn updated(
+        prev: Option<&SubscriptionRecord>,
+        id: &str,
+        created: i64,
+        status: &str,
+    ) -> SubscriptionRecord {
+        let event = sub_event(id, "customer.subscription.updated", created, status, 1000);
+        applied(decide(prev, &event, now()).unwrap())
+    }
+
     fn applied(d: Decision) -> SubscriptionRecord {
         match d {
             Decision::Apply(a)
@@ -744,20 +756,7 @@ mod tests {
 
     #[test]
     fn newer_applies_older_is_stale_same_is_noop() {
-        let r = applied(
-            decide(
-                None,
-                &sub_event(
-                    "evt_1",
-                    "customer.subscription.updated",
-                    100,
-                    "active",
-                    1000,
-                ),
-                now(),
-            )
-            .unwrap(),
-        );
+        let r = updated(None, "evt_1", 100, "active");
         let newer = sub_event(
             "evt_2",
             "customer.subscription.updated",
@@ -910,34 +909,8 @@ mod tests {
 
     #[test]
     fn gaps_apply_with_a_note() {
-        let r = applied(
-            decide(
-                None,
-                &sub_event(
-                    "evt_1",
-                    "customer.subscription.updated",
-                    100,
-                    "active",
-                    1000,
-                ),
-                now(),
-            )
-            .unwrap(),
-        );
-        let r2 = applied(
-            decide(
-                Some(&r),
-                &sub_event(
-                    "evt_2",
-                    "customer.subscription.updated",
-                    200,
-                    "unpaid",
-                    1000,
-                ),
-                now(),
-            )
-            .unwrap(),
-        );
+        let r = updated(None, "evt_1", 100, "active");
+        let r2 = updated(Some(&r), "evt_2", 200, "unpaid");
         assert_eq!(r2.state.status, S::Unpaid);
         assert_eq!(
             r2.anomalies.last().unwrap().kind,
