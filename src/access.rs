@@ -30,8 +30,10 @@
 //! payment. An invoiced subscription (`send_invoice`) turns `past_due` when
 //! its invoice is not paid by the due date, and no failure is sent: the
 //! grace clock starts at the due date, the later of the latest invoice's
-//! `due_date` (from its invoice events) and the current period's start plus
-//! the subscription's `days_until_due` (Stripe finalises a renewal invoice
+//! `due_date` (from its invoice events: `invoice.finalized`, sent when the
+//! invoice goes out, `invoice.overdue`, and payment events) and the current
+//! period's start plus the subscription's `days_until_due` (Stripe
+//! finalises a renewal invoice
 //! about an hour after the period starts, and the invoice is due
 //! `days_until_due` days after that). Without either, it starts at the
 //! subscription event that reported `past_due`.

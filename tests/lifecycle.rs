@@ -190,6 +190,14 @@ async fn invoiced_customer_keeps_grace_from_the_due_date() {
         assert!(record.state.is_invoiced());
         let renewal = record.state.current_period_start.unwrap();
         let due = renewal + 14 * 86_400;
+        // The invoice's own due date, from `invoice.finalized` and
+        // `invoice.overdue` (no payment failure is sent).
+        assert_eq!(
+            record.latest_invoice_due,
+            Some(due),
+            "with_client {with_client}"
+        );
+        assert!(record.payment_failures.is_empty());
         let now = stripe_webhook_guard::clock::Clock::now(&w.clock);
         assert!(now.unix_timestamp() > due + 86_400);
         let decision = AccessPolicy::default().decide(&record, now);

@@ -86,6 +86,15 @@
 //!   latest invoice start the dunning clock (`payment_failures`, cleared
 //!   when a newer invoice becomes the latest); status changes come from the
 //!   subscription events Stripe sends with them.
+//! - `invoice.finalized` and `invoice.overdue` of the latest invoice record
+//!   its facts (its id, unpaid, its due date: `due_date`, or `days_until_due`
+//!   days after `status_transitions.finalized_at`) and nothing else: no
+//!   status, no payment clock, no failure. For an invoiced subscription
+//!   (`send_invoice`) this is how the due date of an unpaid invoice becomes
+//!   known, since Stripe sends no `invoice.payment_failed` for an invoice
+//!   that is not paid by its due date; the past-due grace then counts from
+//!   that due date. A paid invoice is never made unpaid again by an event of
+//!   the same invoice (`invoice.finalized` is often in its payment's second).
 //! - `checkout.session.*` links `client_reference_id` and the customer to the
 //!   subscription and never sets a status by itself.
 //! - `entitlements.active_entitlement_summary.updated` is per customer; see
