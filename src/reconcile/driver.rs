@@ -147,6 +147,18 @@ impl Reconciler {
     /// fail permanently are listed in
     /// [`ReconcileReport::events_failed_permanently`] and let it move.
     ///
+    /// **Test clocks.** The cursor never moves past the time the run
+    /// started (the host's clock). Events of objects on a Stripe test clock
+    /// carry the clock's simulated time as `created`, possibly far ahead;
+    /// such an event (dated after the run's start and naming its clock in
+    /// its object's `test_clock`) is tracked by a mark per clock (the cursor
+    /// `"{events cursor}.test_clock.{clock id}"`: the latest such `created`
+    /// read, held back before a retryable failure of that clock). A later
+    /// run skips the clock's events older than its mark minus
+    /// [`ReconcileConfig::overlap`] (counted as duplicates), so an event read
+    /// before is not processed again even after the ledger pruned it; the
+    /// events within the overlap are read again, as the overlap always does.
+    ///
     /// # Errors
     ///
     /// [`ReconcileError`] when listing, the cursor store or the subscription
@@ -252,6 +264,8 @@ impl Reconciler {
             .min(window_start.unwrap_or(i64::MAX))
             .max(floor);
         let mut oldest_failure: Option<i64> = None;
+        let mut clocks = ClockMarks::default();
+        let overlap = self.config.overlap.whole_seconds();
         let mut query = EventListQuery {
             created_gte: Some(from),
             starting_after: None,
@@ -268,6 +282,21 @@ impl Reconciler {
             }
             for event in &page.data {
                 report.events_seen += 1;
+                // An event dated ahead of the run (a test clock's simulated
+                // time) already read by an earlier run: skipped, even if the
+                // ledger has forgotten it.
+                let clock = (event.created() > started.unix_timestamp())
+                    .then(|| event.test_clock())
+                    .flatten();
+                if let Some(clock) = &clock
+                    && clocks
+                        .read_before(self.store().as_ref(), &cursor_name, clock)
+                        .await?
+                        .is_some_and(|mark| event.created() < mark - overlap)
+                {
+                    report.events_duplicate += 1;
+                    continue;
+                }
                 if self.config.dry_run {
                     let known = self
                         .processor
@@ -286,10 +315,17 @@ impl Reconciler {
                     let record = self.store().load(&id).await?;
                     before.insert(id, record);
                 }
-                match self.processor.process_event(event).await {
+                let result = self.processor.process_event(event).await;
+                let retry = result
+                    .as_ref()
+                    .is_err_and(crate::processor::Error::is_retryable);
+                if let Some(clock) = clock {
+                    clocks.note(clock, event.created(), retry);
+                }
+                match result {
                     Ok(Outcome::Duplicate { .. }) => report.events_duplicate += 1,
                     Ok(_) => report.events_processed += 1,
-                    Err(e) if e.is_retryable() => {
+                    Err(_) if retry => {
                         report.events_failed += 1;
                         oldest_failure = Some(
                             oldest_failure.map_or(event.created(), |o| o.min(event.created())),
@@ -309,7 +345,12 @@ impl Reconciler {
             }
         }
         if !self.config.dry_run {
-            let next = oldest_failure.unwrap_or_else(|| started.unix_timestamp());
+            // Never past the run's start: an event of a test clock that
+            // failed is held back by its clock's mark, not by this cursor.
+            let next = oldest_failure.map_or(started.unix_timestamp(), |f| {
+                f.min(started.unix_timestamp())
+            });
+            clocks.save(self.store().as_ref(), &cursor_name).await?;
             self.processor
                 .store()
                 .save_cursor(&cursor_name, &next.to_string())
@@ -872,5 +913,74 @@ pub(super) fn settle_account(
             Ok(())
         }
         (Err(e), None) => Err(e),
+    }
+}
+
+/// Per test clock, how far catch-up has read the events dated ahead of the
+/// run (simulated time): the cursor `"{events cursor}.test_clock.{id}"`
+/// holds the latest such `created` read, never past a retryable failure of
+/// that clock. A later run skips the clock's events older than the mark
+/// minus the overlap (events of one clock are generated in its time order).
+#[derive(Default)]
+struct ClockMarks {
+    marks: BTreeMap<String, ClockMark>,
+}
+
+/// One clock's mark in a run: (the stored mark, the latest `created` read,
+/// the oldest retryable failure).
+type ClockMark = (Option<i64>, Option<i64>, Option<i64>);
+
+impl ClockMarks {
+    fn cursor(events_cursor: &str, clock: &str) -> String {
+        format!("{events_cursor}.test_clock.{clock}")
+    }
+
+    /// The stored mark of `clock` (loaded once per run).
+    async fn read_before(
+        &mut self,
+        store: &dyn crate::store::Storage,
+        events_cursor: &str,
+        clock: &str,
+    ) -> Result<Option<i64>, ReconcileError> {
+        if let Some((stored, ..)) = self.marks.get(clock) {
+            return Ok(*stored);
+        }
+        let stored = store
+            .load_cursor(&Self::cursor(events_cursor, clock))
+            .await?
+            .and_then(|t| t.parse::<i64>().ok());
+        self.marks.insert(clock.to_owned(), (stored, None, None));
+        Ok(stored)
+    }
+
+    fn note(&mut self, clock: String, created: i64, failed: bool) {
+        let (_, read, failure) = self.marks.entry(clock).or_default();
+        let slot = if failed { failure } else { read };
+        *slot = Some(slot.map_or(created, |t| {
+            if failed {
+                t.min(created)
+            } else {
+                t.max(created)
+            }
+        }));
+    }
+
+    async fn save(
+        &self,
+        store: &dyn crate::store::Storage,
+        events_cursor: &str,
+    ) -> Result<(), ReconcileError> {
+        for (clock, (stored, read, failure)) in &self.marks {
+            let mut mark = (*stored).max(*read);
+            if let Some(f) = failure {
+                mark = mark.map(|m| m.min(f - 1));
+            }
+            if let Some(m) = mark.filter(|m| Some(*m) != *stored) {
+                store
+                    .save_cursor(&Self::cursor(events_cursor, clock), &m.to_string())
+                    .await?;
+            }
+        }
+        Ok(())
     }
 }

@@ -115,13 +115,18 @@
 //! A subscription on a Stripe test clock emits events whose `created` is the
 //! clock's simulated time, which runs ahead of real time. Ordering compares
 //! only `created` values of the subscription's own events, so it is
-//! unaffected. A refetch is stamped with the latest of the fetch time, the
-//! record's watermark, the triggering event's `created` and, when the
-//! fetched object carries its expanded test clock, the clock's
-//! `frozen_time`; so events older than the fetched state stay stale even
-//! when simulated time is ahead. Access decisions take `now` from the
-//! caller: decide with the test clock's time for such a subscription
-//! ([`SubscriptionState::test_clock`] names the clock).
+//! unaffected. A refetch is stamped with the latest of the fetch time
+//! (Stripe's `Date`, real time), the record's watermark, the triggering
+//! event's `created` and, when the fetched object carries its expanded test
+//! clock, the clock's `frozen_time` (`HttpStripeClient` asks for it with
+//! `expand[]=test_clock` on every subscription it retrieves or lists); so
+//! events older than the fetched state stay stale even when simulated time
+//! is ahead. The reconciler's catch-up cursor stays on real time and tracks
+//! events dated ahead of it by a mark per test clock
+//! ([`Reconciler::catch_up`](crate::Reconciler::catch_up)). Access decisions
+//! take `now` from the caller: decide with the test clock's time for such a
+//! subscription ([`SubscriptionState::test_clock`] names the clock; the
+//! record's `last_verified_with_stripe` is on the host's clock).
 //!
 //! # Layout
 //!
