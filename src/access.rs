@@ -55,7 +55,10 @@
 //! moment, the answer is grace for [`AccessPolicy::stale_grace`] more: the
 //! renewal or the recovering payment may have happened and its webhook been
 //! lost. The reconciler's sweep settles it. Scheduled cancellations and
-//! statuses Stripe reported are not stretched.
+//! statuses Stripe reported are not stretched. The verification time is on
+//! the host's clock: for a subscription on a Stripe test clock decided at
+//! the clock's simulated time, a time-based denial is stretched this way
+//! even right after a refetch.
 //!
 //! For a fixed record, access never grows as `now` grows (property-tested).
 //! [`AccessPolicy::decide`] allocates nothing.

@@ -125,8 +125,13 @@
 //! events dated ahead of it by a mark per test clock
 //! ([`Reconciler::catch_up`](crate::Reconciler::catch_up)). Access decisions
 //! take `now` from the caller: decide with the test clock's time for such a
-//! subscription ([`SubscriptionState::test_clock`] names the clock; the
-//! record's `last_verified_with_stripe` is on the host's clock).
+//! subscription ([`SubscriptionState::test_clock`] names the clock). The
+//! record's `last_verified_with_stripe` stays on the host's clock (the
+//! reconciler's sweeps compare it with the host's time), so a time-based
+//! denial decided at a simulated time ahead of it gets the stale-data grace
+//! ([`AccessReason::Unverified`](crate::access::AccessReason::Unverified))
+//! even right after a refetch; statuses Stripe reported (`unpaid`,
+//! `canceled`) are denied at once.
 //!
 //! # Layout
 //!
