@@ -11,10 +11,21 @@
 //! previous one, `created` never decreases and often repeats (one-second
 //! resolution), and event ids are random (not time-ordered), as Stripe's are.
 //! Stripe's final state is the last summary's complete list; a refetch
-//! answers it, dated at or after the last summary.
+//! answers it, dated at or after the last summary. The rules are checked on
+//! the sans-IO machine (`step_entitlements` / `resume_entitlements`) and end
+//! to end through the `WebhookProcessor` and its store.
+
+use std::sync::Arc;
 
 use proptest::prelude::*;
-use stripe_webhook_guard::event::Event;
+use stripe_webhook_guard::client::{
+    ActiveEntitlement, ClientError, ClientErrorKind, EntitlementListQuery, EventListQuery, Page,
+    RefusingClient, Response, StripeClient, SubscriptionListQuery,
+};
+use stripe_webhook_guard::event::{Event, SubscriptionView};
+use stripe_webhook_guard::processor::WebhookProcessor;
+use stripe_webhook_guard::signature::Verifier;
+use stripe_webhook_guard::store::{MemoryStore, SubscriptionStore};
 use stripe_webhook_guard::subscription::{
     CustomerEntitlements, EntitlementFetchOutcome, EntitlementFetchReason, EntitlementStep,
     FetchTime, resume_entitlements, step_entitlements,
@@ -212,6 +223,106 @@ proptest! {
             prop_assert!(a.verified);
             prop_assert_eq!(&a.lookup_keys, &last.keys);
         }
+    }
+}
+
+/// Stripe for the processor: lists the customer's final entitlements,
+/// dated `date`; refuses everything else.
+struct FinalEntitlements {
+    keys: Vec<String>,
+    date: i64,
+    refuse: RefusingClient,
+}
+
+#[async_trait::async_trait]
+impl StripeClient for FinalEntitlements {
+    async fn retrieve_subscription(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<SubscriptionView>, ClientError> {
+        self.refuse.retrieve_subscription(account, id).await
+    }
+    async fn list_subscriptions(
+        &self,
+        account: Option<&str>,
+        query: &SubscriptionListQuery,
+    ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
+        self.refuse.list_subscriptions(account, query).await
+    }
+    async fn list_events(
+        &self,
+        account: Option<&str>,
+        query: &EventListQuery,
+    ) -> Result<Response<Page<Event>>, ClientError> {
+        self.refuse.list_events(account, query).await
+    }
+    async fn retrieve_event(
+        &self,
+        account: Option<&str>,
+        id: &str,
+    ) -> Result<Response<Event>, ClientError> {
+        self.refuse.retrieve_event(account, id).await
+    }
+    async fn list_active_entitlements(
+        &self,
+        _: Option<&str>,
+        query: &EntitlementListQuery,
+    ) -> Result<Response<Page<ActiveEntitlement>>, ClientError> {
+        assert_eq!(query.customer, "cus_1");
+        let data = self
+            .keys
+            .iter()
+            .map(|k| ActiveEntitlement {
+                id: format!("ent_{k}"),
+                lookup_key: k.clone(),
+            })
+            .collect();
+        Ok(Response::new(Page {
+            data,
+            has_more: false,
+        })
+        .with_date(OffsetDateTime::from_unix_timestamp(self.date).ok()))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The same through the [`WebhookProcessor`] and its store (load, step,
+    /// fetch through the client, resume, save): the stored entitlements end
+    /// as Stripe's final ones, and every summary is processed without error.
+    #[test]
+    fn through_the_processor_any_order_ends_in_stripes_final_entitlements(
+        h in history(),
+        copies in proptest::collection::vec(any::<u8>(), 1..8),
+        order in proptest::collection::vec(any::<usize>(), 1..32),
+    ) {
+        let last = h.last().unwrap().clone();
+        let events = delivery(&h, &copies, &order);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stored = runtime.block_on(async {
+            let store = Arc::new(MemoryStore::new());
+            let client = FinalEntitlements {
+                keys: last.keys.clone(),
+                date: last.created,
+                refuse: RefusingClient::new(ClientErrorKind::Api, "not in this test"),
+            };
+            let processor = WebhookProcessor::builder(Verifier::new("whsec_props"))
+                .store(store.clone())
+                .client(Arc::new(client))
+                .build();
+            for event in &events {
+                processor.process_event(event).await.expect("processed");
+            }
+            store.load_entitlements("cus_1").await.unwrap()
+        });
+        let stored = stored.unwrap();
+        prop_assert_eq!(&stored.lookup_keys, &last.keys);
+        prop_assert!(stored.verified);
     }
 }
 
