@@ -16,6 +16,9 @@
 //!
 //! Every answer carries the server's `Date` header, read as Stripe's clock
 //! ([`Response::date`]; `None` when absent or not an RFC 9110 date).
+//! Subscriptions are retrieved with `expand[]=test_clock` and listed with
+//! `expand[]=data.test_clock`: for a subscription on a Stripe test clock the
+//! clock's `frozen_time` (its simulated time) then stamps the refetch.
 //!
 //! # Failures and retries
 //!
