@@ -377,12 +377,13 @@ async fn test_clock_ahead_of_real_time() {
 #[tokio::test]
 async fn catch_up_with_a_test_clock_ahead_of_real_time() {
     use std::sync::Arc;
+    use stripe_webhook_guard::client::StripeClient;
     use stripe_webhook_guard::clock::{Clock, ManualClock};
     use stripe_webhook_guard::processor::WebhookProcessor;
     use stripe_webhook_guard::reconcile::{EVENTS_CURSOR, ReconcileConfig, Reconciler};
     use stripe_webhook_guard::signature::Verifier;
     use stripe_webhook_guard::store::{CursorStore, EventLedger, MemoryStore, SubscriptionStore};
-    use stripe_webhook_guard::subscription::SubscriptionState;
+    use stripe_webhook_guard::subscription::{FetchTime, SubscriptionState, from_stripe};
     use stripe_webhook_guard::testing::FakeStripe;
 
     let clock = ManualClock::at_unix(1_767_225_600);
@@ -467,4 +468,25 @@ async fn catch_up_with_a_test_clock_ahead_of_real_time() {
         third.events_seen - third.events_processed
     );
     assert!(third.events_processed < third.events_seen);
+
+    // A refetch is answered with Stripe's real `Date` and the expanded
+    // clock: the record is stamped with the clock's simulated time, so
+    // events older than what was fetched stay stale.
+    let answer = fake.retrieve_subscription(None, &subs[0]).await.unwrap();
+    let now = clock.now();
+    assert_eq!(answer.date, Some(now));
+    let simulated = fake.test_clock_time().unwrap().unix_timestamp();
+    assert!(simulated > now.unix_timestamp());
+    assert_eq!(answer.data.test_clock_frozen_time, Some(simulated));
+    let fetched = from_stripe(
+        None,
+        &answer.data,
+        FetchTime {
+            local: now,
+            stripe: answer.date,
+        },
+        None,
+    )
+    .record;
+    assert_eq!(fetched.watermark.unwrap().created, simulated);
 }
