@@ -10,13 +10,15 @@
 //! the past-due grace period and recovers, one that ends unpaid, a
 //! cancellation at period end, a pause and resume, an invoiced customer
 //! (`send_invoice`) whose renewal invoice goes overdue and keeps grace from
-//! its due date, and a four-day endpoint
-//! outage that reconciliation repairs. Every event is delivered up to three
-//! times, reordered, with same-second ties. The demo prints what the crate
-//! decided for each delivery, who has access at key moments, and finally
-//! compares every local record with Stripe's truth.
+//! its due date, a customer of a shop on the platform (a Connect connected
+//! account: its events carry `account`, and refetches and reconciliation ask
+//! Stripe with `Stripe-Account`), and a four-day endpoint outage that
+//! reconciliation repairs. Every event is delivered up to three times,
+//! reordered, with same-second ties. The demo prints what the crate decided
+//! for each delivery, who has access at key moments, and finally compares
+//! every local record with Stripe's truth (the connected account's too).
 //!
-//! With `--customers N` (more than the seven named ones) the same program is
+//! With `--customers N` (more than the eight named ones) the same program is
 //! a load run: random lifecycles, no timeline, events per second at the end.
 
 use std::collections::HashMap;
@@ -27,7 +29,8 @@ use std::time::Instant;
 use stripe_webhook_guard::access::{Access, AccessPolicy};
 use stripe_webhook_guard::client::BudgetConfig;
 use stripe_webhook_guard::clock::{Clock, ManualClock};
-use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
+use stripe_webhook_guard::event::SubscriptionView;
+use stripe_webhook_guard::processor::{AccountFilter, Outcome, WebhookProcessor};
 use stripe_webhook_guard::reconcile::{ReconcileConfig, Reconciler, SweepScope};
 use stripe_webhook_guard::signature::{Verifier, WebhookSecret};
 use stripe_webhook_guard::store::MemoryStore;
@@ -130,6 +133,8 @@ struct Demo {
     sim: Simulator,
     reconciler: Reconciler,
     names: HashMap<String, String>,
+    /// The connected account (a shop on the platform) of the scripted run.
+    shop: Option<String>,
     style: Style,
     verbose: bool,
     deliveries: usize,
@@ -154,6 +159,9 @@ impl Demo {
             .store(store.clone())
             .client(fake.clone())
             .clock(Arc::new(clock.clone()))
+            // One endpoint for the platform's events and its connected
+            // accounts' (Connect) events.
+            .accounts(AccountFilter::Any)
             .build();
         let sim = Simulator::new(
             processor.clone(),
@@ -179,6 +187,7 @@ impl Demo {
             sim,
             reconciler,
             names: HashMap::new(),
+            shop: None,
             style,
             verbose,
             deliveries: 0,
@@ -192,10 +201,39 @@ impl Demo {
         id
     }
 
+    /// Opens a connected account (a shop on the platform) and reconciles
+    /// it with the platform; returns its fake Stripe.
+    fn open_shop(&mut self) -> Arc<FakeStripe> {
+        let acct = self.fake.create_account();
+        self.reconciler = Reconciler::new(self.sim.processor().clone(), self.fake.clone())
+            .with_budget(BudgetConfig::default())
+            .config(ReconcileConfig {
+                lookback: Duration::days(30),
+                connected_accounts: vec![acct.clone()],
+                ..ReconcileConfig::default()
+            });
+        let shop = self.fake.account(&acct).expect("just created");
+        self.shop = Some(acct);
+        shop
+    }
+
+    /// Stripe's truth of every subscription: the platform's and the
+    /// connected account's, with the account.
+    fn truths(&self) -> Vec<(Option<String>, SubscriptionView)> {
+        let mut out: Vec<_> = self.fake.truths().into_iter().map(|t| (None, t)).collect();
+        for acct in self.fake.account_ids() {
+            if let Some(shop) = self.fake.account(&acct) {
+                out.extend(shop.truths().into_iter().map(|t| (Some(acct.clone()), t)));
+            }
+        }
+        out
+    }
+
     fn name_of_sub(&self, sub: &str) -> String {
-        self.fake
-            .truth(sub)
-            .and_then(|t| t.customer)
+        self.truths()
+            .into_iter()
+            .find(|(_, t)| t.id.as_deref() == Some(sub))
+            .and_then(|(_, t)| t.customer)
             .and_then(|c| self.names.get(&c).cloned())
             .unwrap_or_else(|| sub.to_owned())
     }
@@ -274,7 +312,12 @@ impl Demo {
     }
 
     fn delivery_subject(&self, rec: &DeliveryRecord) -> String {
-        let events = self.fake.all_events();
+        let mut events = self.fake.all_events();
+        for acct in self.fake.account_ids() {
+            if let Some(shop) = self.fake.account(&acct) {
+                events.extend(shop.all_events());
+            }
+        }
         let Some(fe) = events.iter().find(|e| e.event.id() == rec.event_id) else {
             return String::new();
         };
@@ -350,23 +393,25 @@ impl Demo {
         let mut total = 0;
         if self.verbose {
             println!(
-                "\n{}\n  {:<6} {:<22} {:<12} {:<12} {:<8} match",
+                "\n{}\n  {:<6} {:<22} {:<9} {:<12} {:<12} {:<8} match",
                 self.style.bold("Local records against FakeStripe's truth"),
                 "who",
                 "subscription",
+                "account",
                 "local",
                 "stripe",
                 "access",
             );
         }
-        let mut truths = self.fake.truths();
-        truths.sort_by_key(|t| self.name_of_sub(t.id.as_deref().unwrap_or_default()));
-        for truth in truths {
+        let mut truths = self.truths();
+        truths.sort_by_key(|(_, t)| self.name_of_sub(t.id.as_deref().unwrap_or_default()));
+        for (account, truth) in truths {
             total += 1;
             let id = truth.id.clone().unwrap_or_default();
             let state = SubscriptionState::from_view(&truth);
             let record = records.iter().find(|r| r.id == id);
-            let ok = record.is_some_and(|r| r.matches(&state));
+            // The same state, in the same account.
+            let ok = record.is_some_and(|r| r.matches(&state) && r.account == account);
             if ok {
                 matched += 1;
             }
@@ -375,9 +420,14 @@ impl Demo {
                     record.map_or("missing".to_owned(), |r| r.state.status.as_str().to_owned());
                 let access = record.map_or(Access::Denied, |r| policy.decide(r, now).access);
                 println!(
-                    "  {:<6} {:<22} {:<12} {:<12} {} {}",
+                    "  {:<6} {:<22} {:<9} {:<12} {:<12} {} {}",
                     self.name_of_sub(&id),
                     id,
+                    if account.is_some() {
+                        "connect"
+                    } else {
+                        "platform"
+                    },
                     local,
                     truth.status.as_str(),
                     self.style.access(access),
@@ -397,7 +447,7 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     let s = &demo.style;
     println!(
         "{}\n{}",
-        s.bold("stripe-webhook-guard demo: one month, seven customers, a fake Stripe that misbehaves"),
+        s.bold("stripe-webhook-guard demo: one month, eight customers (one invoiced, one of a Connect shop), a fake Stripe that misbehaves"),
         s.dim("Every event is delivered 1-3 times, up to 3 minutes late (so out of order), many in the same second.")
     );
     println!(
@@ -439,6 +489,11 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
             ..subscribe(None, "gus")
         },
     );
+    demo.say("Hal subscribes at a shop on the platform (a Connect connected account): its events carry `account`");
+    let shop = demo.open_shop();
+    let hal = shop.create_customer();
+    demo.names.insert(hal.clone(), "Hal".to_owned());
+    let hal_sub = shop.subscribe(&hal, &subscribe(None, "hal"));
     demo.advance(Duration::hours(1)).await;
     demo.access_table("after checkout");
 
@@ -464,13 +519,16 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
     demo.say("The webhook endpoint goes down for four days (Stripe retries with back-off and gives up after three)");
     demo.sim.endpoint_down(down_from, down_from + 4 * 86_400);
     demo.advance(Duration::days(1)).await;
-    demo.say("While nobody listens, Fay resumes (and pays)");
+    demo.say("While nobody listens, Fay resumes (and pays), and Hal cancels at the shop");
     demo.fake.resume(&fay_sub);
+    shop.cancel_now(&hal_sub);
     demo.advance(Duration::days(2)).await;
-    demo.access_table("during the outage: Fay paid, but the record still says paused");
+    demo.access_table(
+        "during the outage: Fay paid, but the record still says paused; Hal's still says active",
+    );
     demo.advance(Duration::days(1) + Duration::hours(1)).await;
 
-    demo.say("The endpoint is back; the reconciler catches up from /v1/events and sweeps");
+    demo.say("The endpoint is back; the reconciler catches up from /v1/events and sweeps, the platform and the shop (with Stripe-Account)");
     let report = demo
         .reconciler
         .run(SweepScope::All)
@@ -481,16 +539,26 @@ async fn scripted_month(demo: &mut Demo) -> Result<(), String> {
             "  catch-up: {} events listed, {} were missing and are processed now, {} already seen",
             report.events_seen, report.events_processed, report.events_duplicate
         );
+        for (acct, cursor) in &report.account_cursors {
+            println!(
+                "  connected account {acct}: caught up from its own cursor, now at {}",
+                day(*cursor)
+            );
+        }
         for c in &report.changes {
             println!(
-                "  {} {:<6} {} -> {}",
+                "  {} {:<6} {} -> {}{}",
                 demo.style.bold(&format!("{:?}", c.kind)),
                 demo.names
                     .get(c.customer.as_deref().unwrap_or_default())
                     .cloned()
                     .unwrap_or_default(),
                 c.before_status.as_ref().map_or("-", |s| s.as_str()),
-                c.after_status
+                c.after_status,
+                c.account
+                    .as_ref()
+                    .map(|a| demo.style.dim(&format!("  (in {a})")))
+                    .unwrap_or_default()
             );
         }
     }

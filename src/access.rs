@@ -30,8 +30,10 @@
 //! payment. An invoiced subscription (`send_invoice`) turns `past_due` when
 //! its invoice is not paid by the due date, and no failure is sent: the
 //! grace clock starts at the due date, the later of the latest invoice's
-//! `due_date` (from its invoice events) and the current period's start plus
-//! the subscription's `days_until_due` (Stripe finalises a renewal invoice
+//! `due_date` (from its invoice events: `invoice.finalized`, sent when the
+//! invoice goes out, `invoice.overdue`, and payment events) and the current
+//! period's start plus the subscription's `days_until_due` (Stripe
+//! finalises a renewal invoice
 //! about an hour after the period starts, and the invoice is due
 //! `days_until_due` days after that). Without either, it starts at the
 //! subscription event that reported `past_due`.
@@ -53,7 +55,10 @@
 //! moment, the answer is grace for [`AccessPolicy::stale_grace`] more: the
 //! renewal or the recovering payment may have happened and its webhook been
 //! lost. The reconciler's sweep settles it. Scheduled cancellations and
-//! statuses Stripe reported are not stretched.
+//! statuses Stripe reported are not stretched. The verification time is on
+//! the host's clock: for a subscription on a Stripe test clock decided at
+//! the clock's simulated time, a time-based denial is stretched this way
+//! even right after a refetch.
 //!
 //! For a fixed record, access never grows as `now` grows (property-tested).
 //! [`AccessPolicy::decide`] allocates nothing.

@@ -623,4 +623,112 @@ mod billing {
             assert_eq!(fetched.watermark.unwrap().created, frozen);
         }
     }
+
+    /// Issue 13, item 3: `invoice.finalized` and `invoice.overdue` (they were
+    /// ignored) record the latest invoice's facts, above all its due date,
+    /// and nothing else. An invoiced customer's past-due grace counts from
+    /// that due date although no `invoice.payment_failed` ever arrives (Stripe
+    /// sends none for `send_invoice`), in any arrival order. The invoice here
+    /// gives 20 days to pay while the subscription's `days_until_due` says
+    /// 14, so the grace visibly comes from the invoice.
+    #[test]
+    fn invoice_finalized_and_overdue_give_the_due_date() {
+        let policy = AccessPolicy::default();
+        let due = FINALIZED + 20 * DAY;
+        for shape in SHAPES {
+            let past_due_json = object(&format!("derived.subscription.send_invoice.{shape}.json"));
+            let mut active_json = past_due_json.clone();
+            active_json["status"] = json!("active");
+            let mut invoice = object(&format!("derived.invoice.send_invoice.open.{shape}.json"));
+            invoice["due_date"] = json!(due);
+            let active = event(
+                "evt_a",
+                "customer.subscription.updated",
+                PERIOD_START + 60,
+                shape,
+                &active_json,
+            );
+            let finalized = event("evt_f", "invoice.finalized", FINALIZED, shape, &invoice);
+            let overdue = event("evt_o", "invoice.overdue", due + 30, shape, &invoice);
+            let past_due = event(
+                "evt_pd",
+                "customer.subscription.updated",
+                due + 60,
+                shape,
+                &past_due_json,
+            );
+
+            // Finalised while active: the due date is known, nothing else moves.
+            let open = apply(None, &[active.clone(), finalized.clone()]);
+            assert_eq!(open.status(), &SubscriptionStatus::Active, "{shape}");
+            assert_eq!(open.state.latest_invoice.as_deref(), Some(INVOICE));
+            assert_eq!(open.latest_invoice_paid, Some(false));
+            assert_eq!(open.latest_invoice_due, Some(due), "{shape}");
+            assert!(open.payment_failures.is_empty());
+            // Overdue does not set a status either: Stripe's subscription
+            // event does.
+            let still = apply(Some(open.clone()), std::slice::from_ref(&overdue));
+            assert_eq!(still.status(), &SubscriptionStatus::Active, "{shape}");
+            assert!(still.payment_failures.is_empty());
+            assert_eq!(still.latest_invoice_due, Some(due));
+
+            // Past due with no payment failure: grace until 3 days after
+            // the invoice's due date, in every arrival order.
+            let orders: [&[Event]; 4] = [
+                &[active.clone(), finalized.clone(), past_due.clone()],
+                &[past_due.clone(), finalized.clone()],
+                &[past_due.clone(), overdue.clone()],
+                &[
+                    overdue.clone(),
+                    past_due.clone(),
+                    active.clone(),
+                    finalized.clone(),
+                ],
+            ];
+            for (n, order) in orders.into_iter().enumerate() {
+                let record = apply(None, order);
+                assert_eq!(record.status(), &SubscriptionStatus::PastDue, "{shape} {n}");
+                assert_eq!(record.latest_invoice_due, Some(due), "{shape} {n}");
+                assert_eq!(record.invoice_due_at(), Some(due), "{shape} {n}");
+                assert_eq!(
+                    decision(&record, &policy, due + DAY),
+                    (
+                        Access::Grace,
+                        AccessReason::PastDueGrace,
+                        Some(due + 3 * DAY)
+                    ),
+                    "{shape} order {n}"
+                );
+            }
+            // Without an invoice event only the subscription's
+            // `days_until_due` is known: the grace ended 3 days after the
+            // period start plus 14 days.
+            let blind = apply(None, std::slice::from_ref(&past_due));
+            assert_eq!(blind.invoice_due_at(), Some(PERIOD_START + 14 * DAY));
+        }
+    }
+
+    /// `invoice.finalized` is often created in the same second as the
+    /// payment of its invoice and, ranked after it by event id, used to be
+    /// able to mark the paid invoice unpaid. A paid invoice stays paid.
+    #[test]
+    fn a_finalized_event_in_the_payment_second_does_not_unpay() {
+        for shape in SHAPES {
+            let record = past_due_record(shape);
+            let paid_json = object(&format!("derived.invoice.send_invoice.paid.{shape}.json"));
+            let open_json = object(&format!("derived.invoice.send_invoice.open.{shape}.json"));
+            let t = DUE + DAY;
+            let paid = event("evt_a_paid", "invoice.paid", t, shape, &paid_json);
+            let finalized = event("evt_z_final", "invoice.finalized", t, shape, &open_json);
+            for order in [
+                [paid.clone(), finalized.clone()],
+                [finalized.clone(), paid.clone()],
+            ] {
+                let after = apply(Some(record.clone()), &order);
+                assert_eq!(after.latest_invoice_paid, Some(true), "{shape}");
+                assert_eq!(after.status(), &SubscriptionStatus::Active, "{shape}");
+                assert_eq!(after.next_payment_attempt, None);
+            }
+        }
+    }
 }

@@ -325,7 +325,12 @@ async fn retrieve_subscription_reads_every_api_shape() {
     let requests = server.requests();
     assert_eq!(requests.len(), 3);
     assert_headers(&requests, DEFAULT_STRIPE_VERSION);
-    assert!(requests.iter().all(|r| r.query.is_empty()));
+    // Only the test clock is expanded (its `frozen_time` stamps a refetch).
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.query == [("expand[]".to_owned(), "test_clock".to_owned())])
+    );
 }
 
 #[tokio::test]
@@ -374,6 +379,7 @@ async fn customer_subscriptions_are_paged_with_starting_after() {
         assert_eq!(r.query("status"), Some("all"));
         assert_eq!(r.query("customer"), Some(CUSTOMER));
         assert_eq!(r.query("limit"), Some("100"));
+        assert_eq!(r.query("expand[]"), Some("data.test_clock"));
     }
     assert_eq!(requests[0].query("starting_after"), None);
     assert_eq!(requests[1].query("starting_after"), Some("sub_B"));
@@ -398,7 +404,10 @@ async fn list_subscriptions_query_and_limits() {
             .data;
         assert!(page.data.is_empty() && !page.has_more);
         let r = server.requests().pop().unwrap();
-        assert_eq!(r.query_names(), ["status", "starting_after", "limit"]);
+        assert_eq!(
+            r.query_names(),
+            ["status", "expand[]", "starting_after", "limit"]
+        );
         assert_eq!(r.query("status"), Some("all"));
         assert_eq!(r.query("starting_after"), Some("sub_x"));
         assert_eq!(r.query("limit"), Some(sent), "limit {limit}");

@@ -190,6 +190,14 @@ async fn invoiced_customer_keeps_grace_from_the_due_date() {
         assert!(record.state.is_invoiced());
         let renewal = record.state.current_period_start.unwrap();
         let due = renewal + 14 * 86_400;
+        // The invoice's own due date, from `invoice.finalized` and
+        // `invoice.overdue` (no payment failure is sent).
+        assert_eq!(
+            record.latest_invoice_due,
+            Some(due),
+            "with_client {with_client}"
+        );
+        assert!(record.payment_failures.is_empty());
         let now = stripe_webhook_guard::clock::Clock::now(&w.clock);
         assert!(now.unix_timestamp() > due + 86_400);
         let decision = AccessPolicy::default().decide(&record, now);
@@ -356,4 +364,129 @@ async fn test_clock_ahead_of_real_time() {
             );
         }
     }
+}
+
+/// Test clocks and catch-up (issue 13 item 12): every event is dated 40 days
+/// ahead of the real clock and every webhook is lost. Catch-up repairs the
+/// records; its cursor never moves past the run's start on the real clock,
+/// even when an event dated in the future fails (that event is held back by
+/// its clock's mark instead); and a later run does not process an event it
+/// already read again, even after the ledger forgot it (ledger entries are
+/// pruned by their real age, and a test clock can run further ahead than the
+/// retention).
+#[tokio::test]
+async fn catch_up_with_a_test_clock_ahead_of_real_time() {
+    use std::sync::Arc;
+    use stripe_webhook_guard::client::StripeClient;
+    use stripe_webhook_guard::clock::{Clock, ManualClock};
+    use stripe_webhook_guard::processor::WebhookProcessor;
+    use stripe_webhook_guard::reconcile::{EVENTS_CURSOR, ReconcileConfig, Reconciler};
+    use stripe_webhook_guard::signature::Verifier;
+    use stripe_webhook_guard::store::{CursorStore, EventLedger, MemoryStore, SubscriptionStore};
+    use stripe_webhook_guard::subscription::{FetchTime, SubscriptionState, from_stripe};
+    use stripe_webhook_guard::testing::FakeStripe;
+
+    let clock = ManualClock::at_unix(1_767_225_600);
+    let fake = Arc::new(FakeStripe::new(
+        clock.clone(),
+        FakeConfig {
+            test_clock_ahead: Some(Duration::days(40)),
+            ..FakeConfig::default()
+        },
+    ));
+    let store = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+    let processor = WebhookProcessor::builder(Verifier::new("whsec_clock"))
+        .store(store.clone())
+        .client(fake.clone())
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let reconciler = Reconciler::new(processor, fake.clone()).config(ReconcileConfig {
+        lookback: Duration::days(30),
+        ..ReconcileConfig::default()
+    });
+    let paying = fake.create_customer();
+    let lapsing = fake.create_customer();
+    let subs = [
+        fake.subscribe(&paying, &Subscribe::default()),
+        fake.subscribe(&lapsing, &Subscribe::default()),
+    ];
+    fake.advance(Duration::days(3));
+    fake.set_card(&lapsing, Card::Declines);
+    fake.advance(Duration::days(30));
+    // Every webhook is lost.
+    let lost = fake.take_new_events();
+    let real = clock.now().unix_timestamp();
+    assert!(lost.iter().all(|e| e.event.created() > real));
+
+    // Run 1: Stripe cannot be reached for refetches; events fail retryably.
+    fake.fail_retrievals(true);
+    let first = reconciler.catch_up().await.unwrap();
+    assert!(first.events_failed > 0, "{first:?}");
+    let cursor: i64 = store
+        .load_cursor(EVENTS_CURSOR)
+        .await
+        .unwrap()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        cursor <= real,
+        "the cursor ran into simulated time: {cursor} > {real}"
+    );
+
+    // Run 2: the failed events are read again and every record matches.
+    fake.fail_retrievals(false);
+    let second = reconciler.catch_up().await.unwrap();
+    assert_eq!(second.events_failed, 0, "{second:?}");
+    assert!(second.events_processed > 0);
+    for id in &subs {
+        let truth = SubscriptionState::from_view(&fake.truth(id).unwrap());
+        let record = store.load(id).await.unwrap().unwrap();
+        assert!(record.matches(&truth), "{id}: {record:?}");
+    }
+
+    // Run 3, after the ledger forgot every processed entry: the clock's
+    // mark (not the ledger) says what was read. Only the events within the
+    // overlap (5 minutes) of the newest one read are read again, as the
+    // overlap always does; without the mark every event would be.
+    let far = clock.now() + Duration::days(400);
+    assert!(store.prune(far).await.unwrap() > 0);
+    let third = reconciler.catch_up().await.unwrap();
+    let newest = lost.iter().map(|e| e.event.created()).max().unwrap();
+    let in_overlap = lost
+        .iter()
+        .filter(|e| e.event.created() >= newest - 300)
+        .count();
+    assert_eq!(
+        usize::try_from(third.events_processed).unwrap(),
+        in_overlap,
+        "{third:?}"
+    );
+    assert_eq!(third.events_failed, 0);
+    assert_eq!(
+        third.events_duplicate,
+        third.events_seen - third.events_processed
+    );
+    assert!(third.events_processed < third.events_seen);
+
+    // A refetch is answered with Stripe's real `Date` and the expanded
+    // clock: the record is stamped with the clock's simulated time, so
+    // events older than what was fetched stay stale.
+    let answer = fake.retrieve_subscription(None, &subs[0]).await.unwrap();
+    let now = clock.now();
+    assert_eq!(answer.date, Some(now));
+    let simulated = fake.test_clock_time().unwrap().unix_timestamp();
+    assert!(simulated > now.unix_timestamp());
+    assert_eq!(answer.data.test_clock_frozen_time, Some(simulated));
+    let fetched = from_stripe(
+        None,
+        &answer.data,
+        FetchTime {
+            local: now,
+            stripe: answer.date,
+        },
+        None,
+    )
+    .record;
+    assert_eq!(fetched.watermark.unwrap().created, simulated);
 }

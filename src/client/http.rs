@@ -16,6 +16,9 @@
 //!
 //! Every answer carries the server's `Date` header, read as Stripe's clock
 //! ([`Response::date`]; `None` when absent or not an RFC 9110 date).
+//! Subscriptions are retrieved with `expand[]=test_clock` and listed with
+//! `expand[]=data.test_clock`: for a subscription on a Stripe test clock the
+//! clock's `frozen_time` (its simulated time) then stamps the refetch.
 //!
 //! # Failures and retries
 //!
@@ -447,7 +450,9 @@ impl StripeClient for HttpStripeClient {
         id: &str,
     ) -> Result<Response<SubscriptionView>, ClientError> {
         check_id("subscription", id)?;
-        let url = self.url(&["v1", "subscriptions", id]);
+        let mut url = self.url(&["v1", "subscriptions", id]);
+        // A test clock's simulated time (`frozen_time`) stamps the refetch.
+        url.query_pairs_mut().append_pair("expand[]", "test_clock");
         let answer = self.get(&url, account, MAX_RESPONSE_BYTES).await?;
         let text = std::str::from_utf8(&answer.data)
             .map_err(|_| invalid_response("the subscription is not UTF-8".to_owned()))?;
@@ -470,6 +475,7 @@ impl StripeClient for HttpStripeClient {
         {
             let mut pairs = url.query_pairs_mut();
             pairs.append_pair("status", "all");
+            pairs.append_pair("expand[]", "data.test_clock");
             if let Some(customer) = &query.customer {
                 pairs.append_pair("customer", customer);
             }

@@ -159,6 +159,10 @@ pub enum EventType {
     InvoicePaymentFailed,
     /// `invoice.payment_action_required`
     InvoicePaymentActionRequired,
+    /// `invoice.finalized` (the invoice is open: its due date is known).
+    InvoiceFinalized,
+    /// `invoice.overdue` (an open invoice passed its due date).
+    InvoiceOverdue,
     /// `checkout.session.completed`
     CheckoutSessionCompleted,
     /// `checkout.session.async_payment_succeeded`
@@ -171,7 +175,7 @@ pub enum EventType {
     Other(String),
 }
 
-const KNOWN_TYPES: [(&str, EventType); 16] = [
+const KNOWN_TYPES: [(&str, EventType); 18] = [
     (
         "customer.subscription.created",
         EventType::SubscriptionCreated,
@@ -214,6 +218,8 @@ const KNOWN_TYPES: [(&str, EventType); 16] = [
         "invoice.payment_action_required",
         EventType::InvoicePaymentActionRequired,
     ),
+    ("invoice.finalized", EventType::InvoiceFinalized),
+    ("invoice.overdue", EventType::InvoiceOverdue),
     (
         "checkout.session.completed",
         EventType::CheckoutSessionCompleted,
@@ -282,6 +288,8 @@ impl EventType {
                 | EventType::InvoicePaymentSucceeded
                 | EventType::InvoicePaymentFailed
                 | EventType::InvoicePaymentActionRequired
+                | EventType::InvoiceFinalized
+                | EventType::InvoiceOverdue
         )
     }
 

@@ -127,6 +127,7 @@ use crate::store::{CursorStore, StoreError};
 #[cfg(doc)]
 use crate::subscription::CustomerEntitlements;
 
+mod clocks;
 mod driver;
 mod entitlements;
 mod plan;

@@ -86,6 +86,15 @@
 //!   latest invoice start the dunning clock (`payment_failures`, cleared
 //!   when a newer invoice becomes the latest); status changes come from the
 //!   subscription events Stripe sends with them.
+//! - `invoice.finalized` and `invoice.overdue` of the latest invoice record
+//!   its facts (its id, unpaid, its due date: `due_date`, or `days_until_due`
+//!   days after `status_transitions.finalized_at`) and nothing else: no
+//!   status, no payment clock, no failure. For an invoiced subscription
+//!   (`send_invoice`) this is how the due date of an unpaid invoice becomes
+//!   known, since Stripe sends no `invoice.payment_failed` for an invoice
+//!   that is not paid by its due date; the past-due grace then counts from
+//!   that due date. A paid invoice is never made unpaid again by an event of
+//!   the same invoice (`invoice.finalized` is often in its payment's second).
 //! - `checkout.session.*` links `client_reference_id` and the customer to the
 //!   subscription and never sets a status by itself.
 //! - `entitlements.active_entitlement_summary.updated` is per customer; see
@@ -106,13 +115,23 @@
 //! A subscription on a Stripe test clock emits events whose `created` is the
 //! clock's simulated time, which runs ahead of real time. Ordering compares
 //! only `created` values of the subscription's own events, so it is
-//! unaffected. A refetch is stamped with the latest of the fetch time, the
-//! record's watermark, the triggering event's `created` and, when the
-//! fetched object carries its expanded test clock, the clock's
-//! `frozen_time`; so events older than the fetched state stay stale even
-//! when simulated time is ahead. Access decisions take `now` from the
-//! caller: decide with the test clock's time for such a subscription
-//! ([`SubscriptionState::test_clock`] names the clock).
+//! unaffected. A refetch is stamped with the latest of the fetch time
+//! (Stripe's `Date`, real time), the record's watermark, the triggering
+//! event's `created` and, when the fetched object carries its expanded test
+//! clock, the clock's `frozen_time` (`HttpStripeClient` asks for it with
+//! `expand[]=test_clock` on every subscription it retrieves or lists); so
+//! events older than the fetched state stay stale even when simulated time
+//! is ahead. The reconciler's catch-up cursor stays on real time and tracks
+//! events dated ahead of it by a mark per test clock
+//! ([`Reconciler::catch_up`](crate::Reconciler::catch_up)). Access decisions
+//! take `now` from the caller: decide with the test clock's time for such a
+//! subscription ([`SubscriptionState::test_clock`] names the clock). The
+//! record's `last_verified_with_stripe` stays on the host's clock (the
+//! reconciler's sweeps compare it with the host's time), so a time-based
+//! denial decided at a simulated time ahead of it gets the stale-data grace
+//! ([`AccessReason::Unverified`](crate::access::AccessReason::Unverified))
+//! even right after a refetch; statuses Stripe reported (`unpaid`,
+//! `canceled`) are denied at once.
 //!
 //! # Layout
 //!

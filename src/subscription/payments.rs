@@ -1,5 +1,7 @@
 //! Invoice and Checkout events: payment facts (the latest invoice, paid
-//! through, the dunning clock, paid invoices) and Checkout links. They never
+//! through, the dunning clock, paid invoices) and Checkout links.
+//! `invoice.finalized` and `invoice.overdue` only report the latest
+//! invoice's facts (its id, unpaid, its due date). They never
 //! set a status by themselves, except a payment of the latest invoice newer
 //! than the snapshot that said `past_due`, `unpaid` or `incomplete`, which
 //! restores `active` (and is confirmed with Stripe when a client is
@@ -177,7 +179,8 @@ fn is_latest_invoice(record: &SubscriptionRecord, event: &Event, view: &InvoiceV
 /// Takes the latest invoice's facts (id, paid, due date, planned retry)
 /// from an invoice event: always for a newer invoice, and for the same
 /// invoice only from a newer event (last writer wins by `(created, event
-/// id)`).
+/// id)`), except that a paid invoice is never made unpaid again (paid is
+/// final in Stripe's invoice lifecycle).
 fn take_invoice_facts(record: &mut SubscriptionRecord, event: &Event, view: &InvoiceView) {
     let Some(id) = &view.id else {
         return;
@@ -192,8 +195,14 @@ fn take_invoice_facts(record: &mut SubscriptionRecord, event: &Event, view: &Inv
     {
         // An older event of the same invoice: what a snapshot does not say
         // (whether it is paid, its creation time and due date) is taken
-        // when unknown.
-        record.latest_invoice_paid = record.latest_invoice_paid.or(Some(view.paid));
+        // when unknown, and a payment it reports is kept.
+        // A payment reported by an older event still happened.
+        if view.paid {
+            record.latest_invoice_paid = Some(true);
+            record.next_payment_attempt = None;
+        } else {
+            record.latest_invoice_paid = record.latest_invoice_paid.or(Some(false));
+        }
         record.latest_invoice_created = record.latest_invoice_created.or(view.created);
         record.latest_invoice_due = record
             .latest_invoice_due
@@ -206,12 +215,16 @@ fn take_invoice_facts(record: &mut SubscriptionRecord, event: &Event, view: &Inv
         record.payment_failures.clear();
     }
     record.state.latest_invoice = Some(id.clone());
-    record.latest_invoice_paid = Some(view.paid);
+    // A paid invoice stays paid: an event of the same invoice that says
+    // otherwise (`invoice.finalized` in the payment's second, ranked after
+    // it by event id) describes it before its payment.
+    let paid = view.paid || (same && record.latest_invoice_paid == Some(true));
+    record.latest_invoice_paid = Some(paid);
     record.latest_invoice_created = view
         .created
         .or(record.latest_invoice_created.filter(|_| same));
     record.latest_invoice_due = view.due_at(record.state.days_until_due);
-    record.next_payment_attempt = if view.paid {
+    record.next_payment_attempt = if paid {
         None
     } else {
         view.next_payment_attempt

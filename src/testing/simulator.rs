@@ -2,7 +2,8 @@
 //! way Stripe's webhook system does at its worst — each event 1–3 times,
 //! reordered, sometimes never, with a fresh signature timestamp per attempt,
 //! retries after non-2xx answers for up to three days, and endpoint outages —
-//! all on the fake's virtual clock.
+//! all on the fake's virtual clock. The fake's connected accounts' events
+//! are delivered to the same processor, as to a Connect endpoint.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
@@ -194,10 +195,12 @@ impl Simulator {
         self.clock.now().unix_timestamp()
     }
 
-    /// Schedules deliveries for the events FakeStripe emitted since the last
-    /// call.
+    /// Schedules deliveries for the events FakeStripe and its connected
+    /// accounts emitted since the last call.
     pub fn collect(&mut self) {
-        for fe in self.fake.take_new_events() {
+        let mut new = self.fake.take_new_events();
+        new.extend(self.fake.take_new_account_events());
+        for fe in new {
             if self.rng.chance(self.config.drop_rate) {
                 self.dropped.insert(fe.event.id().to_owned());
                 continue;
@@ -232,13 +235,13 @@ impl Simulator {
         self.collect();
         loop {
             let next_delivery = self.queue.peek().map(|Reverse(d)| (d.at, d.seq));
-            let next_action = self.fake.next_action_at();
+            let next_action = self.fake.next_action_anywhere();
             match (next_delivery, next_action) {
                 (Some((d, _)), a) if d <= until && a.is_none_or(|a| d < a) => {
                     self.deliver_next().await;
                 }
                 (_, Some(a)) if a <= until => {
-                    self.fake.run_next_due(a);
+                    self.fake.run_next_due_anywhere(a);
                     self.collect();
                 }
                 _ => break,

@@ -243,6 +243,32 @@ impl Event {
         serde_json::from_str(raw).map_err(|e| ParseError::from_json("object", &e))
     }
 
+    /// The Stripe test clock the event's object runs on: its `test_clock`
+    /// member (an id or the expanded clock), which subscriptions, invoices
+    /// and customers carry. `None` for an object without one (live mode,
+    /// thin events, other kinds, a malformed member). Such an object's
+    /// events carry the clock's simulated time as `created`.
+    ///
+    /// ```
+    /// use stripe_webhook_guard::event::Event;
+    ///
+    /// let event = Event::parse_unverified(br#"{"id":"evt_1","object":"event",
+    ///     "type":"invoice.paid","created":1900000000,"livemode":false,
+    ///     "data":{"object":{"id":"in_1","object":"invoice","test_clock":"clock_1"}}}"#).unwrap();
+    /// assert_eq!(event.test_clock().as_deref(), Some("clock_1"));
+    /// ```
+    pub fn test_clock(&self) -> Option<String> {
+        #[derive(Deserialize)]
+        struct WithClock {
+            #[serde(default)]
+            test_clock: Option<subscription::RawTestClock>,
+        }
+        match self.object_as::<WithClock>().ok()?.test_clock? {
+            subscription::RawTestClock::Id(id) => Some(id),
+            subscription::RawTestClock::Expanded { id, .. } => id,
+        }
+    }
+
     /// The object as an active-entitlement summary
     /// (`entitlements.active_entitlement_summary.updated`).
     ///

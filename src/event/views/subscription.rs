@@ -167,7 +167,7 @@ pub struct SubscriptionView {
 /// `test_clock`: an id, or the expanded clock.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
-enum RawTestClock {
+pub(super) enum RawTestClock {
     Id(String),
     Expanded {
         #[serde(default, deserialize_with = "opt_string")]

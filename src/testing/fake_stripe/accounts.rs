@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use super::{FakeConfig, FakeStripe, next_id};
+use super::{FakeConfig, FakeEvent, FakeStripe, next_id};
 use crate::client::{ClientError, ClientErrorKind};
 
 impl FakeStripe {
@@ -82,10 +82,28 @@ impl FakeStripe {
         }
     }
 
-    /// Runs every scheduled action of this fake and of its connected
-    /// accounts due at or before `until`, earliest first (ties: this one
-    /// first, then accounts in id order). Returns whether one ran.
-    pub(super) fn run_next_due_anywhere(&self, until: i64) -> bool {
+    /// The time of the next scheduled action of this fake or of one of its
+    /// connected accounts (on the real clock).
+    pub fn next_action_anywhere(&self) -> Option<i64> {
+        let accounts: Vec<Arc<FakeStripe>> = self.lock().accounts.values().cloned().collect();
+        accounts
+            .iter()
+            .filter_map(|a| a.next_action_at())
+            .chain(self.next_action_at())
+            .min()
+    }
+
+    /// The events the connected accounts emitted since the last call, as
+    /// a Connect endpoint receives them (each carries its `account`).
+    pub fn take_new_account_events(&self) -> Vec<FakeEvent> {
+        let accounts: Vec<Arc<FakeStripe>> = self.lock().accounts.values().cloned().collect();
+        accounts.iter().flat_map(|a| a.take_new_events()).collect()
+    }
+
+    /// Runs the earliest scheduled action of this fake or of its connected
+    /// accounts due at or before `until` (ties: this one first, then
+    /// accounts in id order). Returns whether one ran.
+    pub fn run_next_due_anywhere(&self, until: i64) -> bool {
         let accounts: Vec<Arc<FakeStripe>> = self.lock().accounts.values().cloned().collect();
         let own = self.next_action_at().filter(|at| *at <= until);
         let other = accounts

@@ -3,8 +3,10 @@
 //! days, newest first, filterable by type and delivery success; a
 //! customer's active entitlements. A call naming a connected account is
 //! answered from that account's fake. Every answer is dated with the fake's
-//! clock (Stripe's `Date` header). It can be told to rate-limit every n-th
-//! request or to fail retrievals.
+//! real clock (Stripe's `Date` header, never a test clock's simulated time).
+//! Subscriptions are answered with their test clock expanded (as
+//! `expand[]=test_clock` asks), so its `frozen_time` is the simulated time.
+//! It can be told to rate-limit every n-th request or to fail retrievals.
 
 use std::sync::atomic::Ordering;
 
@@ -33,14 +35,22 @@ impl FakeStripe {
         Ok(())
     }
 
-    /// An answer dated now by the fake's clock, at the `Date` header's
-    /// one-second resolution.
+    /// An answer dated now by the fake's real clock (a test clock does not
+    /// move Stripe's `Date`), at the header's one-second resolution.
     fn dated<T>(&self, data: T) -> Response<T> {
-        Response::new(data).with_date(OffsetDateTime::from_unix_timestamp(self.now()).ok())
+        Response::new(data).with_date(OffsetDateTime::from_unix_timestamp(self.real_now()).ok())
     }
 
+    /// A subscription as the API answers it, its test clock expanded.
     fn render(&self, s: &Sub) -> Option<SubscriptionView> {
-        SubscriptionView::from_json(&render_subscription(s, self.config.api_shape).to_string()).ok()
+        let mut object = render_subscription(s, self.config.api_shape);
+        if let Some(clock) = &s.test_clock {
+            object["test_clock"] = serde_json::json!({
+                "id": clock, "object": "test_helpers.test_clock", "livemode": false,
+                "frozen_time": self.now(), "status": "ready",
+            });
+        }
+        SubscriptionView::from_json(&object.to_string()).ok()
     }
 }
 
@@ -83,7 +93,9 @@ impl StripeClient for FakeStripe {
                 "connection reset (fake)",
             ));
         }
-        let view = self.scope(account)?.truth(id).ok_or_else(|| {
+        let scope = self.scope(account)?;
+        let sub = scope.lock().subs.get(id).cloned();
+        let view = sub.and_then(|s| scope.render(&s)).ok_or_else(|| {
             ClientError::new(ClientErrorKind::NotFound, "no such subscription").with_status(404)
         })?;
         Ok(self.dated(view))

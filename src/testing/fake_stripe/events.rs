@@ -264,6 +264,7 @@ fn render_invoice(
         "charge_automatically"
     });
     object["due_date"] = json!(due);
+    object["test_clock"] = json!(s.test_clock);
     object["next_payment_attempt"] = Value::Null;
     object["status_transitions"] = json!({
         "finalized_at": finalized.unwrap_or(now),

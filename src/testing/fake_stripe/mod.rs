@@ -456,13 +456,21 @@ impl FakeStripe {
     }
 
     /// Records that a webhook delivery of `event_id` got a 2xx (for the
-    /// `delivery_success` filter).
+    /// `delivery_success` filter), in this fake or the connected account
+    /// that emitted it.
     pub fn mark_delivered(&self, event_id: &str) {
-        let mut inner = self.lock();
-        if let Some(&i) = inner.by_event.get(event_id)
-            && let Some(l) = inner.log.get_mut(i)
-        {
-            l.delivered = true;
+        let accounts: Vec<Arc<FakeStripe>> = {
+            let mut inner = self.lock();
+            if let Some(&i) = inner.by_event.get(event_id)
+                && let Some(l) = inner.log.get_mut(i)
+            {
+                l.delivered = true;
+                return;
+            }
+            inner.accounts.values().cloned().collect()
+        };
+        for account in accounts {
+            account.mark_delivered(event_id);
         }
     }
 
