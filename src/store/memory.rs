@@ -396,11 +396,28 @@ impl SubscriptionStore for MemoryStore {
                 ),
             ));
         }
+        // One clone of the record; the key and the indexes are only
+        // touched when the record is new or its customer or reference
+        // changed.
+        let version = record.version + 1;
         let mut saved = record.clone();
-        saved.version = record.version + 1;
-        let old = inner.subscriptions.insert(saved.id.clone(), saved.clone());
-        Self::index(&mut inner, old.as_ref(), &saved);
-        Ok(saved.version)
+        saved.version = version;
+        let inner = &mut *inner;
+        match inner.subscriptions.get_mut(&record.id) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, saved);
+                if old.state.customer != record.state.customer
+                    || old.client_reference_id != record.client_reference_id
+                {
+                    Self::index(inner, Some(&old), record);
+                }
+            }
+            None => {
+                inner.subscriptions.insert(record.id.clone(), saved);
+                Self::index(inner, None, record);
+            }
+        }
+        Ok(version)
     }
 
     async fn find_by_customer(
