@@ -251,7 +251,7 @@ impl Worker {
             }
         };
         let outcome = p
-            .run_claimed(&event, Some(&item.payload), item.lease, deadline)
+            .run_claimed(&event, Some(&item.payload), &item.lease, deadline)
             .await;
         crate::metrics::delivered(&outcome);
         match outcome {

@@ -404,8 +404,9 @@ impl<'a> Scanner<'a> {
         let bytes = self.bytes;
         let mut level = depth;
         let mut i = start;
-        while let Some(&b) = bytes.get(i) {
-            match b {
+        while let Some(stop) = find_structural(bytes, i) {
+            i = stop;
+            match bytes[i] {
                 b'"' => {
                     i = end_of_string(bytes, i + 1).ok_or_else(|| self.eof())?;
                     continue;
@@ -428,6 +429,32 @@ impl<'a> Scanner<'a> {
         }
         Err(self.eof())
     }
+}
+
+/// The index of the first byte at or after `from` that may be a quote or a
+/// bracket (`"`, `{`, `}`, `[`, `]`), eight bytes at a time; `None` when no
+/// byte is left. It may also stop at a 0x02 byte (folded onto `"`), which
+/// the caller reads as an ordinary byte.
+#[inline]
+fn find_structural(bytes: &[u8], from: usize) -> Option<usize> {
+    // `| 0x20` folds `[` onto `{` and `]` onto `}` (and 0x02 onto `"`,
+    // 0x1B onto `{`, 0x1D onto `}`): three comparisons find all five.
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let folded = u64::from_le_bytes(word) | (ONES * 0x20);
+        let stops =
+            bytes_equal(folded, b'"') | bytes_equal(folded, b'{') | bytes_equal(folded, b'}');
+        if stops != 0 {
+            return Some(i + (stops.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    let rest = bytes.get(i..)?;
+    rest.iter()
+        .position(|&b| matches!(b | 0x20, b'"' | b'{' | b'}'))
+        .map(|p| i + p)
 }
 
 /// One past the closing quote of the string whose content starts at `from`
@@ -509,6 +536,36 @@ mod tests {
         assert_eq!(s.livemode, Some(true));
         assert_eq!(s.data_object, Some(r#"{"s":"a\"}{","n":[1,{"b":2}]}"#));
         assert_eq!(s.previous_attributes, None);
+    }
+
+    #[test]
+    fn delimiting_finds_every_bracket_at_any_offset() {
+        // Brackets, quotes and escapes at every position of an eight-byte
+        // word, inside and outside strings, and the control byte 0x02 that
+        // the word scan folds onto a quote.
+        let parts = [
+            r#"[1,[2,{"a":[]}]]"#,
+            r#""x]}\"{[""#,
+            r#"{"k\\":"v\\\"]"}"#,
+            "\"\\u0002\"",
+            "[\u{2}]",
+            "\"é]}\"",
+        ];
+        for pad in 0..17 {
+            for part in parts {
+                let object = format!(r#"{{"p":"{}","v":{part},"w":[{{}}]}}"#, "y".repeat(pad));
+                let json = format!(
+                    r#"{{"id":"e","type":"x","created":1,"data":{{"object":{object}}}}}"#
+                );
+                let s = scanned(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+                assert_eq!(s.data_object, Some(object.as_str()), "{json}");
+            }
+        }
+        // Unbalanced: an unclosed bracket inside the object runs to EOF.
+        let err = scanned(r#"{"id":"e","type":"x","created":1,"data":{"object":{"a":[}}"#)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("EOF")));
     }
 
     #[test]

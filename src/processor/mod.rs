@@ -607,7 +607,7 @@ impl WebhookProcessor {
         let held = &self.inner.held;
         held.hold(&lease, self.inner.lease.unsigned_abs());
         let result = self
-            .run_claimed(event, payload, lease.clone(), deadline)
+            .run_claimed(event, payload, &lease, deadline)
             .await;
         held.settle(&lease);
         result
@@ -620,7 +620,7 @@ impl WebhookProcessor {
         &self,
         event: &Event,
         payload: Option<&str>,
-        lease: Lease,
+        lease: &Lease,
         deadline: Instant,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
@@ -633,17 +633,17 @@ impl WebhookProcessor {
                 let message = format!("subscription store: {e}");
                 let retryable = e.is_retryable();
                 return self
-                    .fail(event, payload, &lease, message, retryable, Some(e))
+                    .fail(event, payload, lease, message, retryable, Some(e))
                     .await;
             }
             Err(EffectError::Step(StepError::Refetch(source))) => {
                 // A refetch the event needs failed: Stripe must deliver it
                 // again (503), and the attempt limit does not apply, so a
                 // refetch failure never dead-letters the event.
-                refetch_failed(event, &lease, &source);
+                refetch_failed(event, lease, &source);
                 let message = format!("Stripe refetch: {source}");
                 let failure = self.failure(event, payload, message, true, u32::MAX);
-                return match self.inner.store.fail(&lease, &failure).await {
+                return match self.inner.store.fail(lease, &failure).await {
                     Ok(_) => {
                         bump(&self.inner.counters.failed);
                         Err(Error::Client { event_id, source })
@@ -657,7 +657,7 @@ impl WebhookProcessor {
             Err(EffectError::Step(e)) => {
                 let retryable = e.is_retryable();
                 return self
-                    .fail(event, payload, &lease, e.to_string(), retryable, None)
+                    .fail(event, payload, lease, e.to_string(), retryable, None)
                     .await;
             }
         };
@@ -672,7 +672,7 @@ impl WebhookProcessor {
             .filter(|h| h.wants(event.event_type()))
         {
             if self.inner.clock.monotonic() >= deadline {
-                return self.lease_lost(event, &lease).await;
+                return self.lease_lost(event, lease).await;
             }
             let ctx = HandlerContext {
                 event_id: event_id.clone(),
@@ -694,14 +694,14 @@ impl WebhookProcessor {
             };
             if let Some((message, retryable)) = failure {
                 return self
-                    .fail(event, payload, &lease, message, retryable, None)
+                    .fail(event, payload, lease, message, retryable, None)
                     .await;
             }
             handled = true;
         }
 
         crate::metrics::handler_latency(started.elapsed());
-        match self.inner.store.complete(&lease).await {
+        match self.inner.store.complete(lease).await {
             Ok(()) => {
                 if handled {
                     bump(&self.inner.counters.handler_effects);
