@@ -404,9 +404,12 @@ impl<'a> Scanner<'a> {
         let bytes = self.bytes;
         let mut level = depth;
         let mut i = start;
-        while let Some(stop) = find_structural(bytes, i) {
-            i = stop;
-            match bytes[i] {
+        while let Some(&b) = bytes.get(i) {
+            if !STRUCTURAL[usize::from(b)] {
+                i += 1;
+                continue;
+            }
+            match b {
                 b'"' => {
                     i = end_of_string(bytes, i + 1).ok_or_else(|| self.eof())?;
                     continue;
@@ -431,31 +434,16 @@ impl<'a> Scanner<'a> {
     }
 }
 
-/// The index of the first byte at or after `from` that may be a quote or a
-/// bracket (`"`, `{`, `}`, `[`, `]`), eight bytes at a time; `None` when no
-/// byte is left. It may also stop at a 0x02 byte (folded onto `"`), which
-/// the caller reads as an ordinary byte.
-#[inline]
-fn find_structural(bytes: &[u8], from: usize) -> Option<usize> {
-    // `| 0x20` folds `[` onto `{` and `]` onto `}` (and 0x02 onto `"`,
-    // 0x1B onto `{`, 0x1D onto `}`): three comparisons find all five.
-    let mut i = from;
-    while let Some(chunk) = bytes.get(i..i + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let folded = u64::from_le_bytes(word) | (ONES * 0x20);
-        let stops =
-            bytes_equal(folded, b'"') | bytes_equal(folded, b'{') | bytes_equal(folded, b'}');
-        if stops != 0 {
-            return Some(i + (stops.trailing_zeros() / 8) as usize);
-        }
-        i += 8;
-    }
-    let rest = bytes.get(i..)?;
-    rest.iter()
-        .position(|&b| matches!(b | 0x20, b'"' | b'{' | b'}'))
-        .map(|p| i + p)
-}
+/// Bytes the delimiting loop stops at: `"`, `{`, `[`, `}`, `]`.
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
 
 /// One past the closing quote of the string whose content starts at `from`
 /// (escapes followed), or `None` when the input ends first.
@@ -541,8 +529,8 @@ mod tests {
     #[test]
     fn delimiting_finds_every_bracket_at_any_offset() {
         // Brackets, quotes and escapes at every position of an eight-byte
-        // word, inside and outside strings, and the control byte 0x02 that
-        // the word scan folds onto a quote.
+        // word, inside and outside strings, and a control byte outside
+        // strings (delimiting does not check the grammar).
         let parts = [
             r#"[1,[2,{"a":[]}]]"#,
             r#""x]}\"{[""#,
