@@ -39,7 +39,10 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    ledger: BTreeMap<EventKey, LedgerEntry>,
+    /// Hashed, not ordered: every delivery looks its key up two to four
+    /// times, and a lookup must not grow with the ledger; `list` sorts what
+    /// it returns.
+    ledger: HashMap<EventKey, LedgerEntry>,
     subscriptions: BTreeMap<String, SubscriptionRecord>,
     by_customer: HashMap<String, BTreeSet<String>>,
     by_reference: HashMap<String, BTreeSet<String>>,
@@ -339,17 +342,13 @@ impl EventLedger for MemoryStore {
 
     async fn list(&self, query: &LedgerQuery) -> Result<Vec<LedgerEntry>, StoreError> {
         let inner = self.lock();
-        Ok(inner
-            .ledger
-            .values()
-            .filter(|e| query.matches(e))
-            .take(if query.limit == 0 {
-                usize::MAX
-            } else {
-                query.limit
-            })
-            .cloned()
-            .collect())
+        let mut matching: Vec<&LedgerEntry> =
+            inner.ledger.values().filter(|e| query.matches(e)).collect();
+        matching.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        if query.limit != 0 {
+            matching.truncate(query.limit);
+        }
+        Ok(matching.into_iter().cloned().collect())
     }
 
     async fn requeue(&self, key: &EventKey) -> Result<bool, StoreError> {
