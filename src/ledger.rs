@@ -646,7 +646,16 @@ mod tests {
     #[test]
     fn decimal_spells_created_as_to_string_does() {
         let mut buf = [0u8; 20];
-        for n in [0, 7, -7, 10, 1_700_000_000, -1_700_000_001, i64::MAX, i64::MIN] {
+        for n in [
+            0,
+            7,
+            -7,
+            10,
+            1_700_000_000,
+            -1_700_000_001,
+            i64::MAX,
+            i64::MIN,
+        ] {
             assert_eq!(decimal(n, &mut buf), n.to_string());
         }
     }

@@ -542,9 +542,8 @@ mod tests {
         for pad in 0..17 {
             for part in parts {
                 let object = format!(r#"{{"p":"{}","v":{part},"w":[{{}}]}}"#, "y".repeat(pad));
-                let json = format!(
-                    r#"{{"id":"e","type":"x","created":1,"data":{{"object":{object}}}}}"#
-                );
+                let json =
+                    format!(r#"{{"id":"e","type":"x","created":1,"data":{{"object":{object}}}}}"#);
                 let s = scanned(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
                 assert_eq!(s.data_object, Some(object.as_str()), "{json}");
             }

@@ -606,9 +606,7 @@ impl WebhookProcessor {
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
         held.hold(&lease, self.inner.lease.unsigned_abs());
-        let result = self
-            .run_claimed(event, payload, &lease, deadline)
-            .await;
+        let result = self.run_claimed(event, payload, &lease, deadline).await;
         held.settle(&lease);
         result
     }
