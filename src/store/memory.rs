@@ -402,19 +402,16 @@ impl SubscriptionStore for MemoryStore {
         let mut saved = record.clone();
         saved.version = version;
         let inner = &mut *inner;
-        match inner.subscriptions.get_mut(&record.id) {
-            Some(slot) => {
-                let old = std::mem::replace(slot, saved);
-                if old.state.customer != record.state.customer
-                    || old.client_reference_id != record.client_reference_id
-                {
-                    Self::index(inner, Some(&old), record);
-                }
+        if let Some(slot) = inner.subscriptions.get_mut(&record.id) {
+            let old = std::mem::replace(slot, saved);
+            if old.state.customer != record.state.customer
+                || old.client_reference_id != record.client_reference_id
+            {
+                Self::index(inner, Some(&old), record);
             }
-            None => {
-                inner.subscriptions.insert(record.id.clone(), saved);
-                Self::index(inner, None, record);
-            }
+        } else {
+            inner.subscriptions.insert(record.id.clone(), saved);
+            Self::index(inner, None, record);
         }
         Ok(version)
     }
