@@ -27,21 +27,36 @@ if [ ! -x "$work/pyenv/bin/python" ]; then
   "$work/pyenv/bin/pip" install --quiet stripe==16.1.0
 fi
 
+# ROUNDS rounds (default 3) of the three harnesses one after the other;
+# the table gives each operation's median over the rounds (the machine's
+# load moves single runs a lot).
 results="$work/out/results.txt"
-"$work/rust/target/release/peers-rust" "$work/out" > "$results"
-NODE_PATH="$work/node/node_modules" node "$repo/benches/peers/node.js" "$work/out" >> "$results"
-"$work/pyenv/bin/python" "$repo/benches/peers/python.py" "$work/out" >> "$results"
+: > "$results"
+for round in $(seq "${ROUNDS:-3}"); do
+  "$work/rust/target/release/peers-rust" "$work/out" >> "$results"
+  NODE_PATH="$work/node/node_modules" node "$repo/benches/peers/node.js" "$work/out" >> "$results"
+  "$work/pyenv/bin/python" "$repo/benches/peers/python.py" "$work/out" >> "$results"
+done
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
-grep -v '^[a-z_/.-]* [0-9.]*$' "$results" || true
-awk '
-  /^[a-z_\/.-]+ [0-9.]+$/ { name[NR] = $1; ns[NR] = $2; if ($1 == "raw_hmac_sha256") base = $2; order[++n] = NR }
+grep -Ev '^[A-Za-z0-9_/.()-]+ [0-9.]+$' "$results" | sort -u || true
+sort -k1,1 -k2,2n "$results" | awk '
+  /^[A-Za-z0-9_\/.()-]+ [0-9.]+$/ { v[$1, ++c[$1]] = $2 }
   END {
-    printf "| %-30s | %12s | %8s |\n", "operation (2 KiB event)", "median", "× HMAC"
-    printf "|%s|%s|%s|\n", "--------------------------------", "-------------:", "---------:"
+    # The median of each operation (values arrive sorted per name).
+    for (k in c) med[k] = (c[k] % 2) ? v[k, (c[k] + 1) / 2] : (v[k, c[k] / 2] + v[k, c[k] / 2 + 1]) / 2
+    print_table()
+  }
+  function print_table(   i, r, t, unit, names, n) {
+    n = split("raw_hmac_sha256 ours/verify ours/verify_and_parse async-stripe/construct_event async-stripe/construct_event(refused) stripe-node/constructEvent stripe-python/construct_event", names, " ")
+    base = med["raw_hmac_sha256"]
+    printf "| %-38s | %12s | %8s |\n", "operation (2 KiB event)", "median", "× HMAC"
+    printf "|%s|%s|%s|\n", "----------------------------------------", "-------------:", "---------:"
     for (i = 1; i <= n; i++) {
-      r = order[i]; t = ns[r]
+      r = names[i]
+      if (!(r in med)) continue
+      t = med[r]
       unit = (t >= 1000) ? sprintf("%.2f µs", t / 1000) : sprintf("%.0f ns", t)
-      printf "| %-30s | %12s | %8.2f |\n", name[r], unit, t / base
+      printf "| %-38s | %12s | %8.2f |\n", "`" r "`", unit, t / base
     }
-  }' "$results"
+  }'
