@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::Duration;
 
 use crate::event::Event;
-use crate::ledger::{ClaimRequest, Failure};
+use crate::ledger::Failure;
 use crate::processor::{Error, Outcome, Screened, WebhookProcessor};
 use crate::rt::catch_unwind::poll_now;
 use crate::store::{
@@ -115,17 +115,17 @@ impl Inbox {
     }
 
     async fn receive_inner(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
-        let (event, verified) = match self.processor.screen(body, signature).await? {
+        let (event, verified, claim) = match self.processor.screen(body, signature).await? {
             Screened::Answered(outcome) => return Ok(outcome),
-            Screened::Admit { event, verified } => (event, verified),
+            Screened::Admit {
+                event,
+                verified,
+                request,
+            } => (event, verified, request),
         };
         let event_id = event.id().to_owned();
         let request = InboxRequest {
-            claim: ClaimRequest::for_event(
-                &event,
-                self.processor.lease_duration(),
-                self.processor.max_attempts(),
-            ),
+            claim,
             payload: verified.payload_str().to_owned(),
             subscription_id: subscription::subscription_id_of(&event).ok().flatten(),
         };
@@ -251,7 +251,7 @@ impl Worker {
             }
         };
         let outcome = p
-            .run_claimed(&event, Some(&item.payload), item.lease, deadline)
+            .run_claimed(&event, Some(&item.payload), &item.lease, deadline)
             .await;
         crate::metrics::delivered(&outcome);
         match outcome {

@@ -81,14 +81,8 @@ pub(super) fn scan(text: &str) -> Result<Scanned<'_>, ParseError> {
             "api_version" => out.api_version = s.opt_string_value(key)?,
             "account" => out.account = s.opt_string_value(key)?,
             "context" => out.context = s.opt_string_value(key)?,
-            "request" => {
-                let raw = s.validated_value(1)?;
-                out.request = decode::<RequestField>(raw)?.0;
-            }
-            "related_object" => {
-                let raw = s.validated_value(1)?;
-                out.related_object = decode::<Option<RelatedObject>>(raw)?;
-            }
+            "request" => out.request = s.decoded_value::<RequestField>()?.0,
+            "related_object" => out.related_object = s.decoded_value()?,
             _ => s.data(&mut out)?,
         }
         Ok(())
@@ -353,6 +347,21 @@ impl<'a> Scanner<'a> {
         })
     }
 
+    /// An envelope value at `pos` read by `serde_json` as `T` in one pass
+    /// (reading checks it). When reading fails, the value is checked again
+    /// by [`Scanner::validated_value`] first, so a syntax error wins over a
+    /// shape error and is reported at its position in the body, as for
+    /// every other envelope value.
+    fn decoded_value<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, ParseError> {
+        let start = self.pos;
+        let raw = self.delimited_value(1)?;
+        serde_json::from_str::<T>(raw).or_else(|e| {
+            self.pos = start;
+            self.validated_value(1)?;
+            Err(ParseError::from_json("event", &e))
+        })
+    }
+
     /// A value at `pos`, member of a container at nesting `depth`, checked
     /// by `serde_json`; returns its text.
     fn validated_value(&mut self, depth: usize) -> Result<&'a str, ParseError> {
@@ -405,6 +414,10 @@ impl<'a> Scanner<'a> {
         let mut level = depth;
         let mut i = start;
         while let Some(&b) = bytes.get(i) {
+            if !STRUCTURAL[usize::from(b)] {
+                i += 1;
+                continue;
+            }
             match b {
                 b'"' => {
                     i = end_of_string(bytes, i + 1).ok_or_else(|| self.eof())?;
@@ -429,6 +442,17 @@ impl<'a> Scanner<'a> {
         Err(self.eof())
     }
 }
+
+/// Bytes the delimiting loop stops at: `"`, `{`, `[`, `}`, `]`.
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
 
 /// One past the closing quote of the string whose content starts at `from`
 /// (escapes followed), or `None` when the input ends first.
@@ -509,6 +533,66 @@ mod tests {
         assert_eq!(s.livemode, Some(true));
         assert_eq!(s.data_object, Some(r#"{"s":"a\"}{","n":[1,{"b":2}]}"#));
         assert_eq!(s.previous_attributes, None);
+    }
+
+    #[test]
+    fn delimiting_finds_every_bracket_at_any_offset() {
+        // Brackets, quotes and escapes at every position of an eight-byte
+        // word, inside and outside strings, and a control byte outside
+        // strings (delimiting does not check the grammar).
+        let parts = [
+            r#"[1,[2,{"a":[]}]]"#,
+            r#""x]}\"{[""#,
+            r#"{"k\\":"v\\\"]"}"#,
+            "\"\\u0002\"",
+            "[\u{2}]",
+            "\"é]}\"",
+        ];
+        for pad in 0..17 {
+            for part in parts {
+                let object = format!(r#"{{"p":"{}","v":{part},"w":[{{}}]}}"#, "y".repeat(pad));
+                let json =
+                    format!(r#"{{"id":"e","type":"x","created":1,"data":{{"object":{object}}}}}"#);
+                let s = scanned(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+                assert_eq!(s.data_object, Some(object.as_str()), "{json}");
+            }
+        }
+        // Unbalanced: an unclosed bracket inside the object runs to EOF.
+        let err = scanned(r#"{"id":"e","type":"x","created":1,"data":{"object":{"a":[}}"#)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("EOF")));
+    }
+
+    #[test]
+    fn request_is_read_in_one_pass_with_the_same_errors() {
+        let with = |request: &str| {
+            scanned_owned(&format!(
+                r#"{{"id":"e","type":"x","created":1,"request":{request}}}"#
+            ))
+        };
+        let ok = with(r#"{"id":"req_1","idempotency_key":null}"#).unwrap();
+        assert_eq!(ok.as_deref(), Some("req_1"));
+        assert_eq!(with(r#""req_2""#).unwrap().as_deref(), Some("req_2"));
+        assert_eq!(with("null").unwrap(), None);
+        // A syntax error after a shape error is still the syntax error, at
+        // its position in the body.
+        let json = r#"{"id":"e","type":"x","created":1,"request":{"id":5,}}"#;
+        let whole = serde_json::from_str::<IgnoredAny>(json).unwrap_err();
+        match scan(json).err() {
+            Some(ParseError::Syntax { line, column, .. }) => {
+                assert_eq!((line, column), (whole.line(), whole.column()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            with(r#"{"id":5}"#),
+            Err(ParseError::Shape { what: "event", .. })
+        ));
+    }
+
+    fn scanned_owned(json: &str) -> Result<Option<String>, ParseError> {
+        scan(json).map(|s| s.request.and_then(|r| r.id))
     }
 
     #[test]

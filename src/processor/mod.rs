@@ -247,6 +247,9 @@ pub(crate) enum Screened<'a> {
     Admit {
         event: Box<Event>,
         verified: Verified<'a>,
+        /// The claim request (with the event's fingerprint), built once
+        /// for the settled lookup and reused for the claim or the queue.
+        request: ClaimRequest,
     },
     /// Answered already: ignored, or settled before.
     Answered(Outcome),
@@ -337,8 +340,12 @@ impl WebhookProcessor {
     async fn handle_inner(&self, body: &[u8], signature: Option<&str>) -> Result<Outcome, Error> {
         match self.screen(body, signature).await? {
             Screened::Answered(outcome) => Ok(outcome),
-            Screened::Admit { event, verified } => {
-                self.claim_and_run(&event, Some(verified.payload_str()))
+            Screened::Admit {
+                event,
+                verified,
+                request,
+            } => {
+                self.claim_and_run(&event, &request, Some(verified.payload_str()))
                     .await
             }
         }
@@ -364,7 +371,8 @@ impl WebhookProcessor {
         if let Some(outcome) = self.settle_filtered(event).await? {
             return Ok(outcome);
         }
-        self.claim_and_run(event, None).await
+        let request = self.claim_request(event);
+        self.claim_and_run(event, &request, None).await
     }
 
     /// The claims this processor holds now: taken by [`handle`] or
@@ -474,10 +482,12 @@ impl WebhookProcessor {
         // A settled event is answered from a lookup, when the store can
         // answer without a round trip: nothing is recorded for it, so its
         // object need not be checked or typed.
+        // The request (and its SHA-256 fingerprint) is built once, here,
+        // and reused for the claim.
+        let mut request = None;
         if self.filter_reason(&event).is_none() {
-            let request =
-                ClaimRequest::for_event(&event, self.inner.lease, self.inner.max_attempts);
-            let settled = self.inner.store.settled_state(&request).await;
+            let claim = self.claim_request(&event);
+            let settled = self.inner.store.settled_state(&claim).await;
             if let Some(state) = settled.map_err(|source| Error::Store {
                 event_id: event.id().to_owned(),
                 source,
@@ -489,6 +499,7 @@ impl WebhookProcessor {
                     state,
                 }));
             }
+            request = Some(claim);
         }
         // The object is checked here, before anything is recorded: parsing
         // only delimits it.
@@ -496,6 +507,7 @@ impl WebhookProcessor {
         Ok(match self.settle_filtered(&event).await? {
             Some(outcome) => Screened::Answered(outcome),
             None => Screened::Admit {
+                request: request.unwrap_or_else(|| self.claim_request(&event)),
                 event: Box::new(event),
                 verified,
             },
@@ -536,33 +548,53 @@ impl WebhookProcessor {
         }
     }
 
-    /// Step 4, then steps 5–7.
-    async fn claim_and_run(&self, event: &Event, payload: Option<&str>) -> Result<Outcome, Error> {
-        let event_id = event.id().to_owned();
-        let request = ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts);
+    /// The claim request for `event` with this processor's lease and
+    /// attempt limit.
+    fn claim_request(&self, event: &Event) -> ClaimRequest {
+        ClaimRequest::for_event(event, self.inner.lease, self.inner.max_attempts)
+    }
+
+    /// Step 4, then steps 5–7. `request` is `event`'s claim request.
+    async fn claim_and_run(
+        &self,
+        event: &Event,
+        request: &ClaimRequest,
+        payload: Option<&str>,
+    ) -> Result<Outcome, Error> {
         // Read before the store's clock is: the local deadline derived from
         // it never outlasts the lease the store grants.
         let asked = self.inner.clock.monotonic();
-        let claimed = self.inner.store.claim(&request).await;
+        let claimed = self.inner.store.claim(request).await;
+        let event_id = || event.id().to_owned();
         let lease = match claimed.map_err(|source| Error::Store {
-            event_id: event_id.clone(),
+            event_id: event_id(),
             source,
         })? {
             ClaimOutcome::Claimed(lease) => lease,
             ClaimOutcome::Duplicate { state } => {
                 bump(&self.inner.counters.duplicates);
                 trace(event, "duplicate");
-                return Ok(Outcome::Duplicate { event_id, state });
+                return Ok(Outcome::Duplicate {
+                    event_id: event_id(),
+                    state,
+                });
             }
             ClaimOutcome::InFlight { until } => {
                 bump(&self.inner.counters.in_flight);
-                return Err(Error::InFlight { event_id, until });
+                return Err(Error::InFlight {
+                    event_id: event_id(),
+                    until,
+                });
             }
-            ClaimOutcome::Conflict { .. } => return Err(Error::PayloadConflict { event_id }),
+            ClaimOutcome::Conflict { .. } => {
+                return Err(Error::PayloadConflict {
+                    event_id: event_id(),
+                });
+            }
             ClaimOutcome::DeadLettered { attempts } => {
                 bump(&self.inner.counters.dead);
                 return Ok(Outcome::DeadLettered {
-                    event_id,
+                    event_id: event_id(),
                     attempts,
                     error: "lease expired on the last attempt".to_owned(),
                 });
@@ -573,9 +605,7 @@ impl WebhookProcessor {
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
         held.hold(&lease, self.inner.lease.unsigned_abs());
-        let result = self
-            .run_claimed(event, payload, lease.clone(), deadline)
-            .await;
+        let result = self.run_claimed(event, payload, &lease, deadline).await;
         held.settle(&lease);
         result
     }
@@ -587,7 +617,7 @@ impl WebhookProcessor {
         &self,
         event: &Event,
         payload: Option<&str>,
-        lease: Lease,
+        lease: &Lease,
         deadline: Instant,
     ) -> Result<Outcome, Error> {
         let event_id = event.id().to_owned();
@@ -600,17 +630,17 @@ impl WebhookProcessor {
                 let message = format!("subscription store: {e}");
                 let retryable = e.is_retryable();
                 return self
-                    .fail(event, payload, &lease, message, retryable, Some(e))
+                    .fail(event, payload, lease, message, retryable, Some(e))
                     .await;
             }
             Err(EffectError::Step(StepError::Refetch(source))) => {
                 // A refetch the event needs failed: Stripe must deliver it
                 // again (503), and the attempt limit does not apply, so a
                 // refetch failure never dead-letters the event.
-                refetch_failed(event, &lease, &source);
+                refetch_failed(event, lease, &source);
                 let message = format!("Stripe refetch: {source}");
                 let failure = self.failure(event, payload, message, true, u32::MAX);
-                return match self.inner.store.fail(&lease, &failure).await {
+                return match self.inner.store.fail(lease, &failure).await {
                     Ok(_) => {
                         bump(&self.inner.counters.failed);
                         Err(Error::Client { event_id, source })
@@ -624,7 +654,7 @@ impl WebhookProcessor {
             Err(EffectError::Step(e)) => {
                 let retryable = e.is_retryable();
                 return self
-                    .fail(event, payload, &lease, e.to_string(), retryable, None)
+                    .fail(event, payload, lease, e.to_string(), retryable, None)
                     .await;
             }
         };
@@ -639,7 +669,7 @@ impl WebhookProcessor {
             .filter(|h| h.wants(event.event_type()))
         {
             if self.inner.clock.monotonic() >= deadline {
-                return self.lease_lost(event, &lease).await;
+                return self.lease_lost(event, lease).await;
             }
             let ctx = HandlerContext {
                 event_id: event_id.clone(),
@@ -661,14 +691,14 @@ impl WebhookProcessor {
             };
             if let Some((message, retryable)) = failure {
                 return self
-                    .fail(event, payload, &lease, message, retryable, None)
+                    .fail(event, payload, lease, message, retryable, None)
                     .await;
             }
             handled = true;
         }
 
         crate::metrics::handler_latency(started.elapsed());
-        match self.inner.store.complete(&lease).await {
+        match self.inner.store.complete(lease).await {
             Ok(()) => {
                 if handled {
                     bump(&self.inner.counters.handler_effects);

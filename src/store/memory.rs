@@ -39,7 +39,10 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    ledger: BTreeMap<EventKey, LedgerEntry>,
+    /// Hashed, not ordered: every delivery looks its key up two to four
+    /// times, and a lookup must not grow with the ledger; `list` sorts what
+    /// it returns.
+    ledger: HashMap<EventKey, LedgerEntry>,
     subscriptions: BTreeMap<String, SubscriptionRecord>,
     by_customer: HashMap<String, BTreeSet<String>>,
     by_reference: HashMap<String, BTreeSet<String>>,
@@ -354,13 +357,11 @@ impl EventLedger for MemoryStore {
 
     async fn list(&self, query: &LedgerQuery) -> Result<Vec<LedgerEntry>, StoreError> {
         let inner = self.lock();
-        Ok(inner
-            .ledger
-            .values()
-            .filter(|e| query.matches(e))
-            .take(no_limit_if_zero(query.limit))
-            .cloned()
-            .collect())
+        let mut matching: Vec<&LedgerEntry> =
+            inner.ledger.values().filter(|e| query.matches(e)).collect();
+        matching.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        matching.truncate(no_limit_if_zero(query.limit));
+        Ok(matching.into_iter().cloned().collect())
     }
 
     async fn requeue(&self, key: &EventKey) -> Result<bool, StoreError> {
@@ -407,11 +408,25 @@ impl SubscriptionStore for MemoryStore {
                 ),
             ));
         }
+        // One clone of the record; the key and the indexes are only
+        // touched when the record is new or its customer or reference
+        // changed.
+        let version = record.version + 1;
         let mut saved = record.clone();
-        saved.version = record.version + 1;
-        let old = inner.subscriptions.insert(saved.id.clone(), saved.clone());
-        Self::index(&mut inner, old.as_ref(), &saved);
-        Ok(saved.version)
+        saved.version = version;
+        let inner = &mut *inner;
+        if let Some(slot) = inner.subscriptions.get_mut(&record.id) {
+            let old = std::mem::replace(slot, saved);
+            if old.state.customer != record.state.customer
+                || old.client_reference_id != record.client_reference_id
+            {
+                Self::index(inner, Some(&old), record);
+            }
+        } else {
+            inner.subscriptions.insert(record.id.clone(), saved);
+            Self::index(inner, None, record);
+        }
+        Ok(version)
     }
 
     async fn find_by_customer(
