@@ -25,6 +25,8 @@ mod common;
 #[path = "common/pg.rs"]
 mod pg;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,7 +35,7 @@ use common::new_deliveries;
 use criterion::{Criterion, SamplingMode, Throughput};
 use pg::{CountingProxy, Schema};
 use sqlx::postgres::{PgConnectOptions, PgPool};
-use stripe_webhook_guard::processor::Outcome;
+use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 
 /// In flight for the criterion ids.
 const IN_FLIGHT: usize = 8;
@@ -50,16 +52,22 @@ enum Op {
     Floor,
     Receive,
     Sync,
+    /// Not a criterion id: a redelivery of a processed event.
+    Duplicate,
 }
 
 impl Op {
-    const ALL: [Op; 3] = [Op::Floor, Op::Receive, Op::Sync];
+    /// The criterion ids.
+    const IDS: [Op; 3] = [Op::Floor, Op::Receive, Op::Sync];
+    /// The latency and wire tables.
+    const ALL: [Op; 4] = [Op::Floor, Op::Receive, Op::Sync, Op::Duplicate];
 
     fn id(self) -> &'static str {
         match self {
             Op::Floor => "insert_on_conflict",
             Op::Receive => "inbox_receive",
             Op::Sync => "sync_new_event",
+            Op::Duplicate => "sync_duplicate",
         }
     }
 }
@@ -80,10 +88,42 @@ impl Target {
         Self { op, schema, pool }
     }
 
-    /// Runs `n` new events with `concurrency` in flight.
+    /// Runs `n` new events with `concurrency` in flight (for
+    /// `Op::Duplicate`, processed first, untimed, then redelivered).
     async fn run(&self, n: u64, concurrency: usize, latencies: bool) -> (Duration, Vec<Duration>) {
+        let work = self.prepare(n, concurrency).await;
+        self.timed(work, concurrency, latencies).await
+    }
+
+    /// New deliveries, and for `Op::Duplicate` their first processing.
+    async fn prepare(&self, n: u64, concurrency: usize) -> Work {
         let first = take_events(n);
         let deliveries = Arc::new(new_deliveries(first, n));
+        let work = Work {
+            first,
+            n,
+            deliveries,
+        };
+        if self.op == Op::Duplicate {
+            let p = pg::processor(self.schema.store(&self.pool));
+            let op = handle(p, Arc::clone(&work.deliveries), false);
+            pg::run_concurrent(concurrency, n, false, op).await;
+        }
+        work
+    }
+
+    /// The measured part.
+    async fn timed(
+        &self,
+        work: Work,
+        concurrency: usize,
+        latencies: bool,
+    ) -> (Duration, Vec<Duration>) {
+        let Work {
+            first,
+            n,
+            deliveries,
+        } = work;
         match self.op {
             Op::Floor => {
                 let pool = self.pool.clone();
@@ -118,20 +158,41 @@ impl Target {
                 })
                 .await
             }
-            Op::Sync => {
+            Op::Sync | Op::Duplicate => {
                 let p = pg::processor(self.schema.store(&self.pool));
-                pg::run_concurrent(concurrency, n, latencies, move |i| {
-                    let p = p.clone();
-                    let deliveries = Arc::clone(&deliveries);
-                    async move {
-                        let (body, header) = &deliveries[usize::try_from(i).expect("fits")];
-                        let out = p.handle(body.as_bytes(), Some(header)).await;
-                        assert!(matches!(out, Ok(Outcome::Processed { .. })), "{out:?}");
-                    }
-                })
-                .await
+                let op = handle(p, deliveries, self.op == Op::Duplicate);
+                pg::run_concurrent(concurrency, n, latencies, op).await
             }
         }
+    }
+}
+
+/// Signed deliveries of new events `first..first + n`.
+struct Work {
+    first: u64,
+    n: u64,
+    deliveries: Arc<Vec<(String, String)>>,
+}
+
+/// `WebhookProcessor::handle` of delivery `i`, expecting it processed (or,
+/// with `duplicate`, answered as a duplicate).
+fn handle(
+    p: WebhookProcessor,
+    deliveries: Arc<Vec<(String, String)>>,
+    duplicate: bool,
+) -> impl Fn(u64) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync + 'static {
+    move |i| {
+        let p = p.clone();
+        let deliveries = Arc::clone(&deliveries);
+        Box::pin(async move {
+            let (body, header) = &deliveries[usize::try_from(i).expect("fits")];
+            let out = p.handle(body.as_bytes(), Some(header)).await;
+            if duplicate {
+                assert!(matches!(out, Ok(Outcome::Duplicate { .. })), "{out:?}");
+            } else {
+                assert!(matches!(out, Ok(Outcome::Processed { .. })), "{out:?}");
+            }
+        })
     }
 }
 
@@ -143,7 +204,7 @@ fn criterion_ids(c: &mut Criterion, rt: &tokio::runtime::Runtime, options: &PgCo
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(2));
     group.measurement_time(Duration::from_secs(8));
-    for op in Op::ALL {
+    for op in Op::IDS {
         let pool = rt.block_on(pg::pool(
             options,
             u32::try_from(IN_FLIGHT).expect("fits"),
@@ -194,8 +255,9 @@ async fn round_trips(options: &PgConnectOptions, admin: &PgPool, n: u64) {
             let pool = pg::pool(&proxy.options, 1, ping).await;
             let target = Target::new(op, admin, pool).await;
             target.run(1000, 1, false).await;
+            let work = target.prepare(n, 1).await;
             let (r0, s0, p0) = proxy.counts.snapshot();
-            target.run(n, 1, false).await;
+            target.timed(work, 1, false).await;
             let (r1, s1, p1) = proxy.counts.snapshot();
             #[allow(clippy::cast_precision_loss)]
             let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
