@@ -75,7 +75,7 @@ fn main() {
         let report = rt
             .block_on(reconciler.sweep(SweepScope::All))
             .expect("sweep");
-        let (cpu, wall) = (on_cpu() - cpu0, wall0.elapsed());
+        let (cpu, wall) = (on_cpu().saturating_sub(cpu0), wall0.elapsed());
         let requests = fake.request_count() - requests0;
         // The store's part: paging through every local record, as the
         // sweep does twice (unknown-to-Stripe check, entitlements).
@@ -93,7 +93,7 @@ fn main() {
             after = Some(last.id.clone());
             records += page.len();
         }
-        let paging = on_cpu() - cpu1;
+        let paging = on_cpu().saturating_sub(cpu1);
         #[allow(clippy::cast_precision_loss)]
         let per = requests as f64 / size as f64;
         println!(
