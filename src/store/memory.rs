@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -450,9 +451,16 @@ impl SubscriptionStore for MemoryStore {
         query: &SubscriptionQuery,
     ) -> Result<Vec<SubscriptionRecord>, StoreError> {
         let inner = self.lock();
+        // From the page's start: a page costs its own records, not all
+        // those before it (paging through n records stays linear).
+        let from = query
+            .after
+            .clone()
+            .map_or(Bound::Unbounded, Bound::Excluded);
         Ok(inner
             .subscriptions
-            .values()
+            .range((from, Bound::Unbounded))
+            .map(|(_, r)| r)
             .filter(|r| query.matches(r))
             .take(no_limit_if_zero(query.limit))
             .cloned()

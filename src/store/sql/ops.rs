@@ -69,6 +69,13 @@ impl<D: Dialect> SqlStore<D> {
                 if let Some(lease) = self.insert_claim(&mut conn, request).await? {
                     return Ok(ClaimOutcome::Claimed(lease));
                 }
+                // The entry exists: a redelivery of a settled event (Stripe's
+                // retries, the reconciler's catch-up) or a conflicting
+                // payload is answered from a plain read on this connection,
+                // without a transaction or a lock.
+                if let Some(outcome) = self.unlocked_answer(&mut conn, request).await? {
+                    return Ok(outcome);
+                }
             }
             let mut tx = D::begin(&self.pool).await?;
             let Some((entry, now)) = self.lock_entry(&mut tx, &request.key).await? else {
@@ -87,6 +94,32 @@ impl<D: Dialect> SqlStore<D> {
             return Ok(outcome.unwrap_or(ClaimOutcome::InFlight { until: now }));
         }
         Err(other(format!("{} claim: the entry kept changing", D::NAME)))
+    }
+
+    /// The claim's outcome when it needs no lock: [`decide_claim`] answers
+    /// `Conflict` for an entry with another fingerprint and `Duplicate` for
+    /// a settled one (processed, ignored, dead) whatever its lease, and the
+    /// committed row gives that answer as of this read (a lock would only
+    /// wait for a concurrent writer first: a requeue of a dead event, or a
+    /// prune). `None` when the entry is gone or unsettled: then the row
+    /// must be locked and decided.
+    async fn unlocked_answer(
+        &self,
+        conn: &mut D::Conn,
+        request: &ClaimRequest,
+    ) -> Result<Option<ClaimOutcome>, Fail> {
+        let Some(row) = D::fetch_optional(conn, &self.sql.state_of, key_args(&request.key)).await?
+        else {
+            return Ok(None);
+        };
+        let (state, stored) = Self::state_and_fingerprint(&row)?;
+        Ok(if stored != request.fingerprint {
+            Some(ClaimOutcome::Conflict { stored })
+        } else if state.is_settled() {
+            Some(ClaimOutcome::Duplicate { state })
+        } else {
+            None
+        })
     }
 
     /// Applies [`decide_claim`] to a locked entry. With `subscription`, the

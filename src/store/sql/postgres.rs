@@ -78,6 +78,9 @@
 //!
 //! - **Claims** are arbitrated by the primary key: `INSERT … ON CONFLICT DO
 //!   NOTHING` takes a new event in one statement. When the row exists, a
+//!   plain read on the same connection answers a settled entry (processed,
+//!   ignored, dead: a duplicate) and one with another fingerprint (a
+//!   conflict), as `decide_claim` would whatever the lease; otherwise a
 //!   transaction locks it (`SELECT … FOR UPDATE`), reads `clock_timestamp()`
 //!   and applies `decide_claim` from [`crate::ledger`]: the same function
 //!   the in-memory store uses.

@@ -108,21 +108,52 @@ impl StripeClient for FakeStripe {
     ) -> Result<Response<Page<SubscriptionView>>, ClientError> {
         self.gate()?;
         let scope = self.scope(account)?;
-        let inner = scope.lock();
-        // Newest first, like Stripe.
-        let mut subs: Vec<&Sub> = inner
-            .subs
-            .values()
-            .filter(|s| query.customer.as_ref().is_none_or(|c| *c == s.customer))
-            .collect();
-        subs.sort_by(|a, b| (b.created, &b.id).cmp(&(a.created, &a.id)));
-        let page = page_of(
-            &subs,
-            |s| &s.id,
-            query.starting_after.as_deref(),
-            query.limit,
-            |s| scope.render(s),
-        );
+        let mut guard = scope.lock();
+        let inner = &mut *guard;
+        // Newest first, like Stripe: `(created, id)` descending, kept sorted
+        // in `sub_order` (rebuilt only when a subscription was added, as
+        // none is ever removed and `created` never changes), so a page costs
+        // a binary search and the page's items, not a sort of them all.
+        if inner.sub_order.len() != inner.subs.len() {
+            let mut order: Vec<(i64, String)> = inner
+                .subs
+                .values()
+                .map(|s| (s.created, s.id.clone()))
+                .collect();
+            order.sort_unstable_by(|a, b| b.cmp(a));
+            inner.sub_order = order;
+        }
+        let wanted = |s: &Sub| query.customer.as_ref().is_none_or(|c| *c == s.customer);
+        let order = &inner.sub_order;
+        // After the item whose id is `starting_after` (none left when that
+        // id is unknown or not in the filtered list).
+        let start = match query.starting_after.as_deref() {
+            None => 0,
+            Some(after) => inner
+                .subs
+                .get(after)
+                .filter(|s| wanted(s))
+                .and_then(|s| {
+                    order
+                        .binary_search_by(|(c, id)| (s.created, after).cmp(&(*c, id.as_str())))
+                        .ok()
+                })
+                .map_or(order.len(), |p| p + 1),
+        };
+        let limit = if query.limit == 0 {
+            100
+        } else {
+            query.limit.min(100)
+        } as usize;
+        let mut rest = order[start..]
+            .iter()
+            .filter_map(|(_, id)| inner.subs.get(id))
+            .filter(|s| wanted(s));
+        let taken: Vec<&Sub> = rest.by_ref().take(limit).collect();
+        let page = Page {
+            has_more: rest.next().is_some(),
+            data: taken.into_iter().filter_map(|s| scope.render(s)).collect(),
+        };
         Ok(self.dated(page))
     }
 
@@ -206,5 +237,78 @@ impl StripeClient for FakeStripe {
             },
         );
         Ok(self.dated(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::testing::{FakeConfig, Subscribe};
+
+    /// Every id of a listing, page by page (`limit` per page).
+    async fn all_pages(fake: &FakeStripe, customer: Option<&str>, limit: u32) -> Vec<String> {
+        let mut query = SubscriptionListQuery {
+            customer: customer.map(str::to_owned),
+            starting_after: None,
+            limit,
+        };
+        let mut ids = Vec::new();
+        loop {
+            let page = fake.list_subscriptions(None, &query).await.unwrap().data;
+            assert!(page.data.len() <= limit as usize);
+            ids.extend(page.data.iter().map(|s| s.id.clone().unwrap()));
+            if !page.has_more {
+                return ids;
+            }
+            query.starting_after = ids.last().cloned();
+        }
+    }
+
+    /// Listing subscriptions pages through each exactly once in Stripe's
+    /// order (newest `created` first, ties by id descending), with and
+    /// without a customer filter, and again after more were added; a cursor
+    /// that is unknown (or another customer's) gives an empty last page.
+    #[tokio::test]
+    async fn subscription_pages_follow_stripes_order() {
+        let clock = ManualClock::at_unix(1_700_000_000);
+        let fake = FakeStripe::new(clock.clone(), FakeConfig::default());
+        let a = fake.create_customer();
+        let b = fake.create_customer();
+        let expected = |customer: Option<&str>| {
+            let inner = fake.lock();
+            let mut subs: Vec<&Sub> = inner
+                .subs
+                .values()
+                .filter(|s| customer.is_none_or(|c| c == s.customer))
+                .collect();
+            subs.sort_by(|x, y| (y.created, &y.id).cmp(&(x.created, &x.id)));
+            subs.iter().map(|s| s.id.clone()).collect::<Vec<_>>()
+        };
+        for round in 0..2 {
+            for i in 0..7 {
+                fake.subscribe(if i % 2 == 0 { &a } else { &b }, &Subscribe::default());
+                if i % 3 == 0 {
+                    clock.advance(Duration::seconds(1));
+                }
+            }
+            let all = expected(None);
+            assert_eq!(all.len(), 7 * (round + 1));
+            for limit in [1, 2, 3, 100] {
+                assert_eq!(all_pages(&fake, None, limit).await, all);
+                assert_eq!(all_pages(&fake, Some(&a), limit).await, expected(Some(&a)));
+                assert_eq!(all_pages(&fake, Some(&b), limit).await, expected(Some(&b)));
+            }
+        }
+        let other = expected(Some(&b))[0].clone();
+        for (customer, after) in [(None, "sub_unknown".to_owned()), (Some(a.clone()), other)] {
+            let query = SubscriptionListQuery {
+                customer,
+                starting_after: Some(after),
+                limit: 10,
+            };
+            let page = fake.list_subscriptions(None, &query).await.unwrap().data;
+            assert!(page.data.is_empty() && !page.has_more);
+        }
     }
 }

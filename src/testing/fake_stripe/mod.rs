@@ -262,6 +262,9 @@ struct Inner {
     counter: u64,
     customers: BTreeMap<String, Card>,
     subs: BTreeMap<String, Sub>,
+    /// `(created, id)` of every subscription, newest first (Stripe's list
+    /// order); rebuilt by `list_subscriptions` when its length differs.
+    sub_order: Vec<(i64, String)>,
     schedule: BinaryHeap<Reverse<Scheduled>>,
     by_event: HashMap<String, usize>,
     log: Vec<Logged>,
@@ -322,6 +325,7 @@ impl FakeStripe {
                 counter: 0,
                 customers: BTreeMap::new(),
                 subs: BTreeMap::new(),
+                sub_order: Vec::new(),
                 schedule: BinaryHeap::new(),
                 by_event: HashMap::new(),
                 log: Vec::new(),
