@@ -28,7 +28,7 @@
 //! failure, handler failure → 5xx so Stripe retries.
 
 mod effect;
-mod held;
+pub(crate) mod held;
 mod types;
 
 use std::fmt;
@@ -368,16 +368,22 @@ impl WebhookProcessor {
         self.claim_and_run(event, None).await
     }
 
-    /// The claims this processor holds now: taken by [`handle`] or
-    /// [`process_event`] and not settled yet, either because the work is
-    /// still running or because the future running it was dropped (its task
-    /// aborted) before it completed or failed the event. Claims whose lease
-    /// has run out are not listed.
+    /// The claims this processor holds now: taken by [`handle`],
+    /// [`process_event`] or an [`Inbox`] worker of this processor and not
+    /// settled yet, either because the work is still running or because the
+    /// future running it was dropped (its task aborted) before it completed
+    /// or failed the event. Claims whose lease has run out (at the lease's
+    /// own deadline on the clock's monotonic face) are not listed.
     ///
     /// [`handle`]: WebhookProcessor::handle
     /// [`process_event`]: WebhookProcessor::process_event
     pub fn held_leases(&self) -> Vec<Lease> {
-        self.inner.held.live()
+        self.inner.held.live(self.inner.clock.monotonic())
+    }
+
+    /// The registry of held claims, shared with the inbox's workers.
+    pub(crate) fn held(&self) -> &held::Held {
+        &self.inner.held
     }
 
     /// Gives back every claim listed by [`held_leases`] with
@@ -414,7 +420,7 @@ impl WebhookProcessor {
     pub async fn release_held(&self) -> Result<usize, StoreError> {
         let mut released = 0;
         let mut first_error = None;
-        for lease in self.inner.held.take_all() {
+        for lease in self.inner.held.take_all(self.inner.clock.monotonic()) {
             match self.inner.store.release(&lease).await {
                 Ok(()) => released += 1,
                 Err(e) if e.kind() == StoreErrorKind::LeaseLost => {}
@@ -573,7 +579,7 @@ impl WebhookProcessor {
         // Registered until settled: if this future is dropped in between
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
-        held.hold(&lease, self.inner.lease.unsigned_abs());
+        held.hold(&lease, deadline, self.inner.clock.monotonic());
         let result = self
             .run_claimed(event, payload, lease.clone(), deadline)
             .await;
