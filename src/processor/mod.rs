@@ -27,6 +27,30 @@
 //! ignored, stale, dead-lettered, processed → 200; in flight, store or client
 //! failure, handler failure → 5xx so Stripe retries.
 
+/// A failpoint at a step of the pipeline, for the crash-matrix tests (the
+/// internal `failpoints` feature; nothing without it). Named
+/// `stripe_webhook_guard::<step>`; configured with `fail::cfg`, the
+/// `return` action makes the step fail with `$error`, `panic` panics there.
+#[cfg(feature = "failpoints")]
+macro_rules! failpoint {
+    ($step:literal, $error:expr) => {
+        fail::fail_point!(concat!("stripe_webhook_guard::", $step), |_| Err($error))
+    };
+}
+#[cfg(not(feature = "failpoints"))]
+macro_rules! failpoint {
+    ($step:literal, $error:expr) => {};
+}
+
+/// The store error a failpoint's `return` action answers with.
+#[cfg(feature = "failpoints")]
+fn injected(event_id: &str, step: &str) -> Error {
+    Error::Store {
+        event_id: event_id.to_owned(),
+        source: StoreError::new(StoreErrorKind::Unavailable, format!("failpoint {step}")),
+    }
+}
+
 mod effect;
 pub(crate) mod held;
 mod types;
@@ -478,6 +502,7 @@ impl WebhookProcessor {
             Error::Parse(e)
         };
         let event = Event::parse(verified).map_err(reject)?;
+        failpoint!("after_verify", injected(event.id(), "after_verify"));
         // A settled event is answered from a lookup, when the store can
         // answer without a round trip: nothing is recorded for it, so its
         // object need not be checked or typed.
@@ -551,6 +576,8 @@ impl WebhookProcessor {
         // it never outlasts the lease the store grants.
         let asked = self.inner.clock.monotonic();
         let claimed = self.inner.store.claim(&request).await;
+        // The claim reached the store; its answer is lost.
+        failpoint!("during_claim", injected(&event_id, "during_claim"));
         let lease = match claimed.map_err(|source| Error::Store {
             event_id: event_id.clone(),
             source,
@@ -580,6 +607,7 @@ impl WebhookProcessor {
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
         held.hold(&lease, deadline, self.inner.clock.monotonic());
+        failpoint!("after_claim", injected(&event_id, "after_claim"));
         let result = self
             .run_claimed(event, payload, lease.clone(), deadline)
             .await;
@@ -657,7 +685,14 @@ impl WebhookProcessor {
                 lease: lease.clone(),
                 clock: self.inner.clock.clone(),
             };
-            let result = CatchUnwind::new(handler.handle(event, &ctx)).await;
+            let result = CatchUnwind::new(async {
+                failpoint!(
+                    "in_handler",
+                    HandlerError::retryable("failpoint in_handler")
+                );
+                handler.handle(event, &ctx).await
+            })
+            .await;
             let failure = match result {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some((e.message, e.retryable)),
@@ -675,8 +710,14 @@ impl WebhookProcessor {
         }
 
         crate::metrics::handler_latency(started.elapsed());
+        failpoint!(
+            "before_completion",
+            injected(&event_id, "before_completion")
+        );
         match self.inner.store.complete(&lease).await {
             Ok(()) => {
+                // The completion is committed; its answer is lost.
+                failpoint!("after_commit", injected(&event_id, "after_commit"));
                 if handled {
                     bump(&self.inner.counters.handler_effects);
                 }

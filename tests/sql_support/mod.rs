@@ -278,7 +278,7 @@ pub mod proxy {
                     faults.statements.fetch_add(1, Ordering::Relaxed);
                     let ppm = u64::from(faults.ppm.load(Ordering::Relaxed));
                     if ppm > 0 && rand.next() % 1_000_000 < ppm {
-                        if rand.next() % 2 == 0 {
+                        if rand.next().is_multiple_of(2) {
                             // Before: the statement never reaches the server.
                             faults.before.fetch_add(1, Ordering::Relaxed);
                             let _ = server.write_all(&buf[..done]).await;
@@ -395,6 +395,7 @@ pub mod proxy {
 
         /// Resets the connection carrying a random `share` (0 to 1) of the
         /// statements from now on (see the module docs); 0 turns it off.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0..=1e6
         pub fn set_statement_resets(&self, share: f64) {
             let ppm = (share.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
             self.faults.ppm.store(ppm, Ordering::SeqCst);
