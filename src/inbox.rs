@@ -162,6 +162,13 @@ impl Drop for Running {
     }
 }
 
+/// Whether a lease running out at `deadline` has less than seven eighths
+/// of `lease` left at `now` (both on the same monotonic clock).
+fn needs_renewal(deadline: Instant, now: Instant, lease: Duration) -> bool {
+    let full = std::time::Duration::try_from(lease).unwrap_or_default();
+    deadline.saturating_duration_since(now) < full - full / 8
+}
+
 /// Runs `work` unless `stop` completes first (then `work` is dropped at its
 /// current await and `None` is returned).
 async fn unless<T>(work: impl Future<Output = T>, stop: impl Future<Output = ()>) -> Option<T> {
@@ -361,11 +368,13 @@ pub struct Worker {
 
 impl Worker {
     /// Takes up to [`InboxConfig::batch`] events and processes them one
-    /// after another. Each event after the first has its lease renewed to
-    /// the full lease just before it runs, so the last event of a batch
-    /// starts with as full a lease as the first: slow events never eat into
-    /// a later event's lease. An event whose lease was taken over meanwhile
-    /// (it ran out and another worker took it) is left to that worker.
+    /// after another. An event after the first whose lease has less than
+    /// seven eighths of its length left has it renewed to the full lease
+    /// just before it runs, so every event of a batch starts with at least
+    /// seven eighths of the lease: slow events never eat into a later
+    /// event's lease, and a batch of fast events costs no renewal round
+    /// trips. An event whose lease was taken over meanwhile (it ran out and
+    /// another worker took it) is left to that worker.
     ///
     /// # Errors
     ///
@@ -404,7 +413,7 @@ impl Worker {
                 break;
             };
             let mut deadline = item.lease.deadline(asked);
-            if i > 0 {
+            if i > 0 && needs_renewal(deadline, p.clock().monotonic(), p.lease_duration()) {
                 let asked = p.clock().monotonic();
                 match inbox.store.renew(&item.lease, p.lease_duration()).await {
                     Ok(lease) => {
@@ -565,5 +574,21 @@ impl Worker {
         let std = |d: Duration| d.try_into().unwrap_or(std::time::Duration::ZERO);
         let delay = crate::rt::backoff(attempt, std(c.base_backoff), std(c.max_backoff));
         Duration::try_from(delay).unwrap_or(c.max_backoff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_renewed_below_seven_eighths_of_its_length() {
+        let now = Instant::now();
+        let lease = Duration::seconds(80);
+        let at = |s| now + std::time::Duration::from_secs(s);
+        assert!(!needs_renewal(at(80), now, lease), "full");
+        assert!(!needs_renewal(at(70), now, lease), "exactly 7/8 left");
+        assert!(needs_renewal(at(69), now, lease), "less than 7/8 left");
+        assert!(needs_renewal(now, at(5), lease), "run out");
     }
 }
