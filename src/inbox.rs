@@ -37,6 +37,8 @@ use crate::event::Event;
 use crate::ledger::{ClaimRequest, Failure};
 use crate::processor::{Error, Outcome, Screened, WebhookProcessor};
 use crate::rt::catch_unwind::poll_now;
+use crate::rt::join::{BoxedFuture, join_all};
+use crate::rt::semaphore::Semaphore;
 use crate::store::{
     EnqueueOutcome, InboxItem, InboxRequest, InboxStore, StoreError, StoreErrorKind,
 };
@@ -45,9 +47,17 @@ use crate::subscription;
 /// Inbox settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboxConfig {
-    /// Events a worker processes per round (each taken and leased just
-    /// before it runs).
+    /// Events a worker takes per round.
     pub batch: usize,
+    /// Events of a round a worker runs at the same time (default 1: one
+    /// after another; at most `batch`). The events of one round belong to
+    /// different subscriptions (the store hands out one event per
+    /// subscription at a time), so they never race each other; the
+    /// application's handler then runs up to this many times at once, as
+    /// it does for concurrent requests in synchronous mode. A worker's
+    /// throughput is otherwise bound by one event's round trips to the
+    /// store, one after another.
+    pub concurrency: usize,
     /// First retry delay after a failure (doubled per attempt).
     pub base_backoff: Duration,
     /// Longest retry delay.
@@ -62,6 +72,7 @@ impl Default for InboxConfig {
     fn default() -> Self {
         Self {
             batch: 16,
+            concurrency: 1,
             base_backoff: Duration::seconds(5),
             max_backoff: Duration::minutes(30),
             idle_sleep: Duration::milliseconds(200),
@@ -367,14 +378,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Takes up to [`InboxConfig::batch`] events and processes them one
-    /// after another. An event after the first whose lease has less than
-    /// seven eighths of its length left has it renewed to the full lease
-    /// just before it runs, so every event of a batch starts with at least
-    /// seven eighths of the lease: slow events never eat into a later
-    /// event's lease, and a batch of fast events costs no renewal round
-    /// trips. An event whose lease was taken over meanwhile (it ran out and
-    /// another worker took it) is left to that worker.
+    /// Takes up to [`InboxConfig::batch`] events and processes them,
+    /// [`InboxConfig::concurrency`] at a time (one after another by
+    /// default). An event that had to wait for its turn and whose lease has
+    /// less than seven eighths of its length left has it renewed to the
+    /// full lease just before it runs, so every event of a batch starts with
+    /// at least seven eighths of the lease: slow events never eat into a
+    /// later event's lease, and a batch of fast events costs no renewal
+    /// round trips. An event whose lease was taken over meanwhile (it ran
+    /// out and another worker took it) is left to that worker.
     ///
     /// # Errors
     ///
@@ -400,41 +412,67 @@ impl Worker {
         for item in &items {
             held.hold(&item.lease, item.lease.deadline(asked), now);
         }
+        let taken = items.len();
+        let concurrency = inbox.config.concurrency.clamp(1, taken.max(1));
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let runs: Vec<BoxedFuture<RoundStats>> = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| -> BoxedFuture<RoundStats> {
+                let (worker, permits) = (self.clone(), permits.clone());
+                Box::pin(async move {
+                    let _permit = permits.acquire().await;
+                    worker.start_item(i > 0, item, asked).await
+                })
+            })
+            .collect();
         let mut stats = RoundStats {
-            taken: items.len(),
+            taken,
             ..RoundStats::default()
         };
-        let mut items = items.into_iter().enumerate();
-        while let Some((i, mut item)) = items.next() {
-            let Some(running) = inbox.life.enter() else {
-                // Closed meanwhile: what was not started goes back now.
-                let rest = std::iter::once(item).chain(items.map(|(_, item)| item));
-                self.give_back(rest).await;
-                break;
-            };
-            let mut deadline = item.lease.deadline(asked);
-            if i > 0 && needs_renewal(deadline, p.clock().monotonic(), p.lease_duration()) {
-                let asked = p.clock().monotonic();
-                match inbox.store.renew(&item.lease, p.lease_duration()).await {
-                    Ok(lease) => {
-                        deadline = lease.deadline(asked);
-                        held.hold(&lease, deadline, p.clock().monotonic());
-                        item.lease = lease;
-                    }
-                    // Taken over by another worker: theirs now.
-                    Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
-                        held.settle(&item.lease);
-                        continue;
-                    }
-                    // The store could not renew: run with the time left (the
-                    // pipeline checks the deadline before the handler runs).
-                    Err(_) => {}
-                }
-            }
-            self.run_item(item, deadline, &mut stats).await;
-            drop(running);
+        for round in join_all(runs).await {
+            stats.processed += round.processed;
+            stats.retried += round.retried;
+            stats.dead += round.dead;
         }
         Ok(stats)
+    }
+
+    /// Starts one taken event (`asked`: the monotonic time read before the
+    /// take): gives it back when the inbox closed meanwhile, renews its
+    /// lease when it waited (`waited`: not the round's first) and less than
+    /// seven eighths is left, then runs it.
+    async fn start_item(&self, waited: bool, mut item: InboxItem, asked: Instant) -> RoundStats {
+        let inbox = &self.inbox;
+        let p = &inbox.processor;
+        let mut stats = RoundStats::default();
+        let Some(running) = inbox.life.enter() else {
+            // Closed meanwhile: what was not started goes back now.
+            self.give_back(std::iter::once(item)).await;
+            return stats;
+        };
+        let mut deadline = item.lease.deadline(asked);
+        if waited && needs_renewal(deadline, p.clock().monotonic(), p.lease_duration()) {
+            let asked = p.clock().monotonic();
+            match inbox.store.renew(&item.lease, p.lease_duration()).await {
+                Ok(lease) => {
+                    deadline = lease.deadline(asked);
+                    p.held().hold(&lease, deadline, p.clock().monotonic());
+                    item.lease = lease;
+                }
+                // Taken over by another worker: theirs now.
+                Err(e) if e.kind() == StoreErrorKind::LeaseLost => {
+                    p.held().settle(&item.lease);
+                    return stats;
+                }
+                // The store could not renew: run with the time left (the
+                // pipeline checks the deadline before the handler runs).
+                Err(_) => {}
+            }
+        }
+        self.run_item(item, deadline, &mut stats).await;
+        drop(running);
+        stats
     }
 
     /// Gives back taken events that were not started (the inbox closed):

@@ -443,3 +443,49 @@ async fn held_claims_run_out_at_the_lease_deadline_on_the_processor_clock() {
     assert!(p.held_leases().is_empty(), "the lease has run out");
     assert_eq!(p.release_held().await.unwrap(), 0, "nothing to release");
 }
+
+/// A handler that waits until `n` handlers are running at once.
+struct Together(tokio::sync::Barrier);
+
+#[async_trait::async_trait]
+impl stripe_webhook_guard::processor::EventHandler for Together {
+    async fn handle(
+        &self,
+        _event: &stripe_webhook_guard::event::Event,
+        _ctx: &stripe_webhook_guard::processor::HandlerContext,
+    ) -> Result<(), stripe_webhook_guard::processor::HandlerError> {
+        self.0.wait().await;
+        Ok(())
+    }
+}
+
+/// `InboxConfig::concurrency`: a worker runs the events of a round at the
+/// same time (the handler of each waits for the other three: one after
+/// another, the round would never finish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_runs_up_to_concurrency_events_at_once() {
+    let store = Arc::new(MemoryStore::new());
+    let inbox = WebhookProcessor::builder(Verifier::new(common::secret()))
+        .store(store.clone())
+        .handler(Arc::new(Together(tokio::sync::Barrier::new(4))))
+        .build_inbox(InboxConfig {
+            batch: 4,
+            concurrency: 4,
+            ..InboxConfig::default()
+        });
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for i in 0..4 {
+        let body = common::other_event(&format!("evt_together_{i}"), now + i);
+        let header = common::sign(&body, now);
+        inbox.receive(body.as_bytes(), Some(&header)).await.unwrap();
+    }
+    let round = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        inbox.worker().run_once(),
+    )
+    .await
+    .expect("the four events ran at the same time")
+    .unwrap();
+    assert_eq!((round.taken, round.processed), (4, 4), "{round:?}");
+    assert_eq!(store.ledger_counts().get("processed"), Some(&4));
+}

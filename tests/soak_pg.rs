@@ -76,6 +76,8 @@ const WRITE_FAULT_RATE: f64 = FAULT_RATE * 2.0 / 3.0;
 const RESET_RATE: f64 = FAULT_RATE / 3.0;
 const LEASE_SECONDS: i64 = 5;
 const POOL: u32 = 8;
+/// Events a worker takes per round, and runs at the same time.
+const BATCH: usize = 8;
 const BOUND: StdDuration = StdDuration::from_secs(600);
 
 /// Counts handler runs per event; the poison events always fail.
@@ -263,7 +265,8 @@ async fn soak_inbox_under_database_faults() {
         ..Handler::default()
     });
     let config = InboxConfig {
-        batch: 8,
+        batch: BATCH,
+        concurrency: BATCH,
         base_backoff: Duration::milliseconds(20),
         max_backoff: Duration::milliseconds(500),
         idle_sleep: Duration::milliseconds(20),
@@ -441,7 +444,8 @@ async fn soak_inbox_under_database_faults() {
     let failed: u64 = stats.iter().map(|s| s.failed).sum();
     println!(
         "soak: {} events ({} deliveries, {} sent again after a 5xx), {} subscriptions, \
-         {WORKERS} instances with one worker and {SENDERS} senders each, pools of {POOL}; \
+         {WORKERS} instances with one worker (rounds of {BATCH} events run at once) and {SENDERS} \
+         senders each, pools of {POOL}; \
          faults on {:.0}% of statements for {:.1} s: {write_faults} serialization failures \
          and deadlocks on writes (trigger rate {:.2}% of writes), {} connection resets ({reset_before} \
          before and {reset_after} after the statement reached the server) among {statements} \
