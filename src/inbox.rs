@@ -177,7 +177,7 @@ impl Drop for Running {
 /// of `lease` left at `now` (both on the same monotonic clock).
 fn needs_renewal(deadline: Instant, now: Instant, lease: Duration) -> bool {
     let full = std::time::Duration::try_from(lease).unwrap_or_default();
-    deadline.saturating_duration_since(now) < full - full / 8
+    deadline.saturating_duration_since(now) < full.saturating_sub(full / 8)
 }
 
 /// Runs `work` unless `stop` completes first (then `work` is dropped at its

@@ -253,6 +253,7 @@ async fn soak_inbox_under_database_faults() {
         })
         .collect();
     let generated = started.elapsed();
+    let mem_generated = memory_kib();
 
     // The database, its faults, and four instances through the proxy.
     let (schema, admin, _guard) = fresh_schema().await;
@@ -322,6 +323,7 @@ async fn soak_inbox_under_database_faults() {
                         ),
                         Err(e) => assert!(e.http_status() >= 500, "{e}"),
                     }
+                    assert!(started.elapsed() < BOUND, "not received within {BOUND:?}");
                     sent_again.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(StdDuration::from_millis(5)).await;
                 }
@@ -453,7 +455,8 @@ async fn soak_inbox_under_database_faults() {
          ({:.0} events/s from the start), total {:.1} s (bound {} s); lost 0, dead {} \
          (= poison), stuck processing 0, subscriptions equal to Stripe {}/{}, failed \
          attempts retried {failed}, handler re-runs after a lost completion {reruns}; \
-         memory at the start {}, after receiving {}, at the end {}; load average {} at the \
+         memory at the start {}, with the history generated {}, after receiving {}, at the \
+         end {}; load average {} at the \
          start, {} at the end",
         events.len(),
         deliveries.len(),
@@ -474,6 +477,7 @@ async fn soak_inbox_under_database_faults() {
         truths.len(),
         truths.len(),
         mib(mem_start),
+        mib(mem_generated),
         mib(mem_received),
         mib(mem_end),
         load_start,
