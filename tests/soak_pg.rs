@@ -292,6 +292,22 @@ async fn soak_inbox_under_database_faults() {
     proxy.set_statement_resets(RESET_RATE);
     let faults_on = Instant::now();
 
+    // Progress every 30 s (where the time goes, when a run is too slow).
+    let progress = {
+        let (admin, schema) = (admin.clone(), schema.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(StdDuration::from_secs(30)).await;
+                println!(
+                    "soak progress at {:.0} s: {:?}, load average {}",
+                    started.elapsed().as_secs_f64(),
+                    ledger_states(&admin, &schema).await,
+                    load()
+                );
+            }
+        })
+    };
+
     // One worker per instance, running while the deliveries arrive.
     let workers: Vec<_> = inboxes
         .iter()
@@ -344,12 +360,14 @@ async fn soak_inbox_under_database_faults() {
         }
         assert!(
             started.elapsed() < BOUND,
-            "not drained within {BOUND:?}: {:?}",
+            "not drained within {BOUND:?} (received at {:.1} s): {:?}",
+            received.as_secs_f64(),
             ledger_states(&admin, &schema).await
         );
         tokio::time::sleep(StdDuration::from_millis(100)).await;
     }
     let drained = started.elapsed();
+    progress.abort();
     let faulty = faults_on.elapsed();
 
     // Faults off; the inboxes shut down (nothing is running: nothing to

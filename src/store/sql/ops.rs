@@ -277,6 +277,34 @@ impl<D: Dialect> SqlStore<D> {
     ) -> Result<EnqueueOutcome, Fail> {
         let claim = &request.claim;
         for _ in 0..3 {
+            if let Some(sql) = &self.sql.enqueue_or_state {
+                // One statement: stored, or the existing entry's state
+                // (with this payload attached when it had none). The
+                // state is read from the statement's snapshot: an entry
+                // inserted concurrently and not yet visible is read again.
+                let mut args = key_args(&claim.key);
+                args.extend([
+                    Arg::Str(&claim.event_type),
+                    Arg::Int(claim.event_created),
+                    Arg::Bytes(&claim.fingerprint.0[..]),
+                    Arg::Str(&request.payload),
+                    Arg::OptStr(request.subscription_id.as_deref()),
+                ]);
+                let row = self.fetch_optional(sql, args).await?;
+                let Some(row) = row else { continue };
+                if D::int(&row, "queued")? == Some(1) {
+                    return Ok(EnqueueOutcome::Queued);
+                }
+                if D::text(&row, "state")?.is_none() {
+                    continue;
+                }
+                let (state, stored) = Self::state_and_fingerprint(&row)?;
+                return Ok(if stored == claim.fingerprint {
+                    EnqueueOutcome::Duplicate { state }
+                } else {
+                    EnqueueOutcome::Conflict
+                });
+            }
             let mut args = key_args(&claim.key);
             args.extend([
                 Arg::Str(&claim.event_type),
