@@ -37,22 +37,22 @@
 #![cfg(all(feature = "test-util", feature = "failpoints"))]
 
 mod common;
+mod crash_support;
 mod sql_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
-use stripe_webhook_guard::ledger::{EventKey, LedgerQuery, LedgerState};
-use stripe_webhook_guard::processor::Outcome;
-use stripe_webhook_guard::signature::{Verifier, test_header};
-use stripe_webhook_guard::store::{MemoryStore, Storage};
-use stripe_webhook_guard::{
-    Event, EventHandler, HandlerContext, HandlerError, SubscriptionStatus, WebhookProcessor,
+use crash_support::{
+    assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, quiet_injected_panics,
 };
-use time::{Duration, OffsetDateTime};
+use stripe_webhook_guard::signature::Verifier;
+use stripe_webhook_guard::store::{MemoryStore, Storage};
+use stripe_webhook_guard::{Event, EventHandler, HandlerContext, HandlerError, WebhookProcessor};
+use time::Duration;
 
 const POINTS: [&str; 7] = [
     "after_verify",
@@ -82,46 +82,6 @@ impl EventHandler for Handler {
     }
 }
 
-/// One `customer.subscription.created` event for a new subscription.
-fn event_body(backend: &str, n: usize) -> (String, String, String) {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let event_id = format!("evt_fp_{backend}_{n}_{now}");
-    let sub_id = format!("sub_fp_{backend}_{n}_{now}");
-    let body = format!(
-        r#"{{"id":"{event_id}","object":"event","type":"customer.subscription.created",
-        "created":{now},"livemode":false,"api_version":"2024-06-20","data":{{"object":
-        {{"id":"{sub_id}","object":"subscription","customer":"cus_fp_{n}","status":"active",
-        "created":{now},"current_period_start":{now},"current_period_end":{},
-        "cancel_at_period_end":false,"items":{{"object":"list","data":[]}}}}}}}}"#,
-        now + 30 * 86_400
-    );
-    (event_id, sub_id, body)
-}
-
-/// Keeps the failpoints' panics out of the test output (other panics print
-/// as usual).
-fn quiet_failpoint_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let message = info
-                .payload()
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| {
-                    info.payload()
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                })
-                .unwrap_or_default();
-            if !message.contains("stripe_webhook_guard::") {
-                default(info);
-            }
-        }));
-    });
-}
-
 /// What one cell of the matrix found.
 #[derive(Debug, Clone, Copy)]
 struct Cell {
@@ -147,54 +107,15 @@ async fn matrix(backend: &str, store: Arc<dyn Storage>) -> BTreeMap<(usize, usiz
                 ))
                 .max_attempts(10)
                 .build();
-            let (event_id, sub_id, body) = event_body(backend, n);
+            let (event_id, sub_id, body) = event_body(&format!("fp_{backend}"), n);
             fail::cfg(&name, &format!("1*{fault}")).unwrap();
             let cell = format!("{backend} {point} {fault}");
-            let started = Instant::now();
-            let mut deliveries = 0;
-            loop {
-                deliveries += 1;
-                let p = processor.clone();
-                let b = body.clone();
-                let header =
-                    test_header(&common::secret(), b.as_bytes(), OffsetDateTime::now_utc());
-                // A panic kills this task only, as a crash kills a process.
-                let answer =
-                    tokio::spawn(async move { p.handle(b.as_bytes(), Some(&header)).await }).await;
-                if let Ok(Ok(outcome)) = &answer
-                    && outcome.http_status() < 300
-                {
-                    assert!(
-                        matches!(
-                            outcome,
-                            Outcome::Processed { .. } | Outcome::Duplicate { .. }
-                        ),
-                        "{cell}: acknowledged as {outcome:?}"
-                    );
-                    break;
-                }
-                assert!(
-                    started.elapsed() < StdDuration::from_secs(30),
-                    "{cell}: not acknowledged after {deliveries} deliveries: {answer:?}"
-                );
-                // Stripe waits before retrying; an attempt that died still
-                // holds its lease until it expires.
-                tokio::time::sleep(LEASE + StdDuration::from_millis(100)).await;
-            }
+            let deliveries = deliver_until_acknowledged(&processor, &body, LEASE, &cell).await;
             fail::remove(&name);
             // The fault struck: the first delivery was not acknowledged.
             assert!(deliveries >= 2, "{cell}: the failpoint never struck");
-
-            // Lost 0: processed.
-            let key = EventKey::new(&event_id, None);
-            let entry = store.get(&key).await.unwrap().expect("ledger entry");
-            assert_eq!(entry.state, LedgerState::Processed, "{cell}");
-            // Double 0: the record was written once (version 1) and is the
-            // event's snapshot.
-            let record = store.load(&sub_id).await.unwrap().expect("record");
-            let saves = u32::try_from(record.version).unwrap();
-            assert_eq!(saves, 1, "{cell}: saves");
-            assert_eq!(record.status(), &SubscriptionStatus::Active, "{cell}");
+            // Lost 0, double effects 0.
+            let saves = check_cell(store.as_ref(), &event_id, &sub_id, &cell).await;
             // Handler: once, or again only where a completion was lost after
             // it succeeded.
             let runs = handler.succeeded.load(Ordering::SeqCst);
@@ -213,13 +134,7 @@ async fn matrix(backend: &str, store: Arc<dyn Storage>) -> BTreeMap<(usize, usiz
             );
         }
     }
-    // Stuck 0: after one lease, nothing is processing.
-    tokio::time::sleep(LEASE).await;
-    let processing = store
-        .list(&LedgerQuery::states(&[LedgerState::Processing], 0))
-        .await
-        .unwrap();
-    assert!(processing.is_empty(), "{backend}: stuck {processing:?}");
+    assert_nothing_stuck(store.as_ref(), LEASE, backend).await;
     print(backend, &cells);
     cells
 }
@@ -246,7 +161,7 @@ fn print(backend: &str, cells: &BTreeMap<(usize, usize), Cell>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failpoint_crash_matrix() {
     let scenario = fail::FailScenario::setup();
-    quiet_failpoint_panics();
+    quiet_injected_panics("stripe_webhook_guard::");
     let expected = POINTS.len() * FAULTS.len();
 
     let cells = matrix("memory", Arc::new(MemoryStore::new())).await;

@@ -282,15 +282,7 @@ impl<D: Dialect> SqlStore<D> {
                 // (with this payload attached when it had none). The
                 // state is read from the statement's snapshot: an entry
                 // inserted concurrently and not yet visible is read again.
-                let mut args = key_args(&claim.key);
-                args.extend([
-                    Arg::Str(&claim.event_type),
-                    Arg::Int(claim.event_created),
-                    Arg::Bytes(&claim.fingerprint.0[..]),
-                    Arg::Str(&request.payload),
-                    Arg::OptStr(request.subscription_id.as_deref()),
-                ]);
-                let row = self.fetch_optional(sql, args).await?;
+                let row = self.fetch_optional(sql, enqueue_args(request)).await?;
                 let Some(row) = row else { continue };
                 if D::int(&row, "queued")? == Some(1) {
                     return Ok(EnqueueOutcome::Queued);
@@ -305,15 +297,11 @@ impl<D: Dialect> SqlStore<D> {
                     EnqueueOutcome::Conflict
                 });
             }
-            let mut args = key_args(&claim.key);
-            args.extend([
-                Arg::Str(&claim.event_type),
-                Arg::Int(claim.event_created),
-                Arg::Bytes(&claim.fingerprint.0[..]),
-                Arg::Str(&request.payload),
-                Arg::OptStr(request.subscription_id.as_deref()),
-            ]);
-            if self.execute(&self.sql.enqueue, args).await? > 0 {
+            if self
+                .execute(&self.sql.enqueue, enqueue_args(request))
+                .await?
+                > 0
+            {
                 return Ok(EnqueueOutcome::Queued);
             }
             // Known already. An unsettled entry without a payload (claimed
@@ -679,4 +667,19 @@ impl<D: Dialect> InboxStore for SqlStore<D> {
         })
         .await
     }
+}
+
+/// The arguments of the `enqueue` statements: the key, type, creation time,
+/// fingerprint, payload and subscription id.
+fn enqueue_args(request: &InboxRequest) -> Vec<Arg<'_>> {
+    let claim = &request.claim;
+    let mut args = key_args(&claim.key);
+    args.extend([
+        Arg::Str(&claim.event_type),
+        Arg::Int(claim.event_created),
+        Arg::Bytes(&claim.fingerprint.0[..]),
+        Arg::Str(&request.payload),
+        Arg::OptStr(request.subscription_id.as_deref()),
+    ]);
+    args
 }
