@@ -41,28 +41,30 @@
 #![cfg(feature = "test-util")]
 
 mod common;
+mod crash_support;
 mod sql_support;
+
+use crash_support::{
+    assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, quiet_injected_panics,
+};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use stripe_webhook_guard::ledger::{
     ClaimOutcome, ClaimRequest, EventKey, FailOutcome, Failure, IgnoreOutcome, IgnoreRequest,
-    Lease, LedgerEntry, LedgerQuery, LedgerState,
+    Lease, LedgerEntry, LedgerQuery,
 };
-use stripe_webhook_guard::processor::Outcome;
-use stripe_webhook_guard::signature::{Verifier, test_header};
+use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::store::{
     CursorStore, EventLedger, MemoryStore, Storage, StoreError, StoreErrorKind, SubscriptionQuery,
     SubscriptionStore,
 };
 use stripe_webhook_guard::subscription::{CustomerEntitlements, SubscriptionRecord};
-use stripe_webhook_guard::{
-    Event, EventHandler, HandlerContext, HandlerError, SubscriptionStatus, WebhookProcessor,
-};
+use stripe_webhook_guard::{Event, EventHandler, HandlerContext, HandlerError, WebhookProcessor};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -316,44 +318,6 @@ impl EventHandler for Handler {
     }
 }
 
-/// One `customer.subscription.created` event for a new subscription.
-fn event_body(n: usize) -> (String, String, String) {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let event_id = format!("evt_crash_{n}_{now}");
-    let sub_id = format!("sub_crash_{n}_{now}");
-    let body = format!(
-        r#"{{"id":"{event_id}","object":"event","type":"customer.subscription.created",
-        "created":{now},"livemode":false,"api_version":"2024-06-20","data":{{"object":
-        {{"id":"{sub_id}","object":"subscription","customer":"cus_crash_{n}","status":"active",
-        "created":{now},"current_period_start":{now},"current_period_end":{},
-        "cancel_at_period_end":false,"items":{{"object":"list","data":[]}}}}}}}}"#,
-        now + 30 * 86_400
-    );
-    (event_id, sub_id, body)
-}
-
-/// Keeps the injected crashes out of the test output (other panics print
-/// as usual).
-fn quiet_injected_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let injected = info
-                .payload()
-                .downcast_ref::<String>()
-                .is_some_and(|m| m.starts_with("injected crash"))
-                || info
-                    .payload()
-                    .downcast_ref::<&str>()
-                    .is_some_and(|m| m.starts_with("injected crash"));
-            if !injected {
-                default(info);
-            }
-        }));
-    });
-}
-
 /// What one cell of the matrix found.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cell {
@@ -370,7 +334,7 @@ async fn matrix<S: Storage + 'static>(
     store: Arc<Faulty<S>>,
     faults: &[Fault],
 ) -> BTreeMap<(Step, Fault), Cell> {
-    quiet_injected_panics();
+    quiet_injected_panics("injected crash");
     let mut cells = BTreeMap::new();
     let mut n = 0;
     for &step in &STEPS {
@@ -389,49 +353,14 @@ async fn matrix<S: Storage + 'static>(
                 ))
                 .max_attempts(10)
                 .build();
-            let (event_id, sub_id, body) = event_body(n);
+            let (event_id, sub_id, body) = event_body("crash", n);
             if step == Step::InHandler {
                 *handler.armed.lock().unwrap() = Some(fault);
             } else {
                 store.arm(step, fault);
             }
-            let started = Instant::now();
-            let mut deliveries = 0;
-            loop {
-                deliveries += 1;
-                let p = processor.clone();
-                let b = body.clone();
-                let header =
-                    test_header(&common::secret(), b.as_bytes(), OffsetDateTime::now_utc());
-                // A panic kills this task only, as a crash kills a process.
-                let answer =
-                    tokio::spawn(async move { p.handle(b.as_bytes(), Some(&header)).await }).await;
-                let acknowledged = matches!(&answer, Ok(Ok(o)) if o.http_status() < 300);
-                if acknowledged {
-                    let Ok(Ok(outcome)) = &answer else {
-                        unreachable!()
-                    };
-                    assert!(
-                        matches!(
-                            outcome,
-                            Outcome::Processed { .. } | Outcome::Duplicate { .. }
-                        ),
-                        "{backend} {} {}: acknowledged as {outcome:?}",
-                        step.as_str(),
-                        fault.as_str()
-                    );
-                    break;
-                }
-                assert!(
-                    started.elapsed() < StdDuration::from_secs(30),
-                    "{backend} {} {}: not acknowledged after {deliveries} deliveries: {answer:?}",
-                    step.as_str(),
-                    fault.as_str()
-                );
-                // Stripe waits before retrying; an attempt that died still
-                // holds its lease until it expires.
-                tokio::time::sleep(LEASE + StdDuration::from_millis(100)).await;
-            }
+            let cell = format!("{backend} {} {}", step.as_str(), fault.as_str());
+            let deliveries = deliver_until_acknowledged(&processor, &body, LEASE, &cell).await;
             // The fault struck (else the cell proves nothing).
             assert!(
                 store.armed.lock().unwrap().is_none() && handler.armed.lock().unwrap().is_none(),
@@ -441,28 +370,8 @@ async fn matrix<S: Storage + 'static>(
             );
             *store.struck.lock().unwrap() = None;
 
-            // Lost 0: processed.
-            let key = EventKey::new(&event_id, None);
-            let entry = store.inner.get(&key).await.unwrap().expect("ledger entry");
-            assert_eq!(
-                entry.state,
-                LedgerState::Processed,
-                "{backend} {} {}",
-                step.as_str(),
-                fault.as_str()
-            );
-            // Double 0: the record was written once (version 1) and is the
-            // event's snapshot.
-            let record = store.inner.load(&sub_id).await.unwrap().expect("record");
-            let saves = u32::try_from(record.version).unwrap();
-            assert_eq!(
-                saves,
-                1,
-                "{backend} {} {}: saves",
-                step.as_str(),
-                fault.as_str()
-            );
-            assert_eq!(record.status(), &SubscriptionStatus::Active);
+            // Lost 0, double effects 0.
+            let saves = check_cell(store.inner.as_ref(), &event_id, &sub_id, &cell).await;
             // Handler: once, or again only where a completion was lost after
             // it succeeded.
             let runs = handler.succeeded.load(Ordering::SeqCst);
@@ -483,14 +392,7 @@ async fn matrix<S: Storage + 'static>(
             );
         }
     }
-    // Stuck 0: after one lease, nothing is processing.
-    tokio::time::sleep(LEASE).await;
-    let processing = store
-        .inner
-        .list(&LedgerQuery::states(&[LedgerState::Processing], 0))
-        .await
-        .unwrap();
-    assert!(processing.is_empty(), "{backend}: stuck {processing:?}");
+    assert_nothing_stuck(store.inner.as_ref(), LEASE, backend).await;
     print(backend, &cells);
     cells
 }

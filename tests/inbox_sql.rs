@@ -343,3 +343,74 @@ async fn sqlite_four_instances_one_file() {
     assert_eq!(f.deliveries, 4_385);
     report("sqlite", &f);
 }
+
+/// A handler that signals it started, then waits forever.
+#[cfg(feature = "postgres")]
+struct Stuck(tokio::sync::Notify);
+
+#[cfg(feature = "postgres")]
+#[async_trait::async_trait]
+impl stripe_webhook_guard::EventHandler for Stuck {
+    async fn handle(
+        &self,
+        _event: &stripe_webhook_guard::Event,
+        _ctx: &stripe_webhook_guard::HandlerContext,
+    ) -> Result<(), stripe_webhook_guard::HandlerError> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// `Inbox::shutdown` on PostgreSQL: a worker took two events (batch 2) and
+/// is stuck in the first; the shutdown gives back the second at once, cuts
+/// the first off at the deadline and releases it. Both rows are `failed`
+/// with no attempt spent, so the next instance takes them at once instead
+/// of waiting for the 60 s lease (before, the inbox's claims were not
+/// registered and stayed `processing` until the lease ran out).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_inbox_shutdown_releases_its_claims() {
+    use sql_support::pg::{database_url, fresh_schema, ledger_state, pool};
+    use stripe_webhook_guard::store::PgStore;
+
+    let (schema, admin, _guard) = fresh_schema().await;
+    let store = Arc::new(
+        PgStore::with_schema(
+            pool(&database_url(), 4, StdDuration::from_secs(30)).await,
+            &schema,
+        )
+        .unwrap(),
+    );
+    let stuck = Arc::new(Stuck(tokio::sync::Notify::new()));
+    let build = |handler: Arc<dyn stripe_webhook_guard::EventHandler>| {
+        WebhookProcessor::builder(Verifier::new(common::secret()))
+            .store(store.clone())
+            .handler(handler)
+            .lease(Duration::seconds(60))
+            .build_inbox(InboxConfig {
+                batch: 2,
+                ..InboxConfig::default()
+            })
+    };
+    let inbox = build(stuck.clone());
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    for i in 0..2 {
+        let body = common::other_event(&format!("evt_pg_stop_{i}"), now + i);
+        let header = common::sign(&body, now);
+        let queued = inbox.receive(body.as_bytes(), Some(&header)).await;
+        assert!(matches!(queued, Ok(Outcome::Queued { .. })), "{queued:?}");
+    }
+    let worker = inbox.worker();
+    let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
+    stuck.0.notified().await;
+    let stopped = inbox.shutdown(Duration::milliseconds(200)).await.unwrap();
+    assert_eq!((stopped.cancelled, stopped.released), (1, 2), "{stopped:?}");
+    task.await.unwrap().unwrap();
+    for i in 0..2 {
+        let row = ledger_state(&admin, &schema, &format!("evt_pg_stop_{i}")).await;
+        assert_eq!(row, Some(("failed".to_owned(), 0)), "evt_pg_stop_{i}");
+    }
+    let next = build(common::CountingHandler::new());
+    let round = next.worker().run_until_idle().await.unwrap();
+    assert_eq!((round.taken, round.processed), (2, 2), "{round:?}");
+}

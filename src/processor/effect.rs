@@ -57,14 +57,23 @@ impl WebhookProcessor {
             match step {
                 Step::Done(effect) => return Ok((effect, current)),
                 Step::Failed(e) => return Err(EffectError::Step(e)),
-                Step::Save { mut record, effect } => match store.save(&record).await {
-                    Ok(version) => {
-                        record.version = version;
-                        return Ok((effect, Some(record)));
+                Step::Save { mut record, effect } => {
+                    failpoint!(
+                        "during_save",
+                        EffectError::Store(StoreError::new(
+                            StoreErrorKind::Unavailable,
+                            "failpoint during_save",
+                        ))
+                    );
+                    match store.save(&record).await {
+                        Ok(version) => {
+                            record.version = version;
+                            return Ok((effect, Some(record)));
+                        }
+                        Err(e) if e.kind() == StoreErrorKind::Conflict => {}
+                        Err(e) => return Err(EffectError::Store(e)),
                     }
-                    Err(e) if e.kind() == StoreErrorKind::Conflict => {}
-                    Err(e) => return Err(EffectError::Store(e)),
-                },
+                }
                 _ => unreachable!("fetches are resumed above"),
             }
         }

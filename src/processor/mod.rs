@@ -27,8 +27,32 @@
 //! ignored, stale, dead-lettered, processed → 200; in flight, store or client
 //! failure, handler failure → 5xx so Stripe retries.
 
+/// A failpoint at a step of the pipeline, for the crash-matrix tests (the
+/// internal `failpoints` feature; nothing without it). Named
+/// `stripe_webhook_guard::<step>`; configured with `fail::cfg`, the
+/// `return` action makes the step fail with `$error`, `panic` panics there.
+#[cfg(feature = "failpoints")]
+macro_rules! failpoint {
+    ($step:literal, $error:expr) => {
+        fail::fail_point!(concat!("stripe_webhook_guard::", $step), |_| Err($error))
+    };
+}
+#[cfg(not(feature = "failpoints"))]
+macro_rules! failpoint {
+    ($step:literal, $error:expr) => {};
+}
+
+/// The store error a failpoint's `return` action answers with.
+#[cfg(feature = "failpoints")]
+fn injected(event_id: &str, step: &str) -> Error {
+    Error::Store {
+        event_id: event_id.to_owned(),
+        source: StoreError::new(StoreErrorKind::Unavailable, format!("failpoint {step}")),
+    }
+}
+
 mod effect;
-mod held;
+pub(crate) mod held;
 mod types;
 
 use std::fmt;
@@ -375,16 +399,22 @@ impl WebhookProcessor {
         self.claim_and_run(event, &request, None).await
     }
 
-    /// The claims this processor holds now: taken by [`handle`] or
-    /// [`process_event`] and not settled yet, either because the work is
-    /// still running or because the future running it was dropped (its task
-    /// aborted) before it completed or failed the event. Claims whose lease
-    /// has run out are not listed.
+    /// The claims this processor holds now: taken by [`handle`],
+    /// [`process_event`] or an [`Inbox`] worker of this processor and not
+    /// settled yet, either because the work is still running or because the
+    /// future running it was dropped (its task aborted) before it completed
+    /// or failed the event. Claims whose lease has run out (at the lease's
+    /// own deadline on the clock's monotonic face) are not listed.
     ///
     /// [`handle`]: WebhookProcessor::handle
     /// [`process_event`]: WebhookProcessor::process_event
     pub fn held_leases(&self) -> Vec<Lease> {
-        self.inner.held.live()
+        self.inner.held.live(self.inner.clock.monotonic())
+    }
+
+    /// The registry of held claims, shared with the inbox's workers.
+    pub(crate) fn held(&self) -> &held::Held {
+        &self.inner.held
     }
 
     /// Gives back every claim listed by [`held_leases`] with
@@ -421,7 +451,7 @@ impl WebhookProcessor {
     pub async fn release_held(&self) -> Result<usize, StoreError> {
         let mut released = 0;
         let mut first_error = None;
-        for lease in self.inner.held.take_all() {
+        for lease in self.inner.held.take_all(self.inner.clock.monotonic()) {
             match self.inner.store.release(&lease).await {
                 Ok(()) => released += 1,
                 Err(e) if e.kind() == StoreErrorKind::LeaseLost => {}
@@ -479,6 +509,7 @@ impl WebhookProcessor {
             Error::Parse(e)
         };
         let event = Event::parse(verified).map_err(reject)?;
+        failpoint!("after_verify", injected(event.id(), "after_verify"));
         // A settled event is answered from a lookup, when the store can
         // answer without a round trip: nothing is recorded for it, so its
         // object need not be checked or typed.
@@ -565,6 +596,8 @@ impl WebhookProcessor {
         // it never outlasts the lease the store grants.
         let asked = self.inner.clock.monotonic();
         let claimed = self.inner.store.claim(request).await;
+        // The claim reached the store; its answer is lost.
+        failpoint!("during_claim", injected(event.id(), "during_claim"));
         let event_id = || event.id().to_owned();
         let lease = match claimed.map_err(|source| Error::Store {
             event_id: event_id(),
@@ -604,7 +637,8 @@ impl WebhookProcessor {
         // Registered until settled: if this future is dropped in between
         // (its task aborted at shutdown), `release_held` gives the claim back.
         let held = &self.inner.held;
-        held.hold(&lease, self.inner.lease.unsigned_abs());
+        held.hold(&lease, deadline, self.inner.clock.monotonic());
+        failpoint!("after_claim", injected(event.id(), "after_claim"));
         let result = self.run_claimed(event, payload, &lease, deadline).await;
         held.settle(&lease);
         result
@@ -680,7 +714,14 @@ impl WebhookProcessor {
                 lease: lease.clone(),
                 clock: self.inner.clock.clone(),
             };
-            let result = CatchUnwind::new(handler.handle(event, &ctx)).await;
+            let result = CatchUnwind::new(async {
+                failpoint!(
+                    "in_handler",
+                    HandlerError::retryable("failpoint in_handler")
+                );
+                handler.handle(event, &ctx).await
+            })
+            .await;
             let failure = match result {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some((e.message, e.retryable)),
@@ -698,8 +739,14 @@ impl WebhookProcessor {
         }
 
         crate::metrics::handler_latency(started.elapsed());
+        failpoint!(
+            "before_completion",
+            injected(&event_id, "before_completion")
+        );
         match self.inner.store.complete(lease).await {
             Ok(()) => {
+                // The completion is committed; its answer is lost.
+                failpoint!("after_commit", injected(&event_id, "after_commit"));
                 if handled {
                     bump(&self.inner.counters.handler_effects);
                 }

@@ -173,12 +173,22 @@ pub mod pg {
 pub mod proxy {
     //! A TCP proxy with a switch: `cut` closes every forwarded connection
     //! and refuses new ones (accepted, then closed at once) until `restore`.
+    //!
+    //! It can also reset single connections at random statements
+    //! ([`Proxy::set_statement_resets`]): it reads the PostgreSQL frontend
+    //! protocol from the client, and for a chosen share of the statements
+    //! (simple `Query` and extended-protocol `Execute` messages) it closes
+    //! that one connection, half of the time before the statement reaches
+    //! the server (it never runs) and half of the time just after the
+    //! statement and its `Sync` were forwarded (the server runs it, and
+    //! commits it if it was not in a transaction, but the answer is lost).
 
     use std::net::SocketAddr;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
@@ -192,7 +202,114 @@ pub mod proxy {
         refused: Arc<AtomicU64>,
         forwarded: Arc<AtomicU64>,
         open: Arc<AtomicUsize>,
+        faults: Arc<Faults>,
         accept: JoinHandle<()>,
+    }
+
+    /// Statement-level resets: the rate (parts per million of statements)
+    /// and what happened.
+    #[derive(Debug, Default)]
+    struct Faults {
+        ppm: AtomicU32,
+        statements: AtomicU64,
+        before: AtomicU64,
+        after: AtomicU64,
+        seed: AtomicU64,
+    }
+
+    /// A small per-connection random source (SplitMix64).
+    struct Rand(u64);
+
+    impl Rand {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Forwards the client's PostgreSQL frontend messages to the server,
+    /// resetting the connection at a random share of the statements (see
+    /// the module docs). Returns when either side closes or a reset is due.
+    async fn client_to_server(
+        mut client: impl AsyncRead + Unpin,
+        mut server: impl AsyncWrite + Unpin,
+        faults: Arc<Faults>,
+    ) {
+        let mut rand = Rand(faults.seed.fetch_add(0x5851_F42D, Ordering::Relaxed));
+        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        let mut chunk = [0u8; 8192];
+        // Untyped messages (SSLRequest, StartupMessage) come first.
+        let mut started = false;
+        // A reset chosen to happen once the next Sync is forwarded.
+        let mut cut_after_sync = false;
+        loop {
+            let Ok(n) = client.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut done = 0;
+            let mut cut = false;
+            loop {
+                let rest = &buf[done..];
+                let (header, typed) = if started { (5, true) } else { (4, false) };
+                if rest.len() < header {
+                    break;
+                }
+                let at = usize::from(typed);
+                let len = u32::from_be_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]);
+                let total = at + len as usize;
+                if rest.len() < total {
+                    break;
+                }
+                if !typed && total >= 8 {
+                    // StartupMessage carries protocol 3.0; SSLRequest and
+                    // GSSENCRequest are followed by another untyped message.
+                    let code = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+                    started = code == 196_608;
+                }
+                let kind = if typed { rest[0] } else { 0 };
+                if typed && (kind == b'Q' || kind == b'E') {
+                    faults.statements.fetch_add(1, Ordering::Relaxed);
+                    let ppm = u64::from(faults.ppm.load(Ordering::Relaxed));
+                    if ppm > 0 && rand.next() % 1_000_000 < ppm {
+                        if rand.next().is_multiple_of(2) {
+                            // Before: the statement never reaches the server.
+                            faults.before.fetch_add(1, Ordering::Relaxed);
+                            let _ = server.write_all(&buf[..done]).await;
+                            return;
+                        }
+                        faults.after.fetch_add(1, Ordering::Relaxed);
+                        if kind == b'Q' {
+                            done += total;
+                            cut = true;
+                            break;
+                        }
+                        cut_after_sync = true;
+                    }
+                }
+                done += total;
+                if cut_after_sync && kind == b'S' {
+                    cut = true;
+                    break;
+                }
+            }
+            if server.write_all(&buf[..done]).await.is_err() {
+                return;
+            }
+            if cut {
+                let _ = server.flush().await;
+                // Give the server the bytes before the socket closes.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                return;
+            }
+            buf.drain(..done);
+        }
     }
 
     /// Counts a forwarded connection until both its sockets are closed.
@@ -214,7 +331,9 @@ pub mod proxy {
             let refused = Arc::new(AtomicU64::new(0));
             let forwarded = Arc::new(AtomicU64::new(0));
             let open = Arc::new(AtomicUsize::new(0));
+            let faults = Arc::new(Faults::default());
             let accept = {
+                let faults = faults.clone();
                 let up = up.clone();
                 let cuts = cuts.clone();
                 let refused = refused.clone();
@@ -238,18 +357,23 @@ pub mod proxy {
                         let mut cut = cuts.subscribe();
                         let up = up.clone();
                         let upstream = upstream.clone();
+                        let faults = faults.clone();
                         tokio::spawn(async move {
                             // Dropped last: after both sockets.
                             let _guard = guard;
-                            let mut client = client;
                             if !up.load(Ordering::SeqCst) {
                                 return;
                             }
-                            let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                            let Ok(server) = TcpStream::connect(&upstream).await else {
                                 return;
                             };
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            let (client_rd, mut client_wr) = client.into_split();
+                            let (mut server_rd, server_wr) = server.into_split();
                             tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                () = client_to_server(client_rd, server_wr, faults) => {}
+                                _ = tokio::io::copy(&mut server_rd, &mut client_wr) => {}
                                 _ = cut.changed() => {}
                             }
                             // Both sockets are dropped here.
@@ -264,8 +388,28 @@ pub mod proxy {
                 refused,
                 forwarded,
                 open,
+                faults,
                 accept,
             }
+        }
+
+        /// Resets the connection carrying a random `share` (0 to 1) of the
+        /// statements from now on (see the module docs); 0 turns it off.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0..=1e6
+        pub fn set_statement_resets(&self, share: f64) {
+            let ppm = (share.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
+            self.faults.ppm.store(ppm, Ordering::SeqCst);
+        }
+
+        /// `(statements seen, reset before the server got them, reset
+        /// after the server got them)`.
+        pub fn statement_resets(&self) -> (u64, u64, u64) {
+            let f = &self.faults;
+            (
+                f.statements.load(Ordering::Relaxed),
+                f.before.load(Ordering::Relaxed),
+                f.after.load(Ordering::Relaxed),
+            )
         }
 
         /// `host:port` to connect to.

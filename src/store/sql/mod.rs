@@ -241,6 +241,9 @@ pub trait Dialect: Send + Sync + 'static {
     /// A statement (`$1`: a key) answering whether this transaction may
     /// lease events of one subscription, when the database needs it.
     const TRY_LOCK_SUBSCRIPTION: Option<&'static str>;
+    /// Whether a statement may hold `INSERT`/`UPDATE` in its `WITH` clause
+    /// (then an inbox delivery is stored or answered in one statement).
+    const DATA_MODIFYING_CTE: bool = false;
     /// The embedded migrations, in order.
     const MIGRATIONS: &'static [Migration];
 

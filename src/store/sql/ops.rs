@@ -310,15 +310,31 @@ impl<D: Dialect> SqlStore<D> {
     ) -> Result<EnqueueOutcome, Fail> {
         let claim = &request.claim;
         for _ in 0..3 {
-            let mut args = key_args(&claim.key);
-            args.extend([
-                Arg::Str(&claim.event_type),
-                Arg::Int(claim.event_created),
-                Arg::Bytes(&claim.fingerprint.0[..]),
-                Arg::Str(&request.payload),
-                Arg::OptStr(request.subscription_id.as_deref()),
-            ]);
-            if self.execute(&self.sql.enqueue, args).await? > 0 {
+            if let Some(sql) = &self.sql.enqueue_or_state {
+                // One statement: stored, or the existing entry's state
+                // (with this payload attached when it had none). The
+                // state is read from the statement's snapshot: an entry
+                // inserted concurrently and not yet visible is read again.
+                let row = self.fetch_optional(sql, enqueue_args(request)).await?;
+                let Some(row) = row else { continue };
+                if D::int(&row, "queued")? == Some(1) {
+                    return Ok(EnqueueOutcome::Queued);
+                }
+                if D::text(&row, "state")?.is_none() {
+                    continue;
+                }
+                let (state, stored) = Self::state_and_fingerprint(&row)?;
+                return Ok(if stored == claim.fingerprint {
+                    EnqueueOutcome::Duplicate { state }
+                } else {
+                    EnqueueOutcome::Conflict
+                });
+            }
+            if self
+                .execute(&self.sql.enqueue, enqueue_args(request))
+                .await?
+                > 0
+            {
                 return Ok(EnqueueOutcome::Queued);
             }
             // Known already. An unsettled entry without a payload (claimed
@@ -684,4 +700,19 @@ impl<D: Dialect> InboxStore for SqlStore<D> {
         })
         .await
     }
+}
+
+/// The arguments of the `enqueue` statements: the key, type, creation time,
+/// fingerprint, payload and subscription id.
+fn enqueue_args(request: &InboxRequest) -> Vec<Arg<'_>> {
+    let claim = &request.claim;
+    let mut args = key_args(&claim.key);
+    args.extend([
+        Arg::Str(&claim.event_type),
+        Arg::Int(claim.event_created),
+        Arg::Bytes(&claim.fingerprint.0[..]),
+        Arg::Str(&request.payload),
+        Arg::OptStr(request.subscription_id.as_deref()),
+    ]);
+    args
 }

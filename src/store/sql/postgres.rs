@@ -193,6 +193,7 @@ impl Dialect for Pg {
         "SELECT CAST(CASE WHEN pg_try_advisory_xact_lock(hashtextextended($1, 0)) \
          THEN 1 ELSE 0 END AS bigint) AS mine",
     );
+    const DATA_MODIFYING_CTE: bool = true;
     const MIGRATIONS: &'static [Migration] = &[Migration {
         version: 1,
         name: "init",

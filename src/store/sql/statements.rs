@@ -35,6 +35,9 @@ pub(super) struct Statements {
     pub(super) prune: Arc<str>,
     pub(super) enqueue: Arc<str>,
     pub(super) attach_payload: Arc<str>,
+    /// `enqueue`, else `attach_payload`, then the entry's state, in one
+    /// statement (dialects with data-modifying `WITH`).
+    pub(super) enqueue_or_state: Option<Arc<str>>,
     pub(super) take: Arc<str>,
     pub(super) try_lock_subscription: Option<Arc<str>>,
     pub(super) retry_after: Arc<str>,
@@ -155,6 +158,25 @@ impl Statements {
                  subscription_id = COALESCE(subscription_id, $5) \
                  WHERE event_id = $1 AND account = $2 AND fingerprint = $3 \
                  AND payload IS NULL AND state IN ('pending', 'processing', 'failed')"),
+            enqueue_or_state: D::DATA_MODIFYING_CTE.then(|| {
+                r(
+                    "WITH ins AS (INSERT INTO {ledger} (event_id, account, event_type, \
+                 event_created, fingerprint, state, attempts, payload, subscription_id, \
+                 first_seen_at, updated_at) \
+                 SELECT $1, $2, $3, $4, $5, 'pending', 0, $6, $7, n.t, n.t \
+                 FROM (SELECT {now} AS t) n WHERE true \
+                 ON CONFLICT (event_id, account) DO NOTHING RETURNING 1), \
+                 att AS (UPDATE {ledger} SET payload = $6, \
+                 subscription_id = COALESCE(subscription_id, $7) \
+                 WHERE event_id = $1 AND account = $2 AND fingerprint = $5 \
+                 AND payload IS NULL AND state IN ('pending', 'processing', 'failed') \
+                 AND NOT EXISTS (SELECT 1 FROM ins) RETURNING 1) \
+                 SELECT CAST(CASE WHEN EXISTS (SELECT 1 FROM ins) THEN 1 ELSE 0 END \
+                 AS bigint) AS queued, l.state, l.fingerprint \
+                 FROM (SELECT 1 AS one) d LEFT JOIN {ledger} l \
+                 ON l.event_id = $1 AND l.account = $2",
+                )
+            }),
             take: r("SELECT {columns} FROM {ledger} l \
                  WHERE l.state IN ('pending', 'processing', 'failed') \
                  AND l.payload IS NOT NULL \
