@@ -220,14 +220,21 @@ async fn world(store: Arc<dyn Storage>, clock: ManualClock) -> World {
     }
 }
 
+/// The text of the element `css`, waiting up to ten seconds for it to
+/// appear: after a click that submits a form, the next page may not have
+/// replaced the current one yet.
 async fn text_of(client: &Client, css: &str) -> String {
+    appeared(client, css).await.text().await.expect("text")
+}
+
+/// The element `css`, once it is on the page (at most ten seconds).
+async fn appeared(client: &Client, css: &str) -> fantoccini::elements::Element {
     client
-        .find(Locator::Css(css))
+        .wait()
+        .at_most(std::time::Duration::from_secs(10))
+        .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .text()
-        .await
-        .expect("text")
 }
 
 async fn screenshot(client: &Client, name: &str) {
@@ -240,17 +247,9 @@ async fn screenshot(client: &Client, name: &str) {
 /// Clicks the link or button `css`, then `#confirm` on the confirmation
 /// page; returns the result text.
 async fn act(client: &Client, css: &str) -> String {
-    client
-        .find(Locator::Css(css))
+    appeared(client, css).await.click().await.expect("click");
+    appeared(client, "#confirm")
         .await
-        .unwrap_or_else(|e| panic!("no {css}: {e}"))
-        .click()
-        .await
-        .expect("click");
-    client
-        .find(Locator::Css("#confirm"))
-        .await
-        .expect("a confirmation page")
         .click()
         .await
         .expect("confirm");
