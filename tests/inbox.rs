@@ -14,47 +14,16 @@ use stripe_webhook_guard::processor::WebhookProcessor;
 use stripe_webhook_guard::signature::{Verifier, test_header};
 use stripe_webhook_guard::store::{EventLedger, MemoryStore, SubscriptionStore};
 use stripe_webhook_guard::subscription::SubscriptionState;
-use stripe_webhook_guard::testing::{Card, FakeConfig, FakeStripe, Rng, ShapeMix, Subscribe};
 use time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_workers_ten_thousand_deliveries() {
-    let clock = ManualClock::at_unix(common::world::START);
-    let fake = Arc::new(FakeStripe::new(
-        clock.clone(),
-        FakeConfig {
-            seed: 77,
-            shapes: ShapeMix::Mixed,
-            ..FakeConfig::default()
-        },
-    ));
-    let mut rng = Rng::new(77);
-    for i in 0..345 {
-        let c = fake.create_customer();
-        let trial = (i % 3 == 0).then_some(14);
-        let s = fake.subscribe(
-            &c,
-            &Subscribe {
-                trial_days: trial,
-                ..Subscribe::default()
-            },
-        );
-        if i % 5 == 0 {
-            fake.set_card(&c, Card::Declines);
-        }
-        if i % 7 == 0 {
-            fake.cancel_at_period_end(&s, true);
-        }
-    }
-    fake.advance(Duration::days(75));
-    let events = fake.take_new_events();
-    let mut deliveries = Vec::new();
-    for fe in &events {
-        for _ in 0..=rng.below(3) {
-            deliveries.push(fe.body.clone());
-        }
-    }
-    rng.shuffle(&mut deliveries);
+    let common::world::History {
+        clock,
+        fake,
+        events,
+        mut deliveries,
+    } = common::world::history(77, 345);
     deliveries.truncate(10_000);
     assert_eq!(deliveries.len(), 10_000);
     let poison = events[events.len() / 2].event.id().to_owned();

@@ -25,15 +25,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
-use stripe_webhook_guard::clock::ManualClock;
 use stripe_webhook_guard::inbox::{Inbox, InboxConfig, RoundStats};
 use stripe_webhook_guard::ledger::{LedgerQuery, LedgerState};
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::{Verifier, test_header};
 use stripe_webhook_guard::subscription::SubscriptionState;
-use stripe_webhook_guard::testing::{
-    Card, FakeConfig, FakeEvent, FakeStripe, Rng, ShapeMix, Subscribe,
-};
+use stripe_webhook_guard::testing::{FakeEvent, FakeStripe};
 use time::{Duration, OffsetDateTime};
 
 const WORKERS: usize = 4;
@@ -48,42 +45,12 @@ struct World {
 }
 
 fn world(subscriptions: usize, max_deliveries: usize) -> World {
-    let clock = ManualClock::at_unix(common::world::START);
-    let fake = Arc::new(FakeStripe::new(
-        clock,
-        FakeConfig {
-            seed: 77,
-            shapes: ShapeMix::Mixed,
-            ..FakeConfig::default()
-        },
-    ));
-    let mut rng = Rng::new(77);
-    for i in 0..subscriptions {
-        let c = fake.create_customer();
-        let trial = (i % 3 == 0).then_some(14);
-        let s = fake.subscribe(
-            &c,
-            &Subscribe {
-                trial_days: trial,
-                ..Subscribe::default()
-            },
-        );
-        if i % 5 == 0 {
-            fake.set_card(&c, Card::Declines);
-        }
-        if i % 7 == 0 {
-            fake.cancel_at_period_end(&s, true);
-        }
-    }
-    fake.advance(Duration::days(75));
-    let events = fake.take_new_events();
-    let mut deliveries = Vec::new();
-    for fe in &events {
-        for _ in 0..=rng.below(3) {
-            deliveries.push(fe.body.clone());
-        }
-    }
-    rng.shuffle(&mut deliveries);
+    let common::world::History {
+        fake,
+        events,
+        mut deliveries,
+        ..
+    } = common::world::history(77, subscriptions);
     deliveries.truncate(max_deliveries);
     let poison = events[events.len() / 2].event.id().to_owned();
     World {

@@ -52,14 +52,12 @@ use async_trait::async_trait;
 use sql_support::pg::{database_url, fresh_schema, ledger_states, pool, upstream_addr, via};
 use sql_support::proxy::Proxy;
 use sqlx::{AssertSqlSafe, PgPool, Row};
-use stripe_webhook_guard::clock::ManualClock;
 use stripe_webhook_guard::inbox::{Inbox, InboxConfig};
 use stripe_webhook_guard::processor::{Outcome, WebhookProcessor};
 use stripe_webhook_guard::signature::{Verifier, test_header};
 use stripe_webhook_guard::store::InboxStore;
 use stripe_webhook_guard::store::PgStore;
 use stripe_webhook_guard::subscription::SubscriptionState;
-use stripe_webhook_guard::testing::{Card, FakeConfig, FakeStripe, Rng, ShapeMix, Subscribe};
 use stripe_webhook_guard::{Event, EventHandler, HandlerContext, HandlerError, SubscriptionStore};
 use time::{Duration, OffsetDateTime};
 
@@ -209,41 +207,12 @@ async fn soak_inbox_under_database_faults() {
     let (load_start, mem_start) = (load(), memory_kib());
 
     // FakeStripe's history: about 14 events per subscription over 75 days.
-    let clock = ManualClock::at_unix(common::world::START);
-    let fake = Arc::new(FakeStripe::new(
-        clock,
-        FakeConfig {
-            seed: 4242,
-            shapes: ShapeMix::Mixed,
-            ..FakeConfig::default()
-        },
-    ));
-    let mut rng = Rng::new(4242);
-    for i in 0..target.div_ceil(14) {
-        let c = fake.create_customer();
-        let s = fake.subscribe(
-            &c,
-            &Subscribe {
-                trial_days: (i % 3 == 0).then_some(14),
-                ..Subscribe::default()
-            },
-        );
-        if i % 5 == 0 {
-            fake.set_card(&c, Card::Declines);
-        }
-        if i % 7 == 0 {
-            fake.cancel_at_period_end(&s, true);
-        }
-    }
-    fake.advance(Duration::days(75));
-    let events = fake.take_new_events();
-    let mut deliveries = Vec::new();
-    for fe in &events {
-        for _ in 0..=rng.below(3) {
-            deliveries.push(fe.body.clone());
-        }
-    }
-    rng.shuffle(&mut deliveries);
+    let common::world::History {
+        fake,
+        events,
+        deliveries,
+        ..
+    } = common::world::history(4242, target.div_ceil(14));
     let poison: Vec<String> = (1..=POISON)
         .map(|k| {
             events[k * events.len() / (POISON + 1)]

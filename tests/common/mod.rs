@@ -126,9 +126,70 @@ pub mod world {
     use stripe_webhook_guard::signature::Verifier;
     use stripe_webhook_guard::store::MemoryStore;
     use stripe_webhook_guard::subscription::{SubscriptionRecord, SubscriptionState};
-    use stripe_webhook_guard::testing::{FakeConfig, FakeStripe, SimConfig, Simulator};
+    use stripe_webhook_guard::testing::{
+        Card, FakeConfig, FakeEvent, FakeStripe, Rng, ShapeMix, SimConfig, Simulator, Subscribe,
+    };
+    use time::Duration;
 
     pub const START: i64 = 1_767_225_600; // 2026-01-01
+
+    /// A FakeStripe's history, and its deliveries as Stripe makes them.
+    pub struct History {
+        pub clock: ManualClock,
+        pub fake: Arc<FakeStripe>,
+        pub events: Vec<FakeEvent>,
+        /// Every event's body one to three times, shuffled (so each
+        /// subscription's events arrive out of order).
+        pub deliveries: Vec<String>,
+    }
+
+    /// `subscriptions` subscriptions (every third with a 14-day trial,
+    /// every fifth customer's card declining, every seventh cancelling at
+    /// period end) on a FakeStripe in both API shapes, 75 days on: about 14
+    /// events per subscription. `seed` seeds the fake and the deliveries.
+    pub fn history(seed: u64, subscriptions: usize) -> History {
+        let clock = ManualClock::at_unix(START);
+        let fake = Arc::new(FakeStripe::new(
+            clock.clone(),
+            FakeConfig {
+                seed,
+                shapes: ShapeMix::Mixed,
+                ..FakeConfig::default()
+            },
+        ));
+        for i in 0..subscriptions {
+            let c = fake.create_customer();
+            let s = fake.subscribe(
+                &c,
+                &Subscribe {
+                    trial_days: (i % 3 == 0).then_some(14),
+                    ..Subscribe::default()
+                },
+            );
+            if i % 5 == 0 {
+                fake.set_card(&c, Card::Declines);
+            }
+            if i % 7 == 0 {
+                fake.cancel_at_period_end(&s, true);
+            }
+        }
+        fake.advance(Duration::days(75));
+        let events = fake.take_new_events();
+        let mut rng = Rng::new(seed);
+        let mut deliveries = Vec::new();
+        for fe in &events {
+            for _ in 0..=rng.below(3) {
+                deliveries.push(fe.body.clone());
+            }
+        }
+        rng.shuffle(&mut deliveries);
+        History {
+            clock,
+            fake,
+            events,
+            deliveries,
+        }
+    }
 
     pub struct World {
         pub clock: ManualClock,
