@@ -45,7 +45,8 @@ mod crash_support;
 mod sql_support;
 
 use crash_support::{
-    assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, quiet_injected_panics,
+    Cell, assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, print_cells,
+    quiet_injected_panics,
 };
 
 use std::collections::BTreeMap;
@@ -318,14 +319,6 @@ impl EventHandler for Handler {
     }
 }
 
-/// What one cell of the matrix found.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cell {
-    deliveries: u32,
-    handler_runs: u32,
-    saves: u32,
-}
-
 const LEASE: StdDuration = StdDuration::from_secs(1);
 
 /// Runs every (step, fault) cell against `store`; returns the matrix.
@@ -393,29 +386,12 @@ async fn matrix<S: Storage + 'static>(
         }
     }
     assert_nothing_stuck(store.inner.as_ref(), LEASE, backend).await;
-    print(backend, &cells);
+    print_cells(
+        "crash matrix (step / fault)",
+        backend,
+        cells.iter().map(|((s, f), c)| (s.as_str(), f.as_str(), c)),
+    );
     cells
-}
-
-fn print(backend: &str, cells: &BTreeMap<(Step, Fault), Cell>) {
-    println!(
-        "crash matrix, {backend}: step / fault -> deliveries until 2xx, handler successes, record saves"
-    );
-    for ((step, fault), c) in cells {
-        println!(
-            "  {:<18} {:<10} deliveries {}  handler {}  saves {}",
-            step.as_str(),
-            fault.as_str(),
-            c.deliveries,
-            c.handler_runs,
-            c.saves
-        );
-    }
-    let reruns: u32 = cells.values().map(|c| c.handler_runs - 1).sum();
-    println!(
-        "  {backend}: {} cells, lost 0, double record writes 0, stuck processing 0, handler re-runs {reruns}",
-        cells.len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

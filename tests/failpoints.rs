@@ -47,7 +47,8 @@ use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use crash_support::{
-    assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, quiet_injected_panics,
+    Cell, assert_nothing_stuck, check_cell, deliver_until_acknowledged, event_body, print_cells,
+    quiet_injected_panics,
 };
 use stripe_webhook_guard::signature::Verifier;
 use stripe_webhook_guard::store::{MemoryStore, Storage};
@@ -80,14 +81,6 @@ impl EventHandler for Handler {
         self.succeeded.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-}
-
-/// What one cell of the matrix found.
-#[derive(Debug, Clone, Copy)]
-struct Cell {
-    deliveries: u32,
-    handler_runs: u32,
-    saves: u32,
 }
 
 /// Runs every (failpoint, fault) cell against `store`; returns the matrix.
@@ -135,25 +128,12 @@ async fn matrix(backend: &str, store: Arc<dyn Storage>) -> BTreeMap<(usize, usiz
         }
     }
     assert_nothing_stuck(store.as_ref(), LEASE, backend).await;
-    print(backend, &cells);
+    print_cells(
+        "failpoint crash matrix (failpoint / fault)",
+        backend,
+        cells.iter().map(|((p, f), c)| (POINTS[*p], FAULTS[*f], c)),
+    );
     cells
-}
-
-fn print(backend: &str, cells: &BTreeMap<(usize, usize), Cell>) {
-    println!(
-        "failpoint crash matrix, {backend}: failpoint / fault -> deliveries until 2xx, handler successes, record saves"
-    );
-    for ((p, f), c) in cells {
-        println!(
-            "  {:<18} {:<7} deliveries {}  handler {}  saves {}",
-            POINTS[*p], FAULTS[*f], c.deliveries, c.handler_runs, c.saves
-        );
-    }
-    let reruns: u32 = cells.values().map(|c| c.handler_runs - 1).sum();
-    println!(
-        "  {backend}: {} cells, lost 0, double record writes 0, stuck processing 0, handler re-runs {reruns}",
-        cells.len()
-    );
 }
 
 /// Every store in turn: `fail`'s registry is process-wide, so the cells
